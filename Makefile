@@ -1,0 +1,42 @@
+# bios — two entry points for a fresh machine: `make demo` and `make test`.
+PY_SYS ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTO_SRC := $(wildcard protos/bios/v1/*.proto)
+PROTO_OUT := clients/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install proto demo test bench serve-render serve-train clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP) proto
+
+# Stubs are generated, never committed: a fresh clone builds them here.
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+		--grpc_python_out=$(PROTO_OUT) $(PROTO_SRC)
+
+demo: install
+	$(PY) -m bios.demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m benchmarks
+
+serve-render: install
+	$(PY) -m render_service
+
+serve-train: install
+	$(PY) -m train_service
+
+clean:
+	rm -rf $(VENV) $(PROTO_OUT)/bios/v1/*_pb2*.py $(PROTO_OUT)/bios/v1/*_pb2.pyi

@@ -1,0 +1,141 @@
+"""The client end of a model's operation stream: ordered, pipelined, retried.
+
+Every operation gets the next sequence number at submission and is written to one bidirectional
+stream without waiting for earlier results. If the connection drops (UNAVAILABLE), the stream is
+reopened with backoff and every unanswered operation is sent again: the server answers numbers it
+has seen with their original results, so nothing runs twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import random
+import threading
+from typing import Any
+
+import grpc
+
+from bios.errors import from_status
+from bios.futures import LoopThread
+from bios.v1 import train_pb2, train_pb2_grpc
+
+log = logging.getLogger("bios.operations")
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+class OperationStream:
+    def __init__(self, loop: LoopThread, stub: train_pb2_grpc.TrainServiceStub, model_id: str,
+                 metadata: tuple = (), max_retries: int = 8):
+        self._loop = loop
+        self._stub = stub
+        self._model_id = model_id
+        self._metadata = metadata
+        self._max_retries = max_retries
+        self._lock = threading.Lock()
+        self._next_seq = 0
+        self._pending: dict[int, tuple[train_pb2.OperationRequest, concurrent.futures.Future]] = {}
+        self._outbox: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+
+    def submit(self, **op: Any) -> concurrent.futures.Future:
+        """Queue one operation (e.g. forward_backward=...); the future resolves to its OperationEvent."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:  # the sequence number and the send order are fixed together
+            seq = self._next_seq
+            self._next_seq += 1
+            request = train_pb2.OperationRequest(seq=seq, model_id=self._model_id, **op)
+            self._pending[seq] = (request, future)
+            self._loop.call(self._enqueue, request)
+        return future
+
+    def close(self) -> None:
+        """End the stream; unanswered operations keep running on the server."""
+        if self._task is not None:
+            self._loop.call(self._task.cancel)
+
+    def pending(self) -> list[concurrent.futures.Future]:
+        with self._lock:
+            return [f for _, f in self._pending.values()]
+
+    def _enqueue(self, request: train_pb2.OperationRequest) -> None:
+        if self._outbox is None:
+            self._outbox = asyncio.Queue()
+        self._outbox.put_nowait(request)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self) -> None:
+        """Keep one stream open for the model's lifetime; reconnect on UNAVAILABLE."""
+        attempt = 0
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                resend = [req for req, _ in sorted(self._pending.values(), key=lambda p: p[0].seq)]
+            # Drain the outbox: everything pending is about to be (re)sent in order.
+            while not self._outbox.empty():
+                self._outbox.get_nowait()
+            try:
+                await self._run_stream(resend)
+                attempt = 0
+            except grpc.aio.AioRpcError as err:
+                if err.code() in RETRYABLE and attempt < self._max_retries:
+                    attempt += 1
+                    delay = min(10.0, 0.1 * 2**attempt) * (0.5 + random.random())
+                    log.warning("operation stream %s: %s; retry %d in %.1fs", self._model_id, err.code().name,
+                                attempt, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                self._fail_all(from_status(err.code(), err.details() or ""))
+                return
+            except Exception as exc:  # noqa: BLE001
+                self._fail_all(exc)
+                return
+
+    async def _run_stream(self, resend: list[train_pb2.OperationRequest]) -> None:
+        call = self._stub.Operate(metadata=self._metadata)
+
+        async def write() -> None:
+            for request in resend:
+                await call.write(request)
+            while True:
+                request = await self._outbox.get()
+                await call.write(request)
+
+        writer = asyncio.create_task(write())
+        try:
+            async for event in call:
+                self._resolve(event)
+        finally:
+            writer.cancel()
+            if writer.done() and not writer.cancelled() and writer.exception():
+                raise writer.exception()
+            call.cancel()
+
+    def _resolve(self, event: train_pb2.OperationEvent) -> None:
+        if event.WhichOneof("event") == "progress":
+            return
+        with self._lock:
+            entry = self._pending.pop(event.seq, None)
+        if entry is None:
+            return
+        future = entry[1]
+        if future.done():
+            return
+        if event.WhichOneof("event") == "error":
+            future.set_exception(from_status(_code(event.error.code), event.error.message))
+        else:
+            future.set_result(event)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            entries, self._pending = list(self._pending.values()), {}
+        for _, future in entries:
+            if not future.done():
+                future.set_exception(exc)
+
+
+def _code(value: int) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == value), grpc.StatusCode.UNKNOWN)

@@ -1,0 +1,84 @@
+"""RenderClient: the renderer API of bios_cookbook.renderers, served by the render service."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+from google.protobuf import struct_pb2
+
+from bios import types, wire
+from bios.v1 import render_pb2
+
+_TRAIN_ON_WHAT = {name.lower(): value for name, value in render_pb2.TrainOnWhat.items() if value}
+
+
+def rendered_from_pb(pb: render_pb2.RenderedTokens) -> Any:
+    """A RenderedTokens (the render library's type when installed, else an equivalent dataclass)."""
+    from render_service.renderers.base import RenderedTokens
+
+    roles = list(pb.roles)
+    return RenderedTokens(token_ids=list(pb.token_ids), message_indices=list(pb.message_indices),
+                          message_roles=[roles[i] if 0 <= i < len(roles) else None for i in pb.message_indices],
+                          sampled_mask=list(pb.sampled_mask), is_content=list(pb.is_content))
+
+
+class RenderClient:
+    def __init__(self, service: Any, renderer: str, tokenizer: str, **options: Any):
+        self._service = service
+        spec_options = struct_pb2.Struct()
+        spec_options.update(options)
+        self.spec = render_pb2.RendererSpec(name=renderer, tokenizer=tokenizer, options=spec_options)
+
+    def _call(self, method: str, request: Any) -> Any:
+        return self._service._render_call(method, request)
+
+    def list_renderers(self) -> list[render_pb2.RendererInfo]:
+        return list(self._call("ListRenderers", render_pb2.ListRenderersRequest()).renderers)
+
+    def render(self, messages: Sequence[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False):
+        request = render_pb2.RenderRequest(renderer=self.spec, conversation=wire.conversation_to_pb(messages, tools),
+                                           add_generation_prompt=add_generation_prompt)
+        return rendered_from_pb(self._call("Render", request))
+
+    def build_generation_prompt(self, messages: Sequence[dict], prefill: str | None = None,
+                                tools: list[dict] | None = None) -> types.ModelInput:
+        request = render_pb2.BuildGenerationPromptRequest(renderer=self.spec,
+                                                          conversation=wire.conversation_to_pb(messages, tools))
+        if prefill is not None:
+            request.prefill = prefill
+        return types.ModelInput.from_ints(self._call("BuildGenerationPrompt", request).token_ids)
+
+    def build_supervised_example(self, messages: Sequence[dict], train_on_what: str = "last_assistant_message",
+                                 tools: list[dict] | None = None, content_sft_roles: Iterable[str] = ()):
+        request = render_pb2.BuildSupervisedExampleRequest(
+            renderer=self.spec, conversation=wire.conversation_to_pb(messages, tools),
+            train_on_what=self._train_on_what(train_on_what), content_sft_roles=list(content_sft_roles))
+        example = self._call("BuildSupervisedExample", request)
+        return types.Tokens(example.tokens.token_ids), list(example.weights)
+
+    def build_supervised_examples(self, conversations: Sequence[Sequence[dict]],
+                                  train_on_what: str = "last_assistant_message") -> list[tuple[types.Tokens, list[float]]]:
+        """Many conversations in one call (the batched RPC)."""
+        request = render_pb2.RenderBatchRequest(
+            renderer=self.spec, conversations=[wire.conversation_to_pb(c) for c in conversations],
+            kind=render_pb2.SUPERVISED, train_on_what=self._train_on_what(train_on_what))
+        return [(types.Tokens(e.tokens.token_ids), list(e.weights))
+                for e in self._call("RenderBatch", request).examples]
+
+    def parse_response(self, tokens: Sequence[int], tools: list[dict] | None = None) -> tuple[dict, bool]:
+        request = render_pb2.ParseResponseRequest(renderer=self.spec, tokens=list(tokens),
+                                                  tools=[wire.tool_to_pb(t) for t in tools or []])
+        response = self._call("ParseResponse", request)
+        return wire.message_from_pb(response.message), response.ok
+
+    def get_stop_sequences(self) -> list[int]:
+        return list(self._call("GetStopSequences", render_pb2.GetStopSequencesRequest(renderer=self.spec)).token_ids)
+
+    def get_stop_strings(self) -> list[str]:
+        return list(self._call("GetStopSequences", render_pb2.GetStopSequencesRequest(renderer=self.spec)).strings)
+
+    @staticmethod
+    def _train_on_what(name: str) -> int:
+        if name not in _TRAIN_ON_WHAT:
+            raise ValueError(f"train_on_what: unknown value {name!r}; expected one of {', '.join(_TRAIN_ON_WHAT)}")
+        return _TRAIN_ON_WHAT[name]

@@ -1,0 +1,63 @@
+"""SamplingClient: sample from a base model or saved sampler weights; tokens stream as they are made."""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+from bios import types, wire
+from bios.errors import from_status
+from bios.futures import APIFuture
+from bios.v1 import train_pb2
+
+import grpc
+
+
+class SamplingClient:
+    def __init__(self, service: Any, sampler_id: str | None = None, model_id: str | None = None,
+                 base_model: str = "", model_path: str = ""):
+        self._service = service
+        self._target = {"sampler_id": sampler_id} if sampler_id else {"model_id": model_id}
+        self.sampler_id = sampler_id
+        self.base_model = base_model
+        self.model_path = model_path
+
+    def _request(self, prompt: types.ModelInput, sampling_params: types.SamplingParams, num_samples: int,
+                 include_prompt_logprobs: bool) -> train_pb2.SampleRequest:
+        if isinstance(prompt, list):
+            prompt = types.ModelInput.from_ints(prompt)
+        return train_pb2.SampleRequest(**self._target, prompt=wire.model_input_to_pb(prompt),
+                                       sampling_params=wire.sampling_params_to_pb(sampling_params),
+                                       num_samples=num_samples, include_prompt_logprobs=include_prompt_logprobs)
+
+    async def _collect(self, request: train_pb2.SampleRequest) -> types.SampleResponse:
+        async for event in self.stream_events(request):
+            if event.WhichOneof("event") == "result":
+                return wire.sample_response_from_pb(event.result)
+        raise from_status(grpc.StatusCode.INTERNAL, "sample stream ended without a result")
+
+    async def stream_events(self, request: train_pb2.SampleRequest) -> AsyncIterator[train_pb2.SampleEvent]:
+        call = self._service._train.Sample(request, metadata=self._service._metadata,
+                                           timeout=self._service.timeout)
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as err:
+            raise from_status(err.code(), err.details() or "") from None
+
+    def sample(self, prompt: types.ModelInput, sampling_params: types.SamplingParams, num_samples: int = 1,
+               include_prompt_logprobs: bool = False) -> APIFuture[types.SampleResponse]:
+        request = self._request(prompt, sampling_params, num_samples, include_prompt_logprobs)
+        return APIFuture(self._service._loop.submit(self._collect(request)))
+
+    async def sample_async(self, prompt: types.ModelInput, sampling_params: types.SamplingParams,
+                           num_samples: int = 1, include_prompt_logprobs: bool = False) -> APIFuture[types.SampleResponse]:
+        return self.sample(prompt, sampling_params, num_samples, include_prompt_logprobs)
+
+    def compute_logprobs(self, prompt: types.ModelInput) -> APIFuture[list[float | None]]:
+        """logprob of every prompt token given the tokens before it (None for the first)."""
+        future = self.sample(prompt, types.SamplingParams(max_tokens=1, temperature=0.0),
+                             include_prompt_logprobs=True)
+        return future.then(lambda response: response.prompt_logprobs or [])
+
+    async def compute_logprobs_async(self, prompt: types.ModelInput) -> APIFuture[list[float | None]]:
+        return self.compute_logprobs(prompt)

@@ -1,0 +1,164 @@
+"""ServiceClient: the entry point. Connects to both services (or starts the embedded default)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bios import embedded, types, wire
+from bios.errors import NotFoundError, from_status
+from bios.futures import LoopThread
+from bios.serving import CHANNEL_OPTIONS
+from bios.v1 import render_pb2_grpc, train_pb2, train_pb2_grpc
+
+DEFAULT_TIMEOUT = 600.0
+UNARY_RETRIES = 5
+
+
+class ServiceClient:
+    """`bios.ServiceClient()` talks to $BIOS_RENDER_ADDRESS / $BIOS_TRAIN_ADDRESS, or to services it starts
+    in this process when no address is set (the embedded default)."""
+
+    def __init__(self, train_address: str | None = None, render_address: str | None = None,
+                 api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT):
+        self.train_address = train_address or os.environ.get("BIOS_TRAIN_ADDRESS") or embedded.address("train")
+        self.render_address = render_address or os.environ.get("BIOS_RENDER_ADDRESS") or embedded.address("render")
+        api_key = api_key or os.environ.get("BIOS_API_KEY")
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.timeout = timeout
+        self._loop = LoopThread.named("bios-client")
+        self._train, self._render = self._loop.run(self._connect())
+        self.session_id = self._unary("CreateSession", train_pb2.CreateSessionRequest(
+            client_version="bios-python/0.1")).session_id
+
+    async def _connect(self):
+        train = grpc.aio.insecure_channel(self.train_address, options=CHANNEL_OPTIONS)
+        render = grpc.aio.insecure_channel(self.render_address, options=CHANNEL_OPTIONS)
+        self._channels = (train, render)
+        return train_pb2_grpc.TrainServiceStub(train), render_pb2_grpc.RenderServiceStub(render)
+
+    # ---- unary calls with retries on UNAVAILABLE --------------------------------------------------
+
+    async def _call(self, stub: Any, method: str, request: Any) -> Any:
+        for attempt in range(UNARY_RETRIES + 1):
+            try:
+                return await getattr(stub, method)(request, metadata=self._metadata, timeout=self.timeout)
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == UNARY_RETRIES:
+                    raise from_status(err.code(), err.details() or "") from None
+                await _sleep(0.1 * 2**attempt)
+
+    def _unary(self, method: str, request: Any) -> Any:
+        return self._loop.run(self._call(self._train, method, request))
+
+    def _render_call(self, method: str, request: Any) -> Any:
+        return self._loop.run(self._call(self._render, method, request))
+
+    # ---- training and sampling clients -----------------------------------------------------------
+
+    def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
+                                    train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = False,
+                                    alpha: float | None = None):
+        from bios.training_client import TrainingClient
+
+        lora = types.LoraConfig(rank=rank, alpha=alpha, seed=seed or 0, train_attn=train_attn,
+                                train_mlp=train_mlp, train_unembed=train_unembed)
+        info = self._unary("CreateModel", train_pb2.CreateModelRequest(
+            session_id=self.session_id, base_model=base_model, lora=wire.lora_config_to_pb(lora)))
+        return TrainingClient(self, wire.model_info_from_pb(info))
+
+    async def create_lora_training_client_async(self, *args: Any, **kwargs: Any):
+        import asyncio
+
+        return await asyncio.to_thread(self.create_lora_training_client, *args, **kwargs)
+
+    def create_training_client_from_state(self, path: str, with_optimizer: bool = False):
+        from bios.training_client import TrainingClient
+
+        info = self._unary("CreateModel", train_pb2.CreateModelRequest(
+            session_id=self.session_id, from_state=path, load_optimizer=with_optimizer))
+        return TrainingClient(self, wire.model_info_from_pb(info))
+
+    def create_training_client_from_state_with_optimizer(self, path: str):
+        return self.create_training_client_from_state(path, with_optimizer=True)
+
+    async def create_training_client_from_state_async(self, path: str, with_optimizer: bool = False):
+        import asyncio
+
+        return await asyncio.to_thread(self.create_training_client_from_state, path, with_optimizer)
+
+    def create_sampling_client(self, base_model: str | None = None, model_path: str | None = None):
+        from bios.sampling_client import SamplingClient
+
+        if bool(base_model) == bool(model_path):
+            raise ValueError("create_sampling_client: give exactly one of base_model or model_path")
+        request = train_pb2.CreateSamplerRequest(session_id=self.session_id)
+        if base_model:
+            request.base_model = base_model
+        else:
+            request.model_path = model_path
+        info = self._unary("CreateSampler", request)
+        return SamplingClient(self, sampler_id=info.sampler_id, base_model=info.base_model,
+                              model_path=info.model_path)
+
+    async def create_sampling_client_async(self, *args: Any, **kwargs: Any):
+        import asyncio
+
+        return await asyncio.to_thread(self.create_sampling_client, *args, **kwargs)
+
+    # ---- checkpoints, info, tokenizers -----------------------------------------------------------
+
+    def list_checkpoints(self, model_id: str = "") -> list[types.Checkpoint]:
+        response = self._unary("ListCheckpoints", train_pb2.ListCheckpointsRequest(model_id=model_id))
+        return [wire.checkpoint_from_pb(c) for c in response.checkpoints]
+
+    def delete_checkpoint(self, path: str) -> None:
+        self._unary("DeleteCheckpoint", train_pb2.DeleteCheckpointRequest(path=path))
+
+    def _get_info(self, model_id: str) -> types.ModelInfo:
+        return wire.model_info_from_pb(self._unary("GetInfo", train_pb2.GetInfoRequest(model_id=model_id)))
+
+    def get_tokenizer(self, name: str) -> Any:
+        """The tokenizer of a model: resolved locally when possible, else fetched from the train service."""
+        from bios_cookbook import tokenizer_utils
+
+        try:
+            return tokenizer_utils.get_tokenizer(name)
+        except NotFoundError:
+            pass
+        files = self._unary("GetTokenizer", train_pb2.GetTokenizerRequest(name=name)).files
+        directory = Path(tempfile.mkdtemp(prefix="bios-tokenizer-"))
+        for file_name, content in files.items():
+            (directory / Path(file_name).name).write_bytes(content)
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(directory))
+
+    def render_client(self, renderer: str, tokenizer: str, **options: Any):
+        from bios.render_client import RenderClient
+
+        return RenderClient(self, renderer, tokenizer, **options)
+
+    def close(self) -> None:
+        try:
+            self._unary("CloseSession", train_pb2.CloseSessionRequest(session_id=self.session_id))
+        finally:
+            for channel in self._channels:
+                self._loop.submit(channel.close())
+
+    def __enter__(self) -> "ServiceClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+async def _sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+

@@ -1,0 +1,234 @@
+"""Conversions between the public Python types (dicts, pydantic models, numpy) and protobuf messages.
+
+One place for both directions, shared by the client and both servers.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from bios import types
+from bios.v1 import render_pb2, train_pb2, types_pb2
+
+# ---- tensors ---------------------------------------------------------------------------------------
+
+_TO_PB_DTYPE = {
+    np.dtype("float32"): types_pb2.DTYPE_FLOAT32,
+    np.dtype("float64"): types_pb2.DTYPE_FLOAT64,
+    np.dtype("int32"): types_pb2.DTYPE_INT32,
+    np.dtype("int64"): types_pb2.DTYPE_INT64,
+    np.dtype("bool"): types_pb2.DTYPE_BOOL,
+    np.dtype("float16"): types_pb2.DTYPE_FLOAT16,
+}
+_FROM_PB_DTYPE = {v: k for k, v in _TO_PB_DTYPE.items()}
+_NAMES = {types_pb2.DTYPE_FLOAT32: "float32", types_pb2.DTYPE_FLOAT64: "float64", types_pb2.DTYPE_INT32: "int32",
+          types_pb2.DTYPE_INT64: "int64", types_pb2.DTYPE_BOOL: "bool"}
+
+
+class WireError(ValueError):
+    """A message that cannot be decoded; the text names the field."""
+
+
+def array_to_tensor(array: np.ndarray) -> types_pb2.Tensor:
+    array = np.ascontiguousarray(array)
+    if array.dtype not in _TO_PB_DTYPE:
+        array = array.astype(np.float32 if array.dtype.kind == "f" else np.int64)
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return types_pb2.Tensor(dtype=_TO_PB_DTYPE[array.dtype], shape=list(array.shape), data=little.tobytes())
+
+
+def tensor_to_array(tensor: types_pb2.Tensor, field: str = "tensor") -> np.ndarray:
+    dtype = _FROM_PB_DTYPE.get(tensor.dtype)
+    if dtype is None:
+        raise WireError(f"{field}.dtype: unsupported dtype {tensor.dtype}")
+    count = int(np.prod(tensor.shape)) if len(tensor.shape) else 1
+    if count * dtype.itemsize != len(tensor.data):
+        raise WireError(f"{field}: {len(tensor.data)} bytes do not hold shape {list(tensor.shape)} of {dtype}")
+    return np.frombuffer(tensor.data, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(tuple(tensor.shape))
+
+
+def tensor_data_to_pb(data: types.TensorData) -> types_pb2.Tensor:
+    return array_to_tensor(data.to_numpy())
+
+
+def tensor_data_from_pb(tensor: types_pb2.Tensor) -> types.TensorData:
+    array = tensor_to_array(tensor)
+    return types.TensorData(data=array.reshape(-1).tolist(), dtype=_NAMES.get(tensor.dtype, "float32"),
+                            shape=list(array.shape))
+
+
+# ---- model inputs ---------------------------------------------------------------------------------
+
+def model_input_to_pb(model_input: types.ModelInput) -> types_pb2.ModelInput:
+    chunks = []
+    for chunk in model_input.chunks:
+        if isinstance(chunk, types.EncodedTextChunk):
+            chunks.append(types_pb2.Chunk(encoded_text=types_pb2.EncodedTextChunk(tokens=chunk.tokens)))
+        else:
+            chunks.append(types_pb2.Chunk(image=types_pb2.ImageChunk(
+                data=chunk.data, format=chunk.format, expected_tokens=chunk.expected_tokens or 0)))
+    return types_pb2.ModelInput(chunks=chunks)
+
+
+def model_input_from_pb(pb: types_pb2.ModelInput) -> types.ModelInput:
+    chunks: list[types.Chunk] = []
+    for chunk in pb.chunks:
+        if chunk.HasField("image"):
+            chunks.append(types.ImageChunk(data=chunk.image.data, format=chunk.image.format,
+                                           expected_tokens=chunk.image.expected_tokens or None))
+        else:
+            chunks.append(types.EncodedTextChunk(tokens=list(chunk.encoded_text.tokens)))
+    return types.ModelInput(chunks=chunks)
+
+
+def datum_to_pb(datum: types.Datum) -> types_pb2.Datum:
+    return types_pb2.Datum(
+        model_input=model_input_to_pb(datum.model_input),
+        loss_fn_inputs={k: tensor_data_to_pb(v) for k, v in datum.loss_fn_inputs.items()},
+    )
+
+
+# ---- parameters -----------------------------------------------------------------------------------
+
+def sampling_params_to_pb(params: types.SamplingParams) -> types_pb2.SamplingParams:
+    stop = params.stop
+    if isinstance(stop, str):
+        stop = [stop]
+    stop = list(stop or [])
+    pb = types_pb2.SamplingParams(
+        max_tokens=params.max_tokens if params.max_tokens is not None else 0,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        stop_token_ids=[s for s in stop if isinstance(s, int)],
+        stop_strings=[s for s in stop if isinstance(s, str)],
+    )
+    if params.seed is not None:
+        pb.seed = params.seed
+    return pb
+
+
+def adam_params_to_pb(params: types.AdamParams) -> types_pb2.AdamParams:
+    return types_pb2.AdamParams(**params.model_dump())
+
+
+def lora_config_to_pb(config: types.LoraConfig) -> types_pb2.LoraConfig:
+    pb = types_pb2.LoraConfig(rank=config.rank, seed=config.seed, train_attn=config.train_attn,
+                              train_mlp=config.train_mlp, train_unembed=config.train_unembed)
+    if config.alpha is not None:
+        pb.alpha = config.alpha
+    return pb
+
+
+# ---- chat messages -------------------------------------------------------------------------------
+
+def message_to_pb(message: Mapping[str, Any]) -> types_pb2.Message:
+    pb = types_pb2.Message(role=str(message.get("role", "")), tool_call_id=message.get("tool_call_id") or "",
+                           name=message.get("name") or "")
+    content = message.get("content")
+    if isinstance(content, str):
+        pb.content = content
+    elif isinstance(content, list):
+        for part in content:
+            pb.parts.append(types_pb2.ContentPart(type=part.get("type", "text"), text=part.get("text", "")))
+    if message.get("reasoning_content") is not None:
+        pb.reasoning_content = message["reasoning_content"]
+    if message.get("trainable") is not None:
+        pb.trainable = bool(message["trainable"])
+    for call in message.get("tool_calls") or []:
+        function = call.get("function", call)
+        arguments = function.get("arguments", {})
+        as_text = isinstance(arguments, str)
+        pb.tool_calls.append(types_pb2.ToolCall(
+            id=call.get("id") or "", name=function.get("name", ""), arguments_as_text=as_text,
+            arguments_json=arguments if as_text else json.dumps(arguments, ensure_ascii=False)))
+    return pb
+
+
+def tool_call_from_pb(call: types_pb2.ToolCall) -> dict[str, Any]:
+    arguments: Any = call.arguments_json
+    if not call.arguments_as_text:
+        try:
+            arguments = json.loads(call.arguments_json) if call.arguments_json else {}
+        except json.JSONDecodeError:
+            arguments = call.arguments_json
+    out: dict[str, Any] = {"type": "function", "function": {"name": call.name, "arguments": arguments}}
+    if call.id:
+        out["id"] = call.id
+    if call.status:
+        out["status"] = types_pb2.ToolCallStatus.Name(call.status).removeprefix("TOOL_CALL_STATUS_").lower()
+    if call.raw_text:
+        out["raw_text"] = call.raw_text
+    return out
+
+
+def message_from_pb(pb: types_pb2.Message) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": pb.role}
+    if pb.HasField("content"):
+        message["content"] = pb.content
+    elif pb.parts:
+        message["content"] = [{"type": p.type or "text", "text": p.text} for p in pb.parts]
+    elif not pb.tool_calls:
+        message["content"] = None
+    if pb.HasField("reasoning_content"):
+        message["reasoning_content"] = pb.reasoning_content
+    if pb.tool_calls:
+        message["tool_calls"] = [tool_call_from_pb(c) for c in pb.tool_calls]
+    if pb.tool_call_id:
+        message["tool_call_id"] = pb.tool_call_id
+    if pb.name:
+        message["name"] = pb.name
+    if pb.HasField("trainable"):
+        message["trainable"] = pb.trainable
+    return message
+
+
+def tool_to_pb(tool: Mapping[str, Any]) -> types_pb2.ToolSpec:
+    function = tool.get("function", tool)
+    return types_pb2.ToolSpec(name=function.get("name", ""), description=function.get("description", ""),
+                              parameters_json=json.dumps(function.get("parameters", {}), ensure_ascii=False),
+                              spec_json=json.dumps(tool, ensure_ascii=False))
+
+
+def tool_from_pb(pb: types_pb2.ToolSpec) -> dict[str, Any]:
+    if pb.spec_json:
+        return json.loads(pb.spec_json)
+    function: dict[str, Any] = {"name": pb.name, "description": pb.description}
+    function["parameters"] = json.loads(pb.parameters_json) if pb.parameters_json else {}
+    return {"type": "function", "function": function}
+
+
+def conversation_to_pb(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping] | None = None):
+    return render_pb2.Conversation(messages=[message_to_pb(m) for m in messages],
+                                   tools=[tool_to_pb(t) for t in tools or []])
+
+
+# ---- results --------------------------------------------------------------------------------------
+
+def checkpoint_from_pb(pb: train_pb2.Checkpoint) -> types.Checkpoint:
+    return types.Checkpoint(id=pb.id, path=pb.path, kind=pb.kind, name=pb.name, model_id=pb.model_id,
+                            base_model=pb.base_model, step=pb.step,
+                            metadata=json.loads(pb.metadata_json) if pb.metadata_json else {},
+                            size_bytes=pb.size_bytes, created_unix_ms=pb.created_unix_ms)
+
+
+def sample_response_from_pb(pb: train_pb2.SampleResponse) -> types.SampleResponse:
+    reasons = {train_pb2.STOP_REASON_STOP: "stop", train_pb2.STOP_REASON_LENGTH: "length"}
+    sequences = [types.SampledSequence(tokens=list(s.tokens), logprobs=list(s.logprobs) or None,
+                                       stop_reason=reasons.get(s.stop_reason, "length")) for s in pb.sequences]
+    prompt = [None if np.isnan(x) else x for x in pb.prompt_logprobs] or None
+    return types.SampleResponse(sequences=sequences, prompt_logprobs=prompt)
+
+
+def forward_backward_from_pb(pb: train_pb2.ForwardBackwardOutput) -> types.ForwardBackwardOutput:
+    return types.ForwardBackwardOutput(
+        loss_fn_outputs=[{k: tensor_data_from_pb(v) for k, v in out.tensors.items()} for out in pb.loss_fn_outputs],
+        metrics=dict(pb.metrics))
+
+
+def model_info_from_pb(pb: train_pb2.ModelInfo) -> types.ModelInfo:
+    return types.ModelInfo(model_id=pb.model_id, base_model=pb.base_model, lora_rank=pb.lora_rank, step=pb.step,
+                           tokenizer=pb.tokenizer, renderer=pb.renderer, vocab_size=pb.vocab_size)

@@ -1,0 +1,1 @@
+"""bios render service: chat messages -> tokens, weights and per-token attribution."""

@@ -1,0 +1,3 @@
+from render_service.server import main
+
+main()

@@ -1,0 +1,78 @@
+"""Model names -> where the weights, tokenizer and default renderer come from.
+
+The embedded default maps the seeds' `ultrasafe/usf-*` names to a tiny random Qwen3-architecture model
+with the real Qwen3 tokenizer: development stand-ins that run anywhere, not real models. A JSON file
+named by $BIOS_MODEL_REGISTRY adds or overrides entries. Any other name resolves to a local HF
+directory: a path, $BIOS_MODELS_DIR/<org>--<name>, or the local HF cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from bios.errors import NotFoundError
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    weights: str  # "tiny:qwen3" (random stand-in) or a local HF model directory
+    tokenizer: str  # "builtin:qwen3" or a local HF tokenizer directory
+    renderer: str = "chat_template"
+    lora_target_modules: list[str] | None = None  # None = every attention / MLP projection
+    description: str = ""
+
+
+_STAND_IN = "development stand-in: tiny random Qwen3-architecture model with the real Qwen3 tokenizer"
+EMBEDDED = {
+    name: ModelEntry(name=name, weights="tiny:qwen3", tokenizer="builtin:qwen3", renderer="ultrasafe",
+                     description=_STAND_IN)
+    for name in ("ultrasafe/usf-mini", "ultrasafe/usf-conversation", "ultrasafe/usf-healthcare")
+}
+
+
+@cache
+def _file_entries(path: str) -> dict[str, ModelEntry]:
+    with open(path) as f:
+        raw = json.load(f)
+    return {e["name"]: ModelEntry(**e) for e in raw.get("models", [])}
+
+
+def registered() -> dict[str, ModelEntry]:
+    entries = dict(EMBEDDED)
+    if path := os.environ.get("BIOS_MODEL_REGISTRY"):
+        entries.update(_file_entries(path))
+    return entries
+
+
+def _local_dir(name: str) -> Path | None:
+    if Path(name).is_dir():
+        return Path(name).resolve()
+    if (models_dir := os.environ.get("BIOS_MODELS_DIR")) and (Path(models_dir) / name.replace("/", "--")).is_dir():
+        return (Path(models_dir) / name.replace("/", "--")).resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not in the cache, or not a valid repo id
+        return None
+
+
+def resolve(name: str) -> ModelEntry:
+    """The entry for a model name; NotFoundError naming what was tried."""
+    if not name:
+        raise NotFoundError("base_model: empty model name")
+    if entry := registered().get(name):
+        return entry
+    if directory := _local_dir(name):
+        return ModelEntry(name=name, weights=str(directory), tokenizer=str(directory))
+    raise NotFoundError(
+        f"base_model: unknown model {name!r}: not in the registry ({', '.join(sorted(registered()))}), "
+        "not a directory, not under $BIOS_MODELS_DIR as <org>--<name>, not in the local HF cache"
+    )

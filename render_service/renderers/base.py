@@ -1,0 +1,255 @@
+"""The renderer contract: messages -> segments of text -> tokens with per-token attribution.
+
+A family renderer only says which text each message becomes (`segments`); this base class turns the
+segments into tokens in ONE tokenizer pass (so BPE merges across wrapper/body boundaries are exactly
+what the chat template gives) and derives weights, prompts and stop sequences from the attribution.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+from bios.types import ModelInput, Tokens
+
+Message = dict[str, Any]
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
+TRAIN_ON_WHAT = (
+    "last_assistant_message",
+    "last_assistant_turn",
+    "all_assistant_messages",
+    "all_messages",
+    "customized",
+)
+
+
+class RenderError(ValueError):
+    """Malformed conversation; the message names the offending message index and field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A run of rendered text and where it came from."""
+
+    text: str
+    message_index: int = -1  # -1: template scaffolding outside any message
+    is_content: bool = False  # message-body bytes (or the assistant's sampled emission)
+    sampled: bool = False  # the model emits this text when it writes the message
+
+
+@dataclass
+class RenderedTokens:
+    token_ids: list[int]
+    message_indices: list[int]
+    message_roles: list[str | None]  # per token; None on scaffolding
+    sampled_mask: list[bool]
+    is_content: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def to_model_input(self) -> ModelInput:
+        return ModelInput.from_ints(self.token_ids)
+
+    def content_token_spans_by_role(self) -> dict[str, list[tuple[int, int]]]:
+        """Contiguous runs of body tokens, [start, end) per run, grouped by message role."""
+        spans: dict[str, list[tuple[int, int]]] = {}
+        start = None
+        for k in range(len(self.token_ids) + 1):
+            inside = k < len(self.token_ids) and self.is_content[k]
+            same_run = (
+                start is not None
+                and inside
+                and self.message_indices[k] == self.message_indices[start]
+            )
+            if start is not None and not same_run:
+                spans.setdefault(self.message_roles[start] or "", []).append((start, k))
+                start = None
+            if inside and start is None:
+                start = k
+        return spans
+
+    def content_mask_for_roles(self, roles: Iterable[str]) -> list[bool]:
+        wanted = set(roles)
+        return [c and r in wanted for c, r in zip(self.is_content, self.message_roles)]
+
+
+@dataclass
+class SupervisedExample:
+    rendered: RenderedTokens
+    weights: list[float] = field(default_factory=list)
+
+
+def text_of(content: Any) -> str:
+    """Message content as text: a string, or the text parts of an OpenAI-style parts list."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type", "text") == "text")
+
+
+def validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:
+    if not isinstance(messages, (list, tuple)):
+        raise RenderError(f"messages: expected a list of messages, got {type(messages).__name__}")
+    open_calls = 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise RenderError(f"messages[{i}]: expected a mapping, got {type(m).__name__}")
+        role = m.get("role")
+        if role not in KNOWN_ROLES:
+            raise RenderError(f"messages[{i}].role: unknown role {role!r}; expected one of {KNOWN_ROLES}")
+        content = m.get("content")
+        if "content" not in m and not m.get("tool_calls"):
+            raise RenderError(f"messages[{i}].content: missing (use '' for an empty message)")
+        if content is not None and not isinstance(content, (str, list)):
+            raise RenderError(
+                f"messages[{i}].content: expected a string or a list of parts, got {type(content).__name__}"
+            )
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, Mapping) or not isinstance(part.get("text", ""), str):
+                    raise RenderError(f"messages[{i}].content[{j}]: expected {{'type': 'text', 'text': str}}")
+        if role == "assistant":
+            open_calls = len(m.get("tool_calls") or [])
+        elif role == "tool":
+            if open_calls == 0 and not any(p.get("role") == "assistant" and p.get("tool_calls") for p in messages[:i]):
+                raise RenderError(f"messages[{i}].role: tool message with no preceding assistant tool call")
+        elif role == "user":
+            open_calls = 0
+
+
+class BaseRenderer:
+    """Base of every renderer. Subclasses override `segments` (and usually `parse_response`).
+
+    Without an override the tokenizer's own chat template is rendered, with attribution recovered
+    from it (see chat_template.py), so any HF tokenizer with a template works.
+    """
+
+    name = "chat_template"
+
+    def __init__(self, tokenizer: Any, **options: Any):
+        self.tokenizer = tokenizer
+        self.options = options
+        self._special_ids: dict[str, int] = {}
+
+    # ---- what a family defines ----------------------------------------------------------------
+
+    def segments(
+        self, messages: Sequence[Message], tools: list[dict] | None, add_generation_prompt: bool
+    ) -> list[Segment]:
+        from render_service.renderers.chat_template import chat_template_segments
+
+        return chat_template_segments(self.tokenizer, messages, tools, add_generation_prompt, self.options)
+
+    def get_stop_sequences(self) -> list[int]:
+        return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+
+    def get_stop_strings(self) -> list[str]:
+        return [self.tokenizer.convert_ids_to_tokens(i) for i in self.get_stop_sequences()]
+
+    def parse_response(self, tokens: Sequence[int], tools: list[dict] | None = None) -> tuple[Message, bool]:
+        """Tokens sampled after the generation prompt -> (assistant message, ended with a stop token)."""
+        tokens = list(tokens)
+        stops = set(self.get_stop_sequences())
+        end = next((k for k, t in enumerate(tokens) if t in stops), None)
+        body = tokens if end is None else tokens[:end]
+        return {"role": "assistant", "content": self.tokenizer.decode(body)}, end is not None
+
+    # ---- derived ------------------------------------------------------------------------------
+
+    def render(
+        self, messages: Sequence[Message], tools: list[dict] | None = None, add_generation_prompt: bool = False
+    ) -> RenderedTokens:
+        validate_messages(messages)
+        segs = self.segments(list(messages), tools, add_generation_prompt)
+        roles = [m["role"] for m in messages]
+        return tokenize_segments(self.tokenizer, segs, roles)
+
+    def build_generation_prompt(
+        self, messages: Sequence[Message], prefill: str | None = None, tools: list[dict] | None = None
+    ) -> ModelInput:
+        return self.render_generation_prompt(messages, prefill, tools).to_model_input()
+
+    def render_generation_prompt(
+        self, messages: Sequence[Message], prefill: str | None = None, tools: list[dict] | None = None
+    ) -> RenderedTokens:
+        rendered = self.render(messages, tools, add_generation_prompt=True)
+        if prefill:
+            extra = self.tokenizer.encode(prefill, add_special_tokens=False)
+            n = len(extra)
+            rendered.token_ids += extra
+            rendered.message_indices += [len(messages)] * n
+            rendered.message_roles += ["assistant"] * n
+            rendered.sampled_mask += [True] * n
+            rendered.is_content += [True] * n
+        return rendered
+
+    def build_supervised_example(
+        self,
+        messages: Sequence[Message],
+        train_on_what: str = "last_assistant_message",
+        tools: list[dict] | None = None,
+        content_sft_roles: Iterable[str] = (),
+    ) -> tuple[Tokens, list[float]]:
+        ex = self.supervised_example(messages, train_on_what, tools, content_sft_roles)
+        return Tokens(ex.rendered.token_ids), ex.weights
+
+    def supervised_example(
+        self,
+        messages: Sequence[Message],
+        train_on_what: str = "last_assistant_message",
+        tools: list[dict] | None = None,
+        content_sft_roles: Iterable[str] = (),
+    ) -> SupervisedExample:
+        rendered = self.render(messages, tools)
+        trained = trained_messages(messages, train_on_what)
+        sft_roles = set(content_sft_roles)
+        weights = []
+        for idx, role, sampled, content in zip(
+            rendered.message_indices, rendered.message_roles, rendered.sampled_mask, rendered.is_content
+        ):
+            on = idx in trained and (sampled or (train_on_what in ("all_messages", "customized") and role != "assistant"))
+            on = on or (content and role in sft_roles)
+            weights.append(1.0 if on else 0.0)
+        return SupervisedExample(rendered, weights)
+
+
+def trained_messages(messages: Sequence[Message], train_on_what: str) -> set[int]:
+    """Indices of the messages whose tokens carry weight."""
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if train_on_what == "last_assistant_message":
+        return set(assistants[-1:])
+    if train_on_what == "all_assistant_messages":
+        return set(assistants)
+    if train_on_what == "last_assistant_turn":
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        return {i for i in assistants if i > last_user}
+    if train_on_what == "all_messages":
+        return set(range(len(messages)))
+    if train_on_what == "customized":
+        return {i for i, m in enumerate(messages) if m.get("trainable")}
+    raise RenderError(f"train_on_what: unknown value {train_on_what!r}; expected one of {TRAIN_ON_WHAT}")
+
+
+def tokenize_segments(tokenizer: Any, segments: Sequence[Segment], roles: Sequence[str]) -> RenderedTokens:
+    """Tokenize the concatenated text once and attribute each token to the segment of its first char."""
+    starts, pos = [], 0
+    for seg in segments:
+        starts.append(pos)
+        pos += len(seg.text)
+    text = "".join(seg.text for seg in segments)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    out = RenderedTokens([], [], [], [], [])
+    nonempty = [k for k, seg in enumerate(segments) if seg.text]
+    nonempty_starts = [starts[k] for k in nonempty]
+    for tok, (begin, _end) in zip(ids, offsets):
+        seg = segments[nonempty[max(0, bisect.bisect_right(nonempty_starts, begin) - 1)]]
+        out.token_ids.append(tok)
+        out.message_indices.append(seg.message_index)
+        out.message_roles.append(roles[seg.message_index] if 0 <= seg.message_index < len(roles) else None)
+        out.sampled_mask.append(seg.sampled)
+        out.is_content.append(seg.is_content)
+    return out

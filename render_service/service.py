@@ -1,0 +1,130 @@
+"""RenderService over gRPC: a thin translation between protobuf and the renderer library."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import lru_cache
+from typing import Any
+
+from google.protobuf import json_format
+
+from bios import wire
+from bios.v1 import render_pb2, render_pb2_grpc
+from render_service import renderers
+from render_service.model_registry import resolve
+from render_service.renderers.base import TRAIN_ON_WHAT, BaseRenderer, RenderedTokens
+from render_service.tokenizers import get_tokenizer
+
+_TRAIN_ON_WHAT = {render_pb2.TRAIN_ON_WHAT_UNSPECIFIED: "last_assistant_message"} | {
+    getattr(render_pb2, name.upper()): name for name in TRAIN_ON_WHAT
+}
+MAX_TOKENS_PER_REQUEST = 4_000_000  # oversized input is refused before any work is done
+
+
+@lru_cache(maxsize=256)
+def _renderer(name: str, tokenizer_name: str, options_json: str) -> BaseRenderer:
+    import json
+
+    if not tokenizer_name:
+        raise renderers.RenderError("renderer.tokenizer: required (a model name or tokenizer directory)")
+    name = name or resolve(tokenizer_name).renderer
+    return renderers.get_renderer(name, get_tokenizer(tokenizer_name), **json.loads(options_json))
+
+
+def renderer_for(spec: render_pb2.RendererSpec) -> BaseRenderer:
+    options = json_format.MessageToJson(spec.options, sort_keys=True, indent=None) if spec.HasField("options") else "{}"
+    return _renderer(spec.name, spec.tokenizer, options)
+
+
+def rendered_to_pb(rendered: RenderedTokens, messages: list[dict]) -> render_pb2.RenderedTokens:
+    roles = [m["role"] for m in messages]
+    roles += ["assistant"] * (max(rendered.message_indices, default=-1) + 1 - len(roles))  # a prefill
+    return render_pb2.RenderedTokens(token_ids=rendered.token_ids, message_indices=rendered.message_indices,
+                                     roles=roles, sampled_mask=rendered.sampled_mask,
+                                     is_content=rendered.is_content)
+
+
+def conversation(pb: render_pb2.Conversation) -> tuple[list[dict], list[dict] | None]:
+    total = sum(len(m.content) for m in pb.messages)
+    if total > MAX_TOKENS_PER_REQUEST * 8:
+        raise renderers.RenderError(f"conversation.messages: {total} characters is over the request limit")
+    return [wire.message_from_pb(m) for m in pb.messages], [wire.tool_from_pb(t) for t in pb.tools] or None
+
+
+def supervised_to_pb(renderer: BaseRenderer, messages, tools, train_on_what: int, sft_roles) -> render_pb2.SupervisedExample:
+    if train_on_what not in _TRAIN_ON_WHAT:
+        raise renderers.RenderError(f"train_on_what: unknown value {train_on_what}")
+    example = renderer.supervised_example(messages, _TRAIN_ON_WHAT[train_on_what], tools, list(sft_roles))
+    return render_pb2.SupervisedExample(tokens=rendered_to_pb(example.rendered, messages), weights=example.weights)
+
+
+class RenderServicer(render_pb2_grpc.RenderServiceServicer):
+    """Rendering is CPU work: it runs in a thread so the event loop keeps answering health checks."""
+
+    async def ListRenderers(self, request, context):
+        return render_pb2.ListRenderersResponse(renderers=[
+            render_pb2.RendererInfo(name=name, aliases=aliases, description=description)
+            for name, aliases, description in renderers.list_renderers()])
+
+    async def Render(self, request, context):
+        def run():
+            messages, tools = conversation(request.conversation)
+            rendered = renderer_for(request.renderer).render(messages, tools, request.add_generation_prompt)
+            return rendered_to_pb(rendered, messages)
+
+        return await asyncio.to_thread(run)
+
+    async def BuildGenerationPrompt(self, request, context):
+        def run():
+            messages, tools = conversation(request.conversation)
+            prefill = request.prefill if request.HasField("prefill") else None
+            rendered = renderer_for(request.renderer).render_generation_prompt(messages, prefill, tools)
+            return rendered_to_pb(rendered, messages)
+
+        return await asyncio.to_thread(run)
+
+    async def BuildSupervisedExample(self, request, context):
+        def run():
+            messages, tools = conversation(request.conversation)
+            return supervised_to_pb(renderer_for(request.renderer), messages, tools, request.train_on_what,
+                                    request.content_sft_roles)
+
+        return await asyncio.to_thread(run)
+
+    async def RenderBatch(self, request, context):
+        def run():
+            renderer = renderer_for(request.renderer)
+            out = []
+            for i, conv in enumerate(request.conversations):
+                try:
+                    messages, tools = conversation(conv)
+                    if request.kind == render_pb2.SUPERVISED:
+                        out.append(supervised_to_pb(renderer, messages, tools, request.train_on_what,
+                                                    request.content_sft_roles))
+                        continue
+                    if request.kind == render_pb2.GENERATION_PROMPT:
+                        rendered = renderer.render_generation_prompt(messages, None, tools)
+                    else:
+                        rendered = renderer.render(messages, tools, request.add_generation_prompt)
+                    out.append(render_pb2.SupervisedExample(tokens=rendered_to_pb(rendered, messages)))
+                except renderers.RenderError as exc:
+                    raise renderers.RenderError(f"conversations[{i}].{exc}") from None
+            return render_pb2.RenderBatchResponse(examples=out)
+
+        return await asyncio.to_thread(run)
+
+    async def ParseResponse(self, request, context):
+        renderer = renderer_for(request.renderer)
+        tools = [wire.tool_from_pb(t) for t in request.tools] or None
+        message, ok = await asyncio.to_thread(renderer.parse_response, list(request.tokens), tools)
+        return render_pb2.ParseResponseResponse(message=wire.message_to_pb(message), ok=ok)
+
+    async def GetStopSequences(self, request, context):
+        renderer = renderer_for(request.renderer)
+        return render_pb2.StopSequences(token_ids=renderer.get_stop_sequences(), strings=renderer.get_stop_strings())
+
+
+def add_to_server(server: Any) -> list[str]:
+    render_pb2_grpc.add_RenderServiceServicer_to_server(RenderServicer(), server)
+    return [render_pb2.DESCRIPTOR.services_by_name["RenderService"].full_name]
+

@@ -1,0 +1,3 @@
+from train_service.server import main
+
+main()

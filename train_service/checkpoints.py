@@ -1,0 +1,110 @@
+"""Checkpoints on disk, written atomically, addressed as bios://<model_id>/<kind>/<name>.
+
+Layout: <root>/<model_id>/<kind>/<name>/ with adapter_model.safetensors + adapter_config.json (plain
+PEFT format: `PeftModel.from_pretrained(base, dir)` loads it), optimizer.pt for states, meta.json.
+A checkpoint is built in a hidden temporary directory and renamed into place, so a reader sees the
+old one or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from bios.errors import InvalidArgumentError, NotFoundError
+from bios.v1 import train_pb2
+
+KINDS = ("state", "sampler")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_PATH = re.compile(r"^bios://([A-Za-z0-9-]+)/(state|sampler)/(.+)$")
+
+
+def validate_name(name: str, field: str = "name") -> str:
+    if not _NAME.match(name or "") or ".." in name:
+        raise InvalidArgumentError(f"{field}: {name!r} is not a valid checkpoint name "
+                                   "(1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit)")
+    return name
+
+
+class CheckpointStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def directory(self, model_id: str, kind: str, name: str) -> Path:
+        return self.root / model_id / kind / validate_name(name)
+
+    def parse(self, path: str, field: str = "path") -> tuple[str, str, str]:
+        match = _PATH.match(path or "")
+        if not match:
+            raise InvalidArgumentError(f"{field}: {path!r} is not a checkpoint path (bios://<model_id>/<kind>/<name>)")
+        model_id, kind, name = match.groups()
+        validate_name(name, field)
+        return model_id, kind, name
+
+    def locate(self, path: str, field: str = "path") -> tuple[Path, dict[str, Any]]:
+        """The directory and metadata of an existing checkpoint."""
+        directory = self.directory(*self.parse(path, field))
+        meta_file = directory / "meta.json"
+        if not meta_file.is_file():
+            raise NotFoundError(f"{field}: no checkpoint at {path}")
+        return directory, json.loads(meta_file.read_text())
+
+    def write(self, model_id: str, kind: str, name: str, meta: dict[str, Any],
+              fill: Callable[[Path], None]) -> train_pb2.Checkpoint:
+        """Run `fill(tmpdir)` to write the files, then publish the directory atomically."""
+        final = self.directory(model_id, kind, name)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=final.parent))
+        try:
+            fill(tmp)
+            path = f"bios://{model_id}/{kind}/{name}"
+            meta = {**meta, "id": path, "path": path, "kind": kind, "name": name, "model_id": model_id,
+                    "created_unix_ms": int(time.time() * 1000)}
+            meta["size_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            for f in tmp.iterdir():  # durable before it becomes visible
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            old = None
+            if final.exists():
+                old = final.with_name(f".old-{name}-{uuid.uuid4().hex[:8]}")
+                os.rename(final, old)
+            os.rename(tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return to_pb(meta)
+
+    def list(self, model_ids: set[str] | None = None) -> list[train_pb2.Checkpoint]:
+        out = []
+        for meta_file in sorted(self.root.glob("*/*/*/meta.json")):
+            if meta_file.parent.name.startswith("."):
+                continue
+            meta = json.loads(meta_file.read_text())
+            if model_ids is None or meta["model_id"] in model_ids:
+                out.append(to_pb(meta))
+        return out
+
+    def delete(self, path: str) -> None:
+        directory, _ = self.locate(path)
+        trash = directory.with_name(f".del-{directory.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(directory, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def to_pb(meta: dict[str, Any]) -> train_pb2.Checkpoint:
+    return train_pb2.Checkpoint(
+        id=meta["id"], path=meta["path"], kind=meta["kind"], name=meta["name"], model_id=meta["model_id"],
+        base_model=meta.get("base_model", ""), step=meta.get("step", 0),
+        metadata_json=json.dumps(meta.get("metadata", {})), size_bytes=meta.get("size_bytes", 0),
+        created_unix_ms=meta.get("created_unix_ms", 0))
