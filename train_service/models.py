@@ -59,8 +59,9 @@ class BaseModel:
             return list(self.entry.lora_target_modules)
         wanted = (ATTENTION if lora.train_attn else ()) + (MLP if lora.train_mlp else ()) + (
             UNEMBED if lora.train_unembed else ())
+        # Linear layers, or LoRA-wrapped ones once another adapter lives on this base.
         present = {name.rsplit(".", 1)[-1] for name, m in self.causal_lm.named_modules()
-                   if isinstance(m, torch.nn.Linear)}
+                   if isinstance(m, torch.nn.Linear) or hasattr(m, "base_layer")}
         targets = sorted(present.intersection(wanted))
         if not targets:
             raise InvalidArgumentError("lora: train_attn, train_mlp and train_unembed select no layer of this model")

@@ -54,7 +54,7 @@ def main(max_steps: int = 60) -> None:
     progress = tqdm(range(1, max_steps + 1), desc="sft", unit="step")
     first_loss = None
     for step in progress:
-        result = training_client.train(batch, loss_fn="cross_entropy", learning_rate=1e-2).result()
+        result = training_client.train(batch, loss_fn="cross_entropy", learning_rate=1e-2)
         first_loss = first_loss or result.loss
         progress.set_postfix(loss=f"{result.loss:.3f}")
         tqdm.write(f"step {result.step:3d}  loss {result.loss:8.4f}")

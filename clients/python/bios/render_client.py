@@ -7,6 +7,7 @@ from typing import Any, Iterable, Sequence
 from google.protobuf import struct_pb2
 
 from bios import types, wire
+from bios.errors import InvalidArgumentError
 from bios.v1 import render_pb2
 
 _TRAIN_ON_WHAT = {name.lower(): value for name, value in render_pb2.TrainOnWhat.items() if value}
@@ -80,5 +81,5 @@ class RenderClient:
     @staticmethod
     def _train_on_what(name: str) -> int:
         if name not in _TRAIN_ON_WHAT:
-            raise ValueError(f"train_on_what: unknown value {name!r}; expected one of {', '.join(_TRAIN_ON_WHAT)}")
+            raise InvalidArgumentError(f"train_on_what: unknown value {name!r}; expected one of {', '.join(_TRAIN_ON_WHAT)}")
         return _TRAIN_ON_WHAT[name]

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from bios import embedded, types, wire
-from bios.errors import NotFoundError, from_status
+from bios.errors import InvalidArgumentError, NotFoundError, from_status
 from bios.futures import LoopThread
 from bios.serving import CHANNEL_OPTIONS
 from bios.v1 import render_pb2_grpc, train_pb2, train_pb2_grpc
@@ -95,7 +95,7 @@ class ServiceClient:
         from bios.sampling_client import SamplingClient
 
         if bool(base_model) == bool(model_path):
-            raise ValueError("create_sampling_client: give exactly one of base_model or model_path")
+            raise InvalidArgumentError("create_sampling_client: give exactly one of base_model or model_path")
         request = train_pb2.CreateSamplerRequest(session_id=self.session_id)
         if base_model:
             request.base_model = base_model

@@ -58,8 +58,15 @@ class TrainingClient:
                                                                     step=e.optim_step.step))
 
     def train(self, data: Sequence[types.Datum], loss_fn: str | Callable = "cross_entropy",
-              learning_rate: float = 1e-4, **kwargs: Any) -> APIFuture[types.TrainingResult]:
-        """forward_backward + optim_step; kwargs: weight_decay, grad_clip (or grad_clip_norm), beta1, beta2, eps."""
+              learning_rate: float = 1e-4, **kwargs: Any) -> types.TrainingResult:
+        """One training step (forward_backward + optim_step), waited for: seed 001's train() -> TrainingResult.
+
+        kwargs: weight_decay, grad_clip (or grad_clip_norm), beta1, beta2, eps, loss_fn_config."""
+        return self.train_future(data, loss_fn, learning_rate, **kwargs).result()
+
+    def train_future(self, data: Sequence[types.Datum], loss_fn: str | Callable = "cross_entropy",
+                     learning_rate: float = 1e-4, **kwargs: Any) -> APIFuture[types.TrainingResult]:
+        """The same step, submitted without waiting."""
         if "grad_clip" in kwargs:
             kwargs["grad_clip_norm"] = kwargs.pop("grad_clip")
         loss_fn_config = kwargs.pop("loss_fn_config", None)
@@ -152,7 +159,7 @@ class TrainingClient:
 
     async def train_async(self, *args: Any, **kwargs: Any) -> types.TrainingResult:
         """Resolves straight to the TrainingResult (seed 001 awaits it once)."""
-        return await self.train(*args, **kwargs)
+        return await self.train_future(*args, **kwargs)
 
     async def save_weights_and_get_sampling_client_async(self, name: str) -> SamplingClient:
         checkpoint = await self.save_weights_for_sampler(name)

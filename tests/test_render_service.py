@@ -1,0 +1,91 @@
+"""Every RenderService RPC through the client against a real server on loopback, and its bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from bios import types
+from bios.errors import InvalidArgumentError, NotFoundError
+from bios_cookbook import renderers
+
+CONV = [
+    {"role": "system", "content": "Provide medical information accurately."},
+    {"role": "user", "content": "What causes Type 2 diabetes?"},
+    {"role": "assistant", "content": "Mostly insulin resistance."},
+]
+
+
+@pytest.fixture(scope="module")
+def remote(client):
+    return client.render_client("ultrasafe", "ultrasafe/usf-mini")
+
+
+@pytest.fixture(scope="module")
+def local(qwen3_tokenizer):
+    return renderers.get_renderer("ultrasafe", qwen3_tokenizer)
+
+
+def test_list_renderers(remote):
+    names = {info.name: list(info.aliases) for info in remote.list_renderers()}
+    assert "chatml" in names["ultrasafe"]
+
+
+def test_remote_equals_local(remote, local):
+    assert remote.build_generation_prompt(CONV[:-1]) == local.build_generation_prompt(CONV[:-1])
+    assert remote.build_supervised_example(CONV) == local.build_supervised_example(CONV)
+    assert remote.get_stop_sequences() == local.get_stop_sequences() == [151645]
+    assert remote.get_stop_strings() == ["<|im_end|>"]
+    r, l = remote.render(CONV, add_generation_prompt=True), local.render(CONV, add_generation_prompt=True)
+    assert (r.token_ids, r.message_indices, r.message_roles, r.sampled_mask, r.is_content) == (
+        l.token_ids, l.message_indices, l.message_roles, l.sampled_mask, l.is_content)
+
+
+def test_prefill_over_grpc(remote, local):
+    assert remote.build_generation_prompt(CONV[:-1], prefill="Mostly") == local.build_generation_prompt(
+        CONV[:-1], prefill="Mostly")
+
+
+def test_batched_render(remote, local):
+    convs = [CONV, CONV[:2] + [{"role": "assistant", "content": "Genes and lifestyle."}]]
+    assert remote.build_supervised_examples(convs) == [local.build_supervised_example(c) for c in convs]
+
+
+def test_parse_response(remote, qwen3_tokenizer):
+    tokens = qwen3_tokenizer.encode("Mostly insulin resistance.<|im_end|>", add_special_tokens=False)
+    message, ok = remote.parse_response(tokens)
+    assert ok and message == {"role": "assistant", "content": "Mostly insulin resistance."}
+
+
+def test_bad_requests_get_clear_status_and_server_keeps_serving(client, remote):
+    with pytest.raises(InvalidArgumentError, match="renderer: unknown renderer 'nope'"):
+        client.render_client("nope", "ultrasafe/usf-mini").render(CONV)
+    with pytest.raises(NotFoundError, match="unknown model 'no/such-model'"):
+        client.render_client("ultrasafe", "no/such-model").render(CONV)
+    with pytest.raises(InvalidArgumentError, match=r"messages\[1\].role: unknown role 'robot'"):
+        remote.render([CONV[0], {"role": "robot", "content": "beep"}])
+    with pytest.raises(InvalidArgumentError, match=r"conversations\[1\].messages\[0\].role"):
+        remote.build_supervised_examples([CONV, [{"role": "robot", "content": "x"}]])
+    with pytest.raises(InvalidArgumentError, match="train_on_what"):
+        remote.build_supervised_example(CONV, train_on_what="everything")
+    assert remote.get_stop_sequences() == [151645]  # still serving
+
+
+def test_health_and_reflection(services):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    for address in services[:2]:
+        with grpc.insecure_channel(address) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            names = {s.name for r in responses for s in r.list_services_response.service}
+            assert names & {"bios.v1.RenderService", "bios.v1.TrainService"}
+            assert "grpc.health.v1.Health" in names
+
+
+def test_types_model_input_printing():
+    prompt = types.ModelInput.from_ints([1, 2])
+    assert str(prompt) == "ModelInput(chunks=[EncodedTextChunk(tokens=[1, 2], type='encoded_text')])"

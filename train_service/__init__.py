@@ -1,0 +1,1 @@
+"""bios train service: LoRA fine-tuning sessions over gRPC."""
