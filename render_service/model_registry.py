@@ -71,7 +71,10 @@ def resolve(name: str) -> ModelEntry:
     if entry := registered().get(name):
         return entry
     if directory := _local_dir(name):
-        return ModelEntry(name=name, weights=str(directory), tokenizer=str(directory))
+        from render_service.renderers import renderer_for_model
+
+        return ModelEntry(name=name, weights=str(directory), tokenizer=str(directory),
+                          renderer=renderer_for_model(name) or "chat_template")
     raise NotFoundError(
         f"base_model: unknown model {name!r}: not in the registry ({', '.join(sorted(registered()))}), "
         "not a directory, not under $BIOS_MODELS_DIR as <org>--<name>, not in the local HF cache"

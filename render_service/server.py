@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 
-from bios.serving import build_server, mark_serving
+from bios.serving import build_server, mark_serving, wait_for_signal
 from render_service import service
 
 
@@ -22,7 +22,7 @@ async def start(host: str = "127.0.0.1", port: int = 0):
 async def serve(host: str, port: int) -> None:
     server, bound = await start(host, port)
     logging.info("render service listening on %s:%d", host, bound)
-    await server.wait_for_termination()
+    await wait_for_signal(lambda: server.stop(grace=10))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from bios.serving import build_server, mark_serving
+from bios.serving import build_server, mark_serving, wait_for_signal
 from train_service import service
 from train_service.checkpoints import CheckpointStore
 from train_service.engine import Engine
@@ -46,7 +46,7 @@ async def start(host: str = "127.0.0.1", port: int = 0, checkpoint_dir: str | No
 async def serve(host: str, port: int, checkpoint_dir: str | None) -> None:
     running = await start(host, port, checkpoint_dir)
     logging.info("train service listening on %s:%d", host, running.port)
-    await running.server.wait_for_termination()
+    await wait_for_signal(lambda: running.stop(grace=float(os.environ.get("BIOS_DRAIN_SECONDS", "60"))))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,13 @@ from render_service.renderers.base import (
     SupervisedExample,
 )
 from render_service.renderers.display import format_colorized, format_html
-from render_service.renderers.registry import canonical_name, get_renderer, list_renderers, register_renderer
+from render_service.renderers.registry import (
+    canonical_name,
+    get_renderer,
+    list_renderers,
+    register_renderer,
+    renderer_for_model,
+)
 
 __all__ = [
     "BaseRenderer",
@@ -24,4 +30,5 @@ __all__ = [
     "get_renderer",
     "list_renderers",
     "register_renderer",
+    "renderer_for_model",
 ]

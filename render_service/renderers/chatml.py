@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from render_service.renderers.base import BaseRenderer, Message, Segment, text_of
+from render_service.renderers.registry import register_renderer
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -33,3 +34,6 @@ class ChatMLRenderer(BaseRenderer):
 
     def get_stop_sequences(self) -> list[int]:
         return [self.tokenizer.convert_tokens_to_ids(IM_END)]
+
+
+register_renderer("ultrasafe", ChatMLRenderer, aliases=("chatml",), description="ChatML, the usf-* development models")

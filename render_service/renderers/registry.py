@@ -1,22 +1,31 @@
-"""Renderer names -> renderer classes, and model names -> their default renderer."""
+"""Renderer names -> renderer classes, and model names -> their default renderer.
+
+Each family module registers itself when imported; `FAMILY_MODULES` lists them.
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import importlib
 from typing import Any
 
 from render_service.renderers.base import BaseRenderer, RenderError
-from render_service.renderers.chatml import ChatMLRenderer
+
+FAMILY_MODULES = ("chatml", "qwen25", "qwen3", "llama3", "deepseek_v3", "gpt_oss", "mistral_nemo", "declarative")
 
 _RENDERERS: dict[str, type[BaseRenderer]] = {}
 _ALIASES: dict[str, str] = {}
 _DESCRIPTIONS: dict[str, str] = {}
+_MODEL_PATTERNS: list[tuple[str, str]] = []  # (fnmatch pattern on the lower-cased model name, renderer)
 
 
-def register_renderer(name: str, cls: type[BaseRenderer], aliases: tuple[str, ...] = (), description: str = "") -> None:
+def register_renderer(name: str, cls: type[BaseRenderer], aliases: tuple[str, ...] = (), description: str = "",
+                      model_patterns: tuple[str, ...] = ()) -> None:
     _RENDERERS[name] = cls
-    _DESCRIPTIONS[name] = description or (cls.__doc__ or "").strip().splitlines()[0]
+    _DESCRIPTIONS[name] = description or (cls.__doc__ or name).strip().splitlines()[0]
     for alias in aliases:
         _ALIASES[alias] = name
+    _MODEL_PATTERNS.extend((pattern.lower(), name) for pattern in model_patterns)
 
 
 def canonical_name(name: str) -> str:
@@ -25,6 +34,13 @@ def canonical_name(name: str) -> str:
         known = sorted([*_RENDERERS, *_ALIASES])
         raise RenderError(f"renderer: unknown renderer {name!r}; known: {', '.join(known)}")
     return name
+
+
+def renderer_for_model(model_name: str) -> str | None:
+    """The renderer registered for a model name (e.g. 'Qwen/Qwen3-8B' -> 'qwen3'), or None."""
+    lowered = model_name.lower()
+    matches = [(len(p), r) for p, r in _MODEL_PATTERNS if fnmatch.fnmatch(lowered, p)]
+    return max(matches)[1] if matches else None
 
 
 def get_renderer(name: str, tokenizer: Any, **options: Any) -> BaseRenderer:
@@ -40,5 +56,11 @@ def list_renderers() -> list[tuple[str, list[str], str]]:
     ]
 
 
-register_renderer("ultrasafe", ChatMLRenderer, aliases=("chatml",), description="ChatML, the usf-* development models")
-register_renderer("chat_template", BaseRenderer, aliases=("default",), description="the tokenizer's own chat template")
+register_renderer("chat_template", BaseRenderer, aliases=("default",),
+                  description="any HF tokenizer's own chat template, with attribution recovered from it")
+for _module in FAMILY_MODULES:
+    try:
+        importlib.import_module(f"render_service.renderers.{_module}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"render_service.renderers.{_module}":
+            raise

@@ -82,6 +82,20 @@ def build_server(add_services: Iterable[Callable[[grpc.aio.Server], list[str]]],
     return server, health_servicer, names
 
 
+async def wait_for_signal(stop: Callable[[], Any]) -> None:
+    """Wait until SIGTERM or SIGINT, then await `stop()` (graceful drain) once."""
+    import asyncio
+    import signal
+
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, event.set)
+    await event.wait()
+    log.info("signal received: draining")
+    await stop()
+
+
 async def mark_serving(health_servicer: Any, service_names: Iterable[str]) -> None:
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -142,9 +142,12 @@ def message_to_pb(message: Mapping[str, Any]) -> types_pb2.Message:
         function = call.get("function", call)
         arguments = function.get("arguments", {})
         as_text = isinstance(arguments, str)
+        status = call.get("status")
         pb.tool_calls.append(types_pb2.ToolCall(
             id=call.get("id") or "", name=function.get("name", ""), arguments_as_text=as_text,
-            arguments_json=arguments if as_text else json.dumps(arguments, ensure_ascii=False)))
+            arguments_json=arguments if as_text else json.dumps(arguments, ensure_ascii=False),
+            status=types_pb2.ToolCallStatus.Value(f"TOOL_CALL_STATUS_{status.upper()}") if status else 0,
+            raw_text=call.get("raw_text", "")))
     return pb
 
 
