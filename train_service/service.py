@@ -19,6 +19,7 @@ from train_service.engine import Engine
 from train_service.sessions import RESULT_WINDOW, SessionManager, TrainingModel
 
 _DONE = object()
+EXPORT_CHUNK_BYTES = 1 << 20
 
 
 def _lora(pb) -> types.LoraConfig:
@@ -79,6 +80,21 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
     async def DeleteCheckpoint(self, request, context):
         self.sessions.store.delete(request.path)
         return train_pb2.DeleteCheckpointResponse()
+
+    async def ExportWeights(self, request, context):
+        directory, meta = self.sessions.store.locate(request.path)
+        with tempfile.TemporaryDirectory() as tmp:
+            if request.merged:
+                await asyncio.to_thread(self.sessions.export_merged, directory, meta, Path(tmp))
+                directory = Path(tmp)
+            for path in sorted(directory.iterdir()):
+                if path.name in ("optimizer.pt", "meta.json") or not path.is_file():
+                    continue
+                with open(path, "rb") as f:
+                    offset = 0
+                    while chunk := f.read(EXPORT_CHUNK_BYTES):
+                        yield train_pb2.FileChunk(name=path.name, offset=offset, data=chunk)
+                        offset += len(chunk)
 
     async def GetTokenizer(self, request, context):
         def files() -> dict[str, bytes]:

@@ -228,6 +228,19 @@ class SessionManager:
             session.sampler_ids.add(sampler_id)
         return sampler
 
+    def export_merged(self, directory: Path, meta: dict[str, Any], out: Path) -> None:
+        """The base model with a checkpoint's adapter merged in, as a complete HF model directory.
+
+        Works on a fresh copy of the base weights: the shared copy keeps serving other sessions."""
+        from peft import PeftModel
+
+        from train_service.models import load_weights
+
+        entry = self.entry(meta["base_model"])
+        merged = PeftModel.from_pretrained(load_weights(entry.weights), str(directory)).merge_and_unload()
+        merged.save_pretrained(str(out))
+        self.pool.get(entry).tokenizer.save_pretrained(str(out))
+
     def close_session(self, session_id: str) -> None:
         session = self.session(session_id)
         with self.lock:

@@ -119,6 +119,27 @@ class ServiceClient:
     def delete_checkpoint(self, path: str) -> None:
         self._unary("DeleteCheckpoint", train_pb2.DeleteCheckpointRequest(path=path))
 
+    def export_weights(self, path: str, directory: str | os.PathLike, merged: bool = False) -> Path:
+        """Download a checkpoint: the adapter in PEFT format (`peft.PeftModel.from_pretrained(base, directory)`
+        loads it) or, with merged=True, the base model with the adapter merged in (a full HF model directory)."""
+
+        async def download() -> None:
+            out = Path(directory)
+            out.mkdir(parents=True, exist_ok=True)
+            call = self._train.ExportWeights(train_pb2.ExportWeightsRequest(path=path, merged=merged),
+                                             metadata=self._metadata, timeout=self.timeout)
+            try:
+                async for chunk in call:
+                    target = out / Path(chunk.name).name
+                    with open(target, "r+b" if chunk.offset else "wb") as f:
+                        f.seek(chunk.offset)
+                        f.write(chunk.data)
+            except grpc.aio.AioRpcError as err:
+                raise from_status(err.code(), err.details() or "") from None
+
+        self._loop.run(download())
+        return Path(directory)
+
     def _get_info(self, model_id: str) -> types.ModelInfo:
         return wire.model_info_from_pb(self._unary("GetInfo", train_pb2.GetInfoRequest(model_id=model_id)))
 
