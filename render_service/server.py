@@ -5,30 +5,51 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from dataclasses import dataclass
 
-from bios.serving import build_server, mark_serving, wait_for_signal
+import grpc
+
+from bios.server.auth import ApiKeys
+from bios.server.grpc import add_port, build_server, mark_not_serving, mark_serving, wait_for_signal
+from bios.server.metrics import serve_metrics
 from render_service import service
 
 
-async def start(host: str = "127.0.0.1", port: int = 0):
-    """A started server and the port it listens on (0 = pick a free port)."""
-    server, health_servicer, names = build_server([service.add_to_server])
-    bound = server.add_insecure_port(f"{host}:{port}")
+@dataclass
+class RenderServer:
+    server: grpc.aio.Server
+    port: int
+    health: object
+    names: list[str]
+
+    async def stop(self, grace: float | None = 10.0) -> None:
+        """Report NOT_SERVING, refuse new RPCs, let in-flight ones finish."""
+        await mark_not_serving(self.health, self.names)
+        await self.server.stop(grace)
+
+
+async def start(host: str = "127.0.0.1", port: int = 0, api_keys: ApiKeys | None = None) -> RenderServer:
+    """A started server on `port` (0 = pick a free port)."""
+    server, health_servicer, names = build_server("render", [service.add_to_server], api_keys)
+    bound = add_port(server, f"{host}:{port}")
     await server.start()
     await mark_serving(health_servicer, names)
-    return server, bound
+    return RenderServer(server, bound, health_servicer, names)
 
 
-async def serve(host: str, port: int) -> None:
-    server, bound = await start(host, port)
-    logging.info("render service listening on %s:%d", host, bound)
-    await wait_for_signal(lambda: server.stop(grace=10))
+async def serve(host: str, port: int, metrics_port: int) -> None:
+    running = await start(host, port, ApiKeys.from_env())
+    if metrics_port:
+        serve_metrics(metrics_port)
+    logging.info("render service listening on %s:%d (metrics on :%d)", host, running.port, metrics_port)
+    await wait_for_signal(running.stop)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m render_service", description=__doc__)
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 = off)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.host, args.port))
+    asyncio.run(serve(args.host, args.port, args.metrics_port))

@@ -7,6 +7,7 @@ from functools import lru_cache
 from typing import Any
 
 from google.protobuf import json_format
+from prometheus_client import Counter
 
 from bios import wire
 from bios.v1 import render_pb2, render_pb2_grpc
@@ -19,6 +20,13 @@ _TRAIN_ON_WHAT = {render_pb2.TRAIN_ON_WHAT_UNSPECIFIED: "last_assistant_message"
     getattr(render_pb2, name.upper()): name for name in TRAIN_ON_WHAT
 }
 MAX_TOKENS_PER_REQUEST = 4_000_000  # oversized input is refused before any work is done
+CONVERSATIONS = Counter("bios_render_conversations", "Conversations rendered, by renderer.", ["renderer"])
+TOKENS = Counter("bios_render_tokens", "Tokens produced by rendering, by renderer.", ["renderer"])
+
+
+def count(renderer: BaseRenderer, n_tokens: int) -> None:
+    CONVERSATIONS.labels(renderer.name).inc()
+    TOKENS.labels(renderer.name).inc(n_tokens)
 
 
 @lru_cache(maxsize=256)
@@ -36,7 +44,9 @@ def renderer_for(spec: render_pb2.RendererSpec) -> BaseRenderer:
     return _renderer(spec.name, spec.tokenizer, options)
 
 
-def rendered_to_pb(rendered: RenderedTokens, messages: list[dict]) -> render_pb2.RenderedTokens:
+def rendered_to_pb(rendered: RenderedTokens, messages: list[dict],
+                   renderer: BaseRenderer) -> render_pb2.RenderedTokens:
+    count(renderer, len(rendered.token_ids))
     roles = [m["role"] for m in messages]
     roles += ["assistant"] * (max(rendered.message_indices, default=-1) + 1 - len(roles))  # a prefill
     return render_pb2.RenderedTokens(token_ids=rendered.token_ids, message_indices=rendered.message_indices,
@@ -55,7 +65,8 @@ def supervised_to_pb(renderer: BaseRenderer, messages, tools, train_on_what: int
     if train_on_what not in _TRAIN_ON_WHAT:
         raise renderers.RenderError(f"train_on_what: unknown value {train_on_what}")
     example = renderer.supervised_example(messages, _TRAIN_ON_WHAT[train_on_what], tools, list(sft_roles))
-    return render_pb2.SupervisedExample(tokens=rendered_to_pb(example.rendered, messages), weights=example.weights)
+    return render_pb2.SupervisedExample(tokens=rendered_to_pb(example.rendered, messages, renderer),
+                                        weights=example.weights)
 
 
 class RenderServicer(render_pb2_grpc.RenderServiceServicer):
@@ -69,8 +80,9 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
     async def Render(self, request, context):
         def run():
             messages, tools = conversation(request.conversation)
-            rendered = renderer_for(request.renderer).render(messages, tools, request.add_generation_prompt)
-            return rendered_to_pb(rendered, messages)
+            renderer = renderer_for(request.renderer)
+            rendered = renderer.render(messages, tools, request.add_generation_prompt)
+            return rendered_to_pb(rendered, messages, renderer)
 
         return await asyncio.to_thread(run)
 
@@ -78,8 +90,9 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         def run():
             messages, tools = conversation(request.conversation)
             prefill = request.prefill if request.HasField("prefill") else None
-            rendered = renderer_for(request.renderer).render_generation_prompt(messages, prefill, tools)
-            return rendered_to_pb(rendered, messages)
+            renderer = renderer_for(request.renderer)
+            rendered = renderer.render_generation_prompt(messages, prefill, tools)
+            return rendered_to_pb(rendered, messages, renderer)
 
         return await asyncio.to_thread(run)
 
@@ -106,7 +119,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
                         rendered = renderer.render_generation_prompt(messages, None, tools)
                     else:
                         rendered = renderer.render(messages, tools, request.add_generation_prompt)
-                    out.append(render_pb2.SupervisedExample(tokens=rendered_to_pb(rendered, messages)))
+                    out.append(render_pb2.SupervisedExample(tokens=rendered_to_pb(rendered, messages, renderer)))
                 except renderers.RenderError as exc:
                     raise renderers.RenderError(f"conversations[{i}].{exc}") from None
             return render_pb2.RenderBatchResponse(examples=out)

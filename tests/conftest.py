@@ -35,9 +35,9 @@ def services(tmp_path_factory):
     from train_service import server as train_server
 
     loop = LoopThread.named("test-services")
-    render, render_port = loop.run(render_server.start("127.0.0.1", 0))
+    render = loop.run(render_server.start("127.0.0.1", 0))
     train = loop.run(train_server.start("127.0.0.1", 0, str(tmp_path_factory.mktemp("checkpoints"))))
-    yield f"127.0.0.1:{render_port}", f"127.0.0.1:{train.port}", train
+    yield f"127.0.0.1:{render.port}", f"127.0.0.1:{train.port}", train
     loop.run(render.stop(None))
     loop.run(train.stop(None))
 

@@ -49,15 +49,16 @@ class CheckpointStore:
         validate_name(name, field)
         return model_id, kind, name
 
-    def locate(self, path: str, field: str = "path") -> tuple[Path, dict[str, Any]]:
-        """The directory and metadata of an existing checkpoint."""
+    def locate(self, path: str, tenant: str, field: str = "path") -> tuple[Path, dict[str, Any]]:
+        """The directory and metadata of an existing checkpoint of `tenant` (others' are invisible)."""
         directory = self.directory(*self.parse(path, field))
         meta_file = directory / "meta.json"
-        if not meta_file.is_file():
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+        if meta is None or meta.get("tenant") != tenant:
             raise NotFoundError(f"{field}: no checkpoint at {path}")
-        return directory, json.loads(meta_file.read_text())
+        return directory, meta
 
-    def write(self, model_id: str, kind: str, name: str, meta: dict[str, Any],
+    def write(self, model_id: str, tenant: str, kind: str, name: str, meta: dict[str, Any],
               fill: Callable[[Path], None]) -> train_pb2.Checkpoint:
         """Run `fill(tmpdir)` to write the files, then publish the directory atomically."""
         final = self.directory(model_id, kind, name)
@@ -66,7 +67,7 @@ class CheckpointStore:
         try:
             fill(tmp)
             path = f"bios://{model_id}/{kind}/{name}"
-            meta = {**meta, "id": path, "path": path, "kind": kind, "name": name, "model_id": model_id,
+            meta = {**meta, "id": path, "path": path, "kind": kind, "name": name, "model_id": model_id, "tenant": tenant,
                     "created_unix_ms": int(time.time() * 1000)}
             meta["size_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
             (tmp / "meta.json").write_text(json.dumps(meta))
@@ -85,18 +86,18 @@ class CheckpointStore:
             raise
         return to_pb(meta)
 
-    def list(self, model_ids: set[str] | None = None) -> list[train_pb2.Checkpoint]:
+    def list(self, tenant: str, model_ids: set[str] | None = None) -> list[train_pb2.Checkpoint]:
         out = []
         for meta_file in sorted(self.root.glob("*/*/*/meta.json")):
             if meta_file.parent.name.startswith("."):
                 continue
             meta = json.loads(meta_file.read_text())
-            if model_ids is None or meta["model_id"] in model_ids:
+            if meta.get("tenant") == tenant and (model_ids is None or meta["model_id"] in model_ids):
                 out.append(to_pb(meta))
         return out
 
-    def delete(self, path: str) -> None:
-        directory, _ = self.locate(path)
+    def delete(self, path: str, tenant: str) -> None:
+        directory, _ = self.locate(path, tenant)
         trash = directory.with_name(f".del-{directory.name}-{uuid.uuid4().hex[:8]}")
         os.rename(directory, trash)
         shutil.rmtree(trash, ignore_errors=True)

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from bios.serving import build_server, mark_serving, wait_for_signal
-from train_service import service
+from bios.server.auth import ApiKeys
+from bios.server.grpc import add_port, build_server, mark_not_serving, mark_serving, wait_for_signal
+from bios.server.metrics import serve_metrics
+from train_service import metrics, service
 from train_service.checkpoints import CheckpointStore
 from train_service.engine import Engine
 from train_service.sessions import SessionManager
@@ -27,25 +29,36 @@ class TrainServer:
     port: int
     engine: Engine
     sessions: SessionManager
+    health: object
+    names: list[str]
 
     async def stop(self, grace: float | None = 5.0) -> None:
+        """Graceful drain: report NOT_SERVING, refuse new RPCs, let queued operations finish, checkpoint
+        every open model (so its session can be recreated from state after a restart), stop."""
+        await mark_not_serving(self.health, self.names)
         await self.server.stop(grace)
+        saved = await asyncio.wrap_future(self.engine.submit("control", self.sessions.checkpoint_all))
+        logging.info("drained: checkpointed %d open models", len(saved))
         await asyncio.to_thread(self.engine.stop, grace)
 
 
-async def start(host: str = "127.0.0.1", port: int = 0, checkpoint_dir: str | None = None) -> TrainServer:
+async def start(host: str = "127.0.0.1", port: int = 0, checkpoint_dir: str | None = None,
+                api_keys: ApiKeys | None = None) -> TrainServer:
     engine = Engine()
     sessions = SessionManager(CheckpointStore(checkpoint_dir or default_checkpoint_dir()))
-    server, health_servicer, names = build_server([service.add_to_server(sessions, engine)])
-    bound = server.add_insecure_port(f"{host}:{port}")
+    metrics.bind(sessions, engine)
+    server, health_servicer, names = build_server("train", [service.add_to_server(sessions, engine)], api_keys)
+    bound = add_port(server, f"{host}:{port}")
     await server.start()
     await mark_serving(health_servicer, names)
-    return TrainServer(server, bound, engine, sessions)
+    return TrainServer(server, bound, engine, sessions, health_servicer, names)
 
 
-async def serve(host: str, port: int, checkpoint_dir: str | None) -> None:
-    running = await start(host, port, checkpoint_dir)
-    logging.info("train service listening on %s:%d", host, running.port)
+async def serve(host: str, port: int, checkpoint_dir: str | None, metrics_port: int) -> None:
+    running = await start(host, port, checkpoint_dir, ApiKeys.from_env())
+    if metrics_port:
+        serve_metrics(metrics_port)
+    logging.info("train service listening on %s:%d (metrics on :%d)", host, running.port, metrics_port)
     await wait_for_signal(lambda: running.stop(grace=float(os.environ.get("BIOS_DRAIN_SECONDS", "60"))))
 
 
@@ -54,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=50052)
     parser.add_argument("--checkpoint-dir", default=None)
+    parser.add_argument("--metrics-port", type=int, default=9091, help="Prometheus /metrics port (0 = off)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.host, args.port, args.checkpoint_dir))
+    asyncio.run(serve(args.host, args.port, args.checkpoint_dir, args.metrics_port))

@@ -12,9 +12,11 @@ import grpc
 
 from bios import types
 from bios.errors import FailedPreconditionError, InvalidArgumentError, status_of
+from bios.server.auth import current_tenant
 from bios.v1 import train_pb2, train_pb2_grpc
 from render_service.tokenizers import get_tokenizer
 from train_service import sampler as sampling
+from train_service import metrics
 from train_service.engine import Engine
 from train_service.sessions import RESULT_WINDOW, SessionManager, TrainingModel
 
@@ -45,44 +47,44 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
     # ---- sessions and models ----------------------------------------------------------------------
 
     async def CreateSession(self, request, context):
-        session = self.sessions.create_session(dict(request.tags))
+        session = self.sessions.create_session(dict(request.tags), current_tenant())
         return train_pb2.CreateSessionResponse(session_id=session.session_id)
 
     async def CloseSession(self, request, context):
-        self.sessions.session(request.session_id)
-        await self._run("control", lambda: self.sessions.close_session(request.session_id))
+        tenant = current_tenant()
+        self.sessions.session(request.session_id, tenant)
+        await self._run("control", lambda: self.sessions.close_session(request.session_id, tenant))
         return train_pb2.CloseSessionResponse()
 
     async def CreateModel(self, request, context):
-        lora = _lora(request.lora)
+        lora, tenant = _lora(request.lora), current_tenant()
         model = await self._run("control", lambda: self.sessions.create_model(
-            request.session_id, request.base_model, lora, request.from_state, request.load_optimizer))
+            request.session_id, tenant, request.base_model, lora, request.from_state, request.load_optimizer))
         return _model_info(model)
 
     async def CreateSampler(self, request, context):
         source = request.WhichOneof("source")
         if source is None:
             raise InvalidArgumentError("source: give base_model or model_path")
+        tenant = current_tenant()
         sampler = await self._run("control", lambda: self.sessions.create_sampler(
-            request.session_id, request.base_model, request.model_path))
+            request.session_id, tenant, request.base_model, request.model_path))
         return train_pb2.SamplerInfo(sampler_id=sampler.sampler_id, base_model=sampler.base.entry.name,
                                      model_path=sampler.model_path, tokenizer=sampler.base.entry.name)
 
     async def GetInfo(self, request, context):
-        return _model_info(self.sessions.model(request.model_id))
+        return _model_info(self.sessions.model(request.model_id, current_tenant()))
 
     async def ListCheckpoints(self, request, context):
-        if request.model_id:
-            self.sessions.model(request.model_id)
         ids = {request.model_id} if request.model_id else None
-        return train_pb2.ListCheckpointsResponse(checkpoints=self.sessions.store.list(ids))
+        return train_pb2.ListCheckpointsResponse(checkpoints=self.sessions.store.list(current_tenant(), ids))
 
     async def DeleteCheckpoint(self, request, context):
-        self.sessions.store.delete(request.path)
+        self.sessions.store.delete(request.path, current_tenant())
         return train_pb2.DeleteCheckpointResponse()
 
     async def ExportWeights(self, request, context):
-        directory, meta = self.sessions.store.locate(request.path)
+        directory, meta = self.sessions.store.locate(request.path, current_tenant())
         with tempfile.TemporaryDirectory() as tmp:
             if request.merged:
                 await asyncio.to_thread(self.sessions.export_merged, directory, meta, Path(tmp))
@@ -123,7 +125,7 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
         }
         if kind not in ops:
             raise InvalidArgumentError(f"op: request seq {request.seq} names no operation")
-        return ops[kind]
+        return metrics_wrapped(kind, request, ops[kind])
 
     async def _answer(self, seq: int, future: asyncio.Future) -> train_pb2.OperationEvent:
         try:
@@ -157,12 +159,14 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
     async def Operate(self, request_iterator, context) -> AsyncIterator[train_pb2.OperationEvent]:
         pending: asyncio.Queue = asyncio.Queue()
 
+        tenant = current_tenant()
+
         async def read() -> None:
             model = None
             try:
                 async for request in request_iterator:
                     if model is None:
-                        model = self.sessions.model(request.model_id)
+                        model = self.sessions.model(request.model_id, tenant)
                     elif request.model_id and request.model_id != model.model_id:
                         raise InvalidArgumentError(f"model_id: this stream is for {model.model_id}")
                     await pending.put((request.seq, self._submit(model, request)))
@@ -183,12 +187,12 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
     # ---- sampling ------------------------------------------------------------------------------
 
     async def Sample(self, request, context) -> AsyncIterator[train_pb2.SampleEvent]:
-        target = request.WhichOneof("target")
+        target, tenant = request.WhichOneof("target"), current_tenant()
         if target == "model_id":
-            model = self.sessions.model(request.model_id)
+            model = self.sessions.model(request.model_id, tenant)
             base, adapter, key = model.base, model.adapter, model.model_id
         elif target == "sampler_id":
-            sampler = self.sessions.sampler(request.sampler_id)
+            sampler = self.sessions.sampler(request.sampler_id, tenant)
             base, adapter, key = sampler.base, sampler.adapter, sampler.sampler_id
         else:
             raise InvalidArgumentError("target: give sampler_id or model_id")
@@ -216,6 +220,7 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
             while (delta := await deltas.get()) is not _DONE:
                 yield train_pb2.SampleEvent(delta=delta)
             seqs = future.result()
+            metrics.TOKENS.labels("sample").inc(sum(len(s.tokens) for s in seqs))
             response = train_pb2.SampleResponse(sequences=[
                 train_pb2.SampledSequence(tokens=s.tokens, logprobs=s.logprobs, stop_reason=s.stop_reason)
                 for s in seqs])
@@ -228,6 +233,21 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
             yield train_pb2.SampleEvent(result=response)
         finally:
             cancelled.set()
+
+
+def metrics_wrapped(kind: str, request: train_pb2.OperationRequest, work: Callable[[], Any]) -> Callable[[], Any]:
+    """Time the operation on the engine and count what it processed."""
+
+    def run() -> Any:
+        with metrics.OPERATION_SECONDS.labels(kind).time():
+            result = work()
+        if kind in ("forward", "forward_backward"):
+            metrics.TOKENS.labels(kind).inc(result.forward_backward.metrics["tokens:sum"])
+        elif kind == "optim_step":
+            metrics.OPTIMIZER_STEPS.inc()
+        return result
+
+    return run
 
 
 def add_to_server(sessions: SessionManager, engine: Engine) -> Callable[[grpc.aio.Server], list[str]]:

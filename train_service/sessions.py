@@ -26,6 +26,7 @@ from bios.v1 import train_pb2
 from render_service.model_registry import ModelEntry, resolve
 from train_service import compute
 from train_service.checkpoints import CheckpointStore, validate_name
+from train_service.metrics import CHECKPOINT_BYTES
 from train_service.models import BaseModel, BaseModelPool
 
 RESULT_WINDOW = 4096  # answered operations remembered per model, for resubmitted sequence numbers
@@ -39,6 +40,7 @@ def _new_id(prefix: str) -> str:
 class TrainingModel:
     model_id: str
     session_id: str
+    tenant: str
     base: BaseModel
     lora: types.LoraConfig
     store: CheckpointStore
@@ -101,14 +103,19 @@ class TrainingModel:
             self._adapter_files(directory)
             torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step}, directory / "optimizer.pt")
 
-        return self.store.write(self.model_id, "state", request.name, self._meta(metadata), fill)
+        checkpoint = self.store.write(self.model_id, self.tenant, "state", request.name, self._meta(metadata), fill)
+        CHECKPOINT_BYTES.inc(checkpoint.size_bytes)
+        return checkpoint
 
     def save_weights_for_sampler(self, request: train_pb2.SaveWeightsForSamplerRequest) -> train_pb2.Checkpoint:
         validate_name(request.name, "save_weights_for_sampler.name")
-        return self.store.write(self.model_id, "sampler", request.name, self._meta({}), self._adapter_files)
+        checkpoint = self.store.write(self.model_id, self.tenant, "sampler", request.name, self._meta({}),
+                                      self._adapter_files)
+        CHECKPOINT_BYTES.inc(checkpoint.size_bytes)
+        return checkpoint
 
     def load_state(self, path: str, load_optimizer: bool, field_name: str = "load_state.path") -> int:
-        directory, meta = self.store.locate(path, field_name)
+        directory, meta = self.store.locate(path, self.tenant, field_name)
         if meta.get("base_model") != self.base.entry.name and resolve(meta["base_model"]).weights != self.base.entry.weights:
             raise FailedPreconditionError(f"{field_name}: checkpoint is for base model {meta.get('base_model')!r}, "
                                           f"this model is {self.base.entry.name!r}")
@@ -130,6 +137,7 @@ class TrainingModel:
 class Sampler:
     sampler_id: str
     session_id: str
+    tenant: str
     base: BaseModel
     adapter: str | None  # None: the plain base model
     model_path: str = ""
@@ -138,6 +146,7 @@ class Sampler:
 @dataclass
 class Session:
     session_id: str
+    tenant: str
     tags: dict[str, str]
     model_ids: set[str] = field(default_factory=set)
     sampler_ids: set[str] = field(default_factory=set)
@@ -155,26 +164,30 @@ class SessionManager:
         self.samplers: dict[str, Sampler] = {}
         self.lock = threading.Lock()
 
-    def create_session(self, tags: dict[str, str]) -> Session:
-        session = Session(_new_id("session"), dict(tags))
+    # Lookups answer NOT_FOUND for another tenant's objects too, so nothing about them leaks.
+    def create_session(self, tags: dict[str, str], tenant: str) -> Session:
+        session = Session(_new_id("session"), tenant, dict(tags))
         with self.lock:
             self.sessions[session.session_id] = session
         return session
 
-    def session(self, session_id: str) -> Session:
-        if session_id not in self.sessions:
+    def session(self, session_id: str, tenant: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None or session.tenant != tenant:
             raise NotFoundError(f"session_id: unknown session {session_id!r}")
-        return self.sessions[session_id]
+        return session
 
-    def model(self, model_id: str) -> TrainingModel:
-        if model_id not in self.models:
+    def model(self, model_id: str, tenant: str) -> TrainingModel:
+        model = self.models.get(model_id)
+        if model is None or model.tenant != tenant:
             raise NotFoundError(f"model_id: unknown model {model_id!r}")
-        return self.models[model_id]
+        return model
 
-    def sampler(self, sampler_id: str) -> Sampler:
-        if sampler_id not in self.samplers:
+    def sampler(self, sampler_id: str, tenant: str) -> Sampler:
+        sampler = self.samplers.get(sampler_id)
+        if sampler is None or sampler.tenant != tenant:
             raise NotFoundError(f"sampler_id: unknown sampler {sampler_id!r}")
-        return self.samplers[sampler_id]
+        return sampler
 
     def entry(self, base_model: str) -> ModelEntry:
         try:
@@ -185,15 +198,15 @@ class SessionManager:
             raise InvalidArgumentError(f"base_model: {exc}") from None
 
     # engine thread: these load weights and change the shared peft model
-    def create_model(self, session_id: str, base_model: str, lora: types.LoraConfig, from_state: str,
+    def create_model(self, session_id: str, tenant: str, base_model: str, lora: types.LoraConfig, from_state: str,
                      load_optimizer: bool) -> TrainingModel:
-        session = self.session(session_id)
+        session = self.session(session_id, tenant)
         if from_state:
-            _, meta = self.store.locate(from_state, "from_state")
+            _, meta = self.store.locate(from_state, tenant, "from_state")
             base_model = base_model or meta["base_model"]
             lora = types.LoraConfig(**meta.get("lora", {}))
         base = self.pool.get(self.entry(base_model))
-        model = TrainingModel(_new_id("model"), session_id, base, lora, self.store)
+        model = TrainingModel(_new_id("model"), session_id, tenant, base, lora, self.store)
         base.add_adapter(model.adapter, lora)
         try:
             model.make_optimizer()
@@ -207,11 +220,11 @@ class SessionManager:
             session.model_ids.add(model.model_id)
         return model
 
-    def create_sampler(self, session_id: str, base_model: str, model_path: str) -> Sampler:
-        session = self.session(session_id)
+    def create_sampler(self, session_id: str, tenant: str, base_model: str, model_path: str) -> Sampler:
+        session = self.session(session_id, tenant)
         adapter = None
         if model_path:
-            directory, meta = self.store.locate(model_path, "model_path")
+            directory, meta = self.store.locate(model_path, tenant, "model_path")
             base = self.pool.get(self.entry(meta["base_model"]))
             sampler_id = _new_id("sampler")
             adapter = sampler_id.replace("-", "_")
@@ -222,11 +235,20 @@ class SessionManager:
         else:
             base = self.pool.get(self.entry(base_model))
             sampler_id = _new_id("sampler")
-        sampler = Sampler(sampler_id, session_id, base, adapter, model_path)
+        sampler = Sampler(sampler_id, session_id, tenant, base, adapter, model_path)
         with self.lock:
             self.samplers[sampler_id] = sampler
             session.sampler_ids.add(sampler_id)
         return sampler
+
+    def checkpoint_all(self) -> list[str]:
+        """Save every open model's state as `drain-step<N>` (engine thread; used by graceful shutdown)."""
+        paths = []
+        for model in list(self.models.values()):
+            request = train_pb2.SaveStateRequest(name=f"drain-step{model.step}",
+                                                 metadata_json=json.dumps({"reason": "server shutdown"}))
+            paths.append(model.save_state(request).path)
+        return paths
 
     def export_merged(self, directory: Path, meta: dict[str, Any], out: Path) -> None:
         """The base model with a checkpoint's adapter merged in, as a complete HF model directory.
@@ -241,8 +263,8 @@ class SessionManager:
         merged.save_pretrained(str(out))
         self.pool.get(entry).tokenizer.save_pretrained(str(out))
 
-    def close_session(self, session_id: str) -> None:
-        session = self.session(session_id)
+    def close_session(self, session_id: str, tenant: str) -> None:
+        session = self.session(session_id, tenant)
         with self.lock:
             del self.sessions[session_id]
         for model_id in session.model_ids:

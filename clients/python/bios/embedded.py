@@ -24,14 +24,13 @@ def address(service: str) -> str:
             if service == "render":
                 from render_service import server as render_server
 
-                server, port = loop.run(render_server.start("127.0.0.1", 0))
-                _servers[service] = server
+                running = loop.run(render_server.start("127.0.0.1", 0))
             elif service == "train":
                 from train_service import server as train_server
 
                 running = loop.run(train_server.start("127.0.0.1", 0))
-                _servers[service], port = running, running.port
             else:
                 raise ValueError(f"service: unknown service {service!r}")
-            _addresses[service] = f"127.0.0.1:{port}"
+            _servers[service] = running
+            _addresses[service] = f"127.0.0.1:{running.port}"
         return _addresses[service]

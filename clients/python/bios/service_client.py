@@ -12,7 +12,7 @@ import grpc
 from bios import embedded, types, wire
 from bios.errors import InvalidArgumentError, NotFoundError, from_status
 from bios.futures import LoopThread
-from bios.serving import CHANNEL_OPTIONS
+from bios.channel import open_channel
 from bios.v1 import render_pb2_grpc, train_pb2, train_pb2_grpc
 
 DEFAULT_TIMEOUT = 600.0
@@ -24,20 +24,21 @@ class ServiceClient:
     in this process when no address is set (the embedded default)."""
 
     def __init__(self, train_address: str | None = None, render_address: str | None = None,
-                 api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT):
+                 api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT, tls_ca: str | None = None):
         self.train_address = train_address or os.environ.get("BIOS_TRAIN_ADDRESS") or embedded.address("train")
         self.render_address = render_address or os.environ.get("BIOS_RENDER_ADDRESS") or embedded.address("render")
         api_key = api_key or os.environ.get("BIOS_API_KEY")
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.timeout = timeout
+        self.tls_ca = tls_ca
         self._loop = LoopThread.named("bios-client")
         self._train, self._render = self._loop.run(self._connect())
         self.session_id = self._unary("CreateSession", train_pb2.CreateSessionRequest(
             client_version="bios-python/0.1")).session_id
 
     async def _connect(self):
-        train = grpc.aio.insecure_channel(self.train_address, options=CHANNEL_OPTIONS)
-        render = grpc.aio.insecure_channel(self.render_address, options=CHANNEL_OPTIONS)
+        train = open_channel(self.train_address, self.tls_ca)
+        render = open_channel(self.render_address, self.tls_ca)
         self._channels = (train, render)
         return train_pb2_grpc.TrainServiceStub(train), render_pb2_grpc.RenderServiceStub(render)
 

@@ -1,0 +1,1 @@
+"""Server-side plumbing shared by the render and train services (not needed by the client)."""

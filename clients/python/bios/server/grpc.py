@@ -1,0 +1,155 @@
+"""What both gRPC servers share: one interceptor for auth, metrics and status mapping; health; reflection.
+
+KServe-style: handlers stay thin and raise; the interceptor turns every exception into a status code with a
+clear message in one place, so a bad request never crashes the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from bios.channel import CHANNEL_OPTIONS
+from bios.errors import status_of
+from bios.server.auth import DEFAULT_TENANT, ApiKeys, set_tenant
+from bios.server.metrics import GRPC_DURATION, GRPC_IN_FLIGHT, GRPC_REQUESTS
+
+log = logging.getLogger("bios.server")
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every bios RPC (health and reflection pass through): authenticates the caller and sets its
+    tenant, counts and times the call, and maps exceptions to status codes."""
+
+    def __init__(self, service: str, api_keys: ApiKeys | None = None):
+        self.service = service
+        self.api_keys = api_keys
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str | None:
+        if self.api_keys is None:
+            return DEFAULT_TENANT
+        metadata = dict(context.invocation_metadata() or ())
+        return self.api_keys.tenant(metadata.get("authorization"))
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith("/bios."):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        labels = (self.service, method)
+
+        async def begin(context) -> float:
+            GRPC_IN_FLIGHT.labels(*labels).inc()
+            tenant = self._tenant(context)
+            if tenant is None:
+                GRPC_IN_FLIGHT.labels(*labels).dec()
+                GRPC_REQUESTS.labels(*labels, "UNAUTHENTICATED").inc()
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    "authorization: missing or unknown API key (send 'authorization: Bearer <key>')")
+            set_tenant(tenant)
+            return time.perf_counter()
+
+        def end(started: float, code: grpc.StatusCode) -> None:
+            GRPC_IN_FLIGHT.labels(*labels).dec()
+            GRPC_DURATION.labels(*labels).observe(time.perf_counter() - started)
+            GRPC_REQUESTS.labels(*labels, code.name).inc()
+
+        def report(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+            code, message = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("%s failed", details.method, exc_info=exc)
+            return code, message
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                started = await begin(context)
+                code = grpc.StatusCode.OK
+                try:
+                    return await inner(request, context)
+                except grpc.aio.AbortError:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                except Exception as exc:  # noqa: BLE001 - mapped to a status
+                    code, message = report(exc)
+                    await context.abort(code, message)
+                finally:
+                    end(started, code)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
+                                                       handler.response_serializer)
+
+        inner_stream = handler.unary_stream or handler.stream_stream
+
+        async def streaming(request_or_iterator, context):
+            started = await begin(context)
+            code = grpc.StatusCode.OK
+            try:
+                async for item in inner_stream(request_or_iterator, context):
+                    yield item
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status
+                code, message = report(exc)
+                await context.abort(code, message)
+            finally:
+                end(started, code)
+
+        make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        return make(streaming, handler.request_deserializer, handler.response_serializer)
+
+
+def build_server(service: str, add_services: Iterable[Callable[[grpc.aio.Server], list[str]]],
+                 api_keys: ApiKeys | None = None) -> tuple[grpc.aio.Server, Any, list[str]]:
+    """A grpc.aio server with the given services, the standard health service and server reflection.
+
+    Each `add_services` callable registers its servicers and returns their full service names.
+    """
+    server = grpc.aio.server(interceptors=[CallInterceptor(service, api_keys)], options=CHANNEL_OPTIONS)
+    names = [name for add in add_services for name in add(server)]
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return server, health_servicer, names
+
+
+def add_port(server: grpc.aio.Server, address: str) -> int:
+    """Bind `address`; TLS when $BIOS_TLS_CERT and $BIOS_TLS_KEY name a certificate and key."""
+    cert, key = os.environ.get("BIOS_TLS_CERT"), os.environ.get("BIOS_TLS_KEY")
+    if cert and key:
+        with open(cert, "rb") as c, open(key, "rb") as k:
+            credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
+        return server.add_secure_port(address, credentials)
+    return server.add_insecure_port(address)
+
+
+async def wait_for_signal(stop: Callable[[], Any]) -> None:
+    """Wait until SIGTERM or SIGINT, then await `stop()` (graceful drain) once."""
+    import asyncio
+    import signal
+
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, event.set)
+    await event.wait()
+    log.info("signal received: draining")
+    await stop()
+
+
+async def mark_serving(health_servicer: Any, service_names: Iterable[str]) -> None:
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def mark_not_serving(health_servicer: Any, service_names: Iterable[str]) -> None:
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
