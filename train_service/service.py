@@ -70,7 +70,8 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
         sampler = await self._run("control", lambda: self.sessions.create_sampler(
             request.session_id, tenant, request.base_model, request.model_path))
         return train_pb2.SamplerInfo(sampler_id=sampler.sampler_id, base_model=sampler.base.entry.name,
-                                     model_path=sampler.model_path, tokenizer=sampler.base.entry.name)
+                                     model_path=sampler.model_path, tokenizer=sampler.base.entry.name,
+                                     renderer=sampler.base.entry.renderer)
 
     async def GetInfo(self, request, context):
         return _model_info(self.sessions.model(request.model_id, current_tenant()))
@@ -129,7 +130,8 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
 
     async def _answer(self, seq: int, future: asyncio.Future) -> train_pb2.OperationEvent:
         try:
-            return await future
+            # Shielded: a dropped stream must not cancel the operation; a resubmission picks its result up.
+            return await asyncio.shield(future)
         except Exception as exc:  # noqa: BLE001 - one failed operation answers with its status
             code, message = status_of(exc)
             return train_pb2.OperationEvent(seq=seq, error=train_pb2.OperationError(code=code.value[0], message=message))

@@ -11,6 +11,7 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from bios.rendered import RenderedTokens
 from bios.types import ModelInput, Tokens
 
 Message = dict[str, Any]
@@ -36,43 +37,6 @@ class Segment:
     message_index: int = -1  # -1: template scaffolding outside any message
     is_content: bool = False  # message-body bytes (or the assistant's sampled emission)
     sampled: bool = False  # the model emits this text when it writes the message
-
-
-@dataclass
-class RenderedTokens:
-    token_ids: list[int]
-    message_indices: list[int]
-    message_roles: list[str | None]  # per token; None on scaffolding
-    sampled_mask: list[bool]
-    is_content: list[bool]
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
-
-    def to_model_input(self) -> ModelInput:
-        return ModelInput.from_ints(self.token_ids)
-
-    def content_token_spans_by_role(self) -> dict[str, list[tuple[int, int]]]:
-        """Contiguous runs of body tokens, [start, end) per run, grouped by message role."""
-        spans: dict[str, list[tuple[int, int]]] = {}
-        start = None
-        for k in range(len(self.token_ids) + 1):
-            inside = k < len(self.token_ids) and self.is_content[k]
-            same_run = (
-                start is not None
-                and inside
-                and self.message_indices[k] == self.message_indices[start]
-            )
-            if start is not None and not same_run:
-                spans.setdefault(self.message_roles[start] or "", []).append((start, k))
-                start = None
-            if inside and start is None:
-                start = k
-        return spans
-
-    def content_mask_for_roles(self, roles: Iterable[str]) -> list[bool]:
-        wanted = set(roles)
-        return [c and r in wanted for c, r in zip(self.is_content, self.message_roles)]
 
 
 @dataclass

@@ -8,15 +8,13 @@ from google.protobuf import struct_pb2
 
 from bios import types, wire
 from bios.errors import InvalidArgumentError
+from bios.rendered import RenderedTokens
 from bios.v1 import render_pb2
 
 _TRAIN_ON_WHAT = {name.lower(): value for name, value in render_pb2.TrainOnWhat.items() if value}
 
 
 def rendered_from_pb(pb: render_pb2.RenderedTokens) -> Any:
-    """A RenderedTokens (the render library's type when installed, else an equivalent dataclass)."""
-    from render_service.renderers.base import RenderedTokens
-
     roles = list(pb.roles)
     return RenderedTokens(token_ids=list(pb.token_ids), message_indices=list(pb.message_indices),
                           message_roles=[roles[i] if 0 <= i < len(roles) else None for i in pb.message_indices],

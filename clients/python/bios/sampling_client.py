@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from bios import types, wire
 from bios.errors import from_status
@@ -11,15 +11,30 @@ from bios.v1 import train_pb2
 
 import grpc
 
+if TYPE_CHECKING:
+    from bios.compose import ChatResult
+
 
 class SamplingClient:
     def __init__(self, service: Any, sampler_id: str | None = None, model_id: str | None = None,
-                 base_model: str = "", model_path: str = ""):
+                 base_model: str = "", model_path: str = "", tokenizer: str = "", renderer: str = ""):
         self._service = service
         self._target = {"sampler_id": sampler_id} if sampler_id else {"model_id": model_id}
         self.sampler_id = sampler_id
         self.base_model = base_model
         self.model_path = model_path
+        self.tokenizer_name = tokenizer or base_model
+        self.renderer_name = renderer
+
+    def chat(self, messages: list[dict], renderer: Any = None, sampling_params: types.SamplingParams | None = None,
+             tools: list[dict] | None = None) -> "ChatResult":
+        """Render the prompt, sample, parse the reply: see bios.compose.chat."""
+        from bios.compose import chat
+
+        return chat(self, messages, renderer, sampling_params, tools)
+
+    def get_tokenizer(self) -> Any:
+        return self._service.get_tokenizer(self.tokenizer_name)
 
     def _request(self, prompt: types.ModelInput, sampling_params: types.SamplingParams, num_samples: int,
                  include_prompt_logprobs: bool) -> train_pb2.SampleRequest:

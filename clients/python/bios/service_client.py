@@ -16,7 +16,7 @@ from bios.channel import open_channel
 from bios.v1 import render_pb2_grpc, train_pb2, train_pb2_grpc
 
 DEFAULT_TIMEOUT = 600.0
-UNARY_RETRIES = 5
+UNARY_RETRIES = 12  # backoff 0.1 s doubling, capped at 2 s: about 17 s in all
 
 
 class ServiceClient:
@@ -51,7 +51,7 @@ class ServiceClient:
             except grpc.aio.AioRpcError as err:
                 if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == UNARY_RETRIES:
                     raise from_status(err.code(), err.details() or "") from None
-                await _sleep(0.1 * 2**attempt)
+                await _sleep(min(2.0, 0.1 * 2**attempt))
 
     def _unary(self, method: str, request: Any) -> Any:
         return self._loop.run(self._call(self._train, method, request))
@@ -104,7 +104,7 @@ class ServiceClient:
             request.model_path = model_path
         info = self._unary("CreateSampler", request)
         return SamplingClient(self, sampler_id=info.sampler_id, base_model=info.base_model,
-                              model_path=info.model_path)
+                              model_path=info.model_path, tokenizer=info.tokenizer, renderer=info.renderer)
 
     async def create_sampling_client_async(self, *args: Any, **kwargs: Any):
         import asyncio

@@ -119,6 +119,22 @@ class TrainingClient:
         sampler = SamplingClient(self._service, model_id=self.model_id, base_model=self.base_model)
         return sampler.sample(prompt, sampling_params, num_samples)
 
+    # ---- the two services together ------------------------------------------------------------------
+
+    def train_on_conversations(self, conversations: Sequence[Sequence[dict]], renderer: Any = None, epochs: int = 1,
+                               batch_size: int = 8, learning_rate: float = 1e-4, **kwargs: Any) -> list[types.TrainingResult]:
+        """Render (through the render service unless a renderer object is given) and train; see bios.compose."""
+        from bios.compose import train_on_conversations
+
+        return train_on_conversations(self, conversations, renderer, epochs, batch_size, learning_rate, **kwargs)
+
+    def chat(self, messages: list[dict], renderer: Any = None, sampling_params: types.SamplingParams | None = None,
+             tools: list[dict] | None = None):
+        """Render + sample with the current weights + parse; returns a ChatResult with the prompt attribution."""
+        from bios.compose import chat
+
+        return chat(self, messages, renderer, sampling_params, tools)
+
     # ---- info ----------------------------------------------------------------------------------
 
     def get_info(self) -> types.ModelInfo:

@@ -1,0 +1,200 @@
+"""The client: futures, pipelining, reconnects without double execution, composition, CLI, a torch-free install."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import bios
+from bios import types
+from bios.futures import LoopThread
+from bios_cookbook import renderers
+from conftest import REPO
+
+CONVS = [
+    [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Teal."}],
+]
+
+
+@pytest.fixture(scope="module")
+def data(qwen3_tokenizer):
+    renderer = renderers.get_renderer("ultrasafe", qwen3_tokenizer)
+    from bios.compose import to_datum
+
+    return [to_datum(*renderer.build_supervised_example(c)) for c in CONVS]
+
+
+def test_futures_sync_async_done_cancel(client, data):
+    tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4)
+    fut = tc.forward_backward(data)
+    assert fut.result(timeout=60).metrics["loss:sum"] > 0 and fut.done()
+
+    async def seed004_style():
+        fb = await tc.forward_backward_async(data, loss_fn="cross_entropy")  # returns once submitted...
+        opt = await tc.optim_step_async(types.AdamParams(learning_rate=1e-3))
+        return await fb, await opt  # ...and the future is awaited separately
+
+    fb, opt = asyncio.run(seed004_style())
+    assert fb.metrics["loss:sum"] > 0 and opt.step == 1
+    result = asyncio.run(tc.train_async(data, loss_fn="cross_entropy", learning_rate=1e-3))
+    assert isinstance(result, types.TrainingResult) and result.step == 2
+    with pytest.raises(bios.errors.DeadlineExceededError):
+        tc.forward_backward(data * 8).result(timeout=0.0001)
+    queued = [tc.forward(data) for _ in range(3)]
+    queued[-1].cancel()  # best effort: an operation already sent keeps running
+    assert queued[0].result().metrics["loss:sum"] > 0
+
+
+def test_back_to_back_operations_run_in_submission_order(client, data):
+    tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4)
+    futures = []
+    for _ in range(5):  # nothing waits between submissions
+        futures.append(tc.forward(data))
+        futures.append(tc.optim_step(types.AdamParams(learning_rate=1e-3)))
+    steps = [f.result().step for f in futures[1::2]]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+class FlakyProxy:
+    """A loopback TCP proxy whose connections can be cut, to force UNAVAILABLE on open streams."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.loop = LoopThread.named("test-proxy")
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server = self.loop.run(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader, writer):
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src, dst):
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        async def close_all():
+            for w in self.writers:
+                w.transport.abort()
+            self.writers.clear()
+
+        self.loop.run(close_all())
+
+
+def test_stream_reconnects_and_nothing_runs_twice(services, data):
+    render_address, train_address, _ = services
+    proxy = FlakyProxy(int(train_address.rsplit(":", 1)[1]))
+    client = bios.ServiceClient(train_address=f"127.0.0.1:{proxy.port}", render_address=render_address)
+    tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4)
+    futures = [tc.optim_step(types.AdamParams(learning_rate=1e-3)) for _ in range(3)]
+    assert [f.result().step for f in futures] == [1, 2, 3]
+    futures = [tc.forward_backward(data * 4) for _ in range(3)] + [tc.optim_step() for _ in range(3)]
+    time.sleep(0.05)
+    proxy.cut()  # mid-flight: the client reconnects and resends what is unanswered
+    assert [f.result(timeout=120).step for f in futures[3:]] == [4, 5, 6]  # each step ran exactly once
+    assert tc.get_info().step == 6
+    client.close()
+
+
+def test_unary_calls_retry_until_the_service_is_up(services, tmp_path):
+    """The train service starts a moment after the client: CreateSession is retried with backoff until it answers."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "train_service", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+           "--checkpoint-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.DEVNULL)
+    try:
+        client = bios.ServiceClient(train_address=f"127.0.0.1:{port}", render_address=services[0])
+        assert client.session_id.startswith("session-")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def test_train_on_conversations_and_chat(client):
+    tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=8)
+    results = tc.train_on_conversations(CONVS * 2, epochs=8, batch_size=2, learning_rate=1e-2, progress=False)
+    assert [r.step for r in results] == list(range(1, 17))
+    assert results[-1].loss < results[0].loss / 5
+    reply = tc.chat(CONVS[0][:1])
+    assert reply.ok and reply.message == {"role": "assistant", "content": "Seven."}
+    attribution = reply.prompt_attribution
+    assert attribution.token_ids[:3] == [151644, 872, 198]
+    assert attribution.content_mask_for_roles({"user"}).count(True) == 4  # "Name a prime." is 4 tokens
+    sampler = tc.save_weights_and_get_sampling_client(name="chat")
+    assert sampler.chat(CONVS[1][:1]).message["content"] == "Teal."
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "bios.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_cli_render_sft_resume_sample(tmp_path, services):
+    path = tmp_path / "convs.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": c}) for c in CONVS) + "\n")
+    rendered = [json.loads(line) for line in run_cli("render", str(path), "--json").stdout.splitlines()]
+    assert len(rendered) == 2 and sum(rendered[0]["weights"]) == 3  # "Seven." is 2 tokens + <|im_end|>
+    colour = run_cli("render", str(path)).stdout
+    assert "\033[31mSeven.<|im_end|>" in colour
+
+    env = {"BIOS_RENDER_ADDRESS": services[0], "BIOS_TRAIN_ADDRESS": services[1]}
+    out = run_cli("sft", str(path), "--epochs", "2", "--lr", "1e-2", "--name", "cli", env=env).stdout
+    saved = [line.split("saved ")[1] for line in out.splitlines() if "saved bios://" in line]
+    assert len(saved) == 2 and "step 2" in out
+    resumed = run_cli("sft", str(path), "--resume", saved[-1], "--name", "cli-resumed", env=env).stdout
+    assert "at step 2" in resumed and "step 3" in resumed
+    sample = run_cli("sample", "--model", "ultrasafe/usf-mini", "--prompt", "Hi", "--max-tokens", "3", env=env)
+    assert sample.stdout.strip() or "did not end" in sample.stderr
+
+
+def test_client_installs_and_runs_without_torch(tmp_path, services, data):
+    """A fresh virtualenv with only the light client's dependencies trains and samples through the services."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    installed = subprocess.run([*pip, str(REPO / "clients" / "python")],
+                               capture_output=True, text=True, timeout=600)
+    if installed.returncode != 0 and "No matching distribution" in installed.stderr:
+        pytest.skip(f"package index unreachable: {installed.stderr[-300:]}")
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    script = f"""
+import importlib.util, sys
+import bios
+from bios import types
+assert not any(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft")), "heavy deps present"
+client = bios.ServiceClient(render_address={services[0]!r}, train_address={services[1]!r})
+tokens, weights = client.render_client("ultrasafe", "ultrasafe/usf-mini").build_supervised_example(
+    [{{"role": "user", "content": "Hi"}}, {{"role": "assistant", "content": "Hello."}}])
+datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                    loss_fn_inputs={{"target_tokens": tokens[1:], "weights": weights[1:]}})
+tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4)
+print("loss", tc.train([datum], learning_rate=1e-3).loss)
+out = tc.sample(types.ModelInput.from_ints(tokens[:3]), types.SamplingParams(max_tokens=2)).result()
+print("sampled", len(out.sequences[0].tokens), sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "peft")))
+"""
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sampled 2 []" in done.stdout
