@@ -35,8 +35,23 @@ def _renderer(name: str, tokenizer_name: str, options_json: str) -> BaseRenderer
 
     if not tokenizer_name:
         raise renderers.RenderError("renderer.tokenizer: required (a model name or tokenizer directory)")
+    if name.startswith("declarative:"):
+        check_template_path(name.split(":", 1)[1])
     name = name or resolve(tokenizer_name).renderer
     return renderers.get_renderer(name, get_tokenizer(tokenizer_name), **json.loads(options_json))
+
+
+def check_template_path(template: str) -> None:
+    """Over gRPC a declarative template is a bundled name or a file under $BIOS_TEMPLATES_DIR: callers must not
+    make the server open arbitrary paths."""
+    import os
+    from pathlib import Path
+
+    if "/" not in template and not template.endswith((".json", ".yaml", ".yml")):
+        return  # a bundled template name
+    root = os.environ.get("BIOS_TEMPLATES_DIR")
+    if not root or not Path(template).resolve().is_relative_to(Path(root).resolve()):
+        raise renderers.RenderError(f"renderer.name: template file {template!r} is not under $BIOS_TEMPLATES_DIR")
 
 
 def renderer_for(spec: render_pb2.RendererSpec) -> BaseRenderer:

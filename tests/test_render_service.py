@@ -89,3 +89,14 @@ def test_health_and_reflection(services):
 def test_types_model_input_printing():
     prompt = types.ModelInput.from_ints([1, 2])
     assert str(prompt) == "ModelInput(chunks=[EncodedTextChunk(tokens=[1, 2], type='encoded_text')])"
+
+
+def test_declarative_templates_over_grpc(client, local, tmp_path):
+    bundled = client.render_client("declarative:chatml", "ultrasafe/usf-mini")
+    assert bundled.build_supervised_example(CONV) == local.build_supervised_example(CONV)
+    outside = tmp_path / "mine.json"
+    outside.write_text("{}")
+    with pytest.raises(InvalidArgumentError, match="not under \\$BIOS_TEMPLATES_DIR"):
+        client.render_client(f"declarative:{outside}", "ultrasafe/usf-mini").render(CONV)
+    with pytest.raises(InvalidArgumentError, match="not under"):
+        client.render_client("declarative:/etc/passwd", "ultrasafe/usf-mini").render(CONV)

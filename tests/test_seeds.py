@@ -37,6 +37,19 @@ def embedded(monkeypatch):
     monkeypatch.delenv("BIOS_RENDER_ADDRESS", raising=False)
 
 
+@pytest.fixture(params=["embedded", "separate services"])
+def deployment(request, monkeypatch):
+    """Each seed runs twice: on the embedded default, and against services reached through BIOS_*_ADDRESS."""
+    if request.param == "embedded":
+        monkeypatch.delenv("BIOS_TRAIN_ADDRESS", raising=False)
+        monkeypatch.delenv("BIOS_RENDER_ADDRESS", raising=False)
+    else:
+        render_address, train_address, _ = request.getfixturevalue("services")
+        monkeypatch.setenv("BIOS_RENDER_ADDRESS", render_address)
+        monkeypatch.setenv("BIOS_TRAIN_ADDRESS", train_address)
+    return request.param
+
+
 def test_seed000_first_example_runs_on_the_embedded_default(embedded, capsys):
     blocks = seed_examples(SEED_000)
     assert [b.title for b in blocks[:4]][1:] == [
@@ -50,7 +63,7 @@ def test_seed000_first_example_runs_on_the_embedded_default(embedded, capsys):
     assert "Stop sequences: [151645]" in out and "Sampled tokens: [" in out
 
 
-def test_seed000_every_example_runs(embedded, capsys):
+def test_seed000_every_example_runs(deployment, capsys):
     blocks = seed_examples(SEED_000)
     ns = run(blocks[:1], {})  # the example conversation
     ns.update(conversation_dataset=[ns["messages"]], num_epochs=1, financial_conversation=ns["messages"])
@@ -60,7 +73,7 @@ def test_seed000_every_example_runs(embedded, capsys):
     assert "\033[31mThey evolved multiple protective mechanisms" in out  # format_colorized: the completion in red
 
 
-def test_seed001_examples_run(embedded, capsys):
+def test_seed001_examples_run(deployment, capsys):
     import bios
     from bios_cookbook import renderers
 

@@ -208,3 +208,20 @@ def test_load_state_of_another_base_model_is_refused(client, trained):
     sampler_ckpt = tc.save_weights_for_sampler(name="weights-only").result()
     with pytest.raises(FailedPreconditionError, match="no optimizer state"):
         tc.load_state_with_optimizer(sampler_ckpt.path).result()
+
+
+def test_sampled_tokens_stream_before_the_result(client, renderer):
+    import asyncio
+
+    sampler = client.create_sampling_client(base_model="ultrasafe/usf-mini")
+    prompt = renderer.build_generation_prompt(CONV[:-1])
+
+    async def collect():
+        return [event async for event in sampler.sample_stream(prompt, types.SamplingParams(max_tokens=6, seed=3),
+                                                               num_samples=2)]
+
+    events = asyncio.run(collect())
+    deltas, final = events[:-1], events[-1]
+    assert isinstance(final, types.SampleResponse) and len(deltas) == 12
+    for index in (0, 1):
+        assert [t for i, toks in deltas if i == index for t in toks] == final.sequences[index].tokens

@@ -25,10 +25,13 @@ UNEMBED = ("lm_head",)
 
 
 def load_weights(source: str) -> torch.nn.Module:
-    if source == "tiny:qwen3":
-        from train_service.tiny_model import build_tiny_qwen3
+    """A registry `weights` value -> a causal LM: a tiny random stand-in ("tiny:qwen3") or an HF directory."""
+    if source.startswith("tiny:"):
+        from train_service.tiny_model import TINY_BUILDERS
 
-        return build_tiny_qwen3()
+        if source not in TINY_BUILDERS:
+            raise InvalidArgumentError(f"weights: unknown stand-in {source!r}; known: {', '.join(TINY_BUILDERS)}")
+        return TINY_BUILDERS[source]()
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=torch.float32)

@@ -98,3 +98,24 @@ def build_tiny_qwen3(seed: int = TINY_QWEN3_SEED, dtype: torch.dtype = torch.flo
     model.generation_config.bos_token_id = None
     # Cast after init so every dtype is the rounding of the same fp32 weights.
     return model.to(dtype=dtype).eval()
+
+
+# A Llama-3-architecture twin for models named with a Llama 3 tokenizer (vocab 128256), e.g. in tests of
+# seed 004, which trains "meta-llama/Llama-3.1-8B-Instruct": same shape and init as the Qwen3 stand-in.
+LLAMA3_VOCAB_SIZE = 128256
+LLAMA3_BOS_ID, LLAMA3_EOT_ID = 128000, 128009
+
+
+def build_tiny_llama3(seed: int = TINY_QWEN3_SEED, dtype: torch.dtype = torch.float32) -> transformers.LlamaForCausalLM:
+    config = transformers.LlamaConfig(
+        vocab_size=LLAMA3_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_act="silu", max_position_embeddings=4096,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+        bos_token_id=LLAMA3_BOS_ID, eos_token_id=LLAMA3_EOT_ID, attn_implementation="sdpa")
+    with torch.random.fork_rng(devices=[]):
+        model = transformers.LlamaForCausalLM(config)
+    _init_parameters(model, torch.Generator(device="cpu").manual_seed(seed))
+    return model.to(dtype=dtype).eval()
+
+
+TINY_BUILDERS = {"tiny:qwen3": build_tiny_qwen3, "tiny:llama3": build_tiny_llama3}

@@ -108,6 +108,11 @@ class BaseRenderer:
         return chat_template_segments(self.tokenizer, messages, tools, add_generation_prompt, self.options)
 
     def get_stop_sequences(self) -> list[int]:
+        """Token ids that end an assistant turn: eos plus the template's own turn-end token."""
+        from render_service.renderers.chat_template import detected_stop_tokens
+
+        if getattr(self.tokenizer, "chat_template", None):
+            return detected_stop_tokens(self.tokenizer, **self.options)
         return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
 
     def get_stop_strings(self) -> list[str]:

@@ -44,7 +44,11 @@ def renderer_for_model(model_name: str) -> str | None:
 
 
 def get_renderer(name: str, tokenizer: Any, **options: Any) -> BaseRenderer:
-    """A renderer by name over `tokenizer`; options mean what the same-named apply_chat_template kwargs mean."""
+    """A renderer by name over `tokenizer`; options mean what the same-named apply_chat_template kwargs mean.
+
+    `declarative:<template>` names a declarative template: a bundled name (e.g. `chatml`) or a file path."""
+    if name.startswith("declarative:"):
+        name, options["template"] = "declarative", name.split(":", 1)[1]
     return _RENDERERS[canonical_name(name)](tokenizer, **options)
 
 

@@ -59,6 +59,34 @@ class SamplingClient:
         except grpc.aio.AioRpcError as err:
             raise from_status(err.code(), err.details() or "") from None
 
+    async def sample_stream(self, prompt: types.ModelInput, sampling_params: types.SamplingParams,
+                            num_samples: int = 1) -> AsyncIterator[tuple[int, list[int]] | types.SampleResponse]:
+        """Tokens as they are produced: yields (sequence_index, new_tokens) pairs, then the SampleResponse.
+
+        Iterate it with `async for` on your own event loop; the gRPC stream is driven by the client's loop."""
+        import asyncio
+
+        request = self._request(prompt, sampling_params, num_samples, False)
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        async def pump() -> None:
+            try:
+                async for event in self.stream_events(request):
+                    loop.call_soon_threadsafe(queue.put_nowait, event)
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's loop
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        self._service._loop.submit(pump())
+        while (event := await queue.get()) is not None:
+            if isinstance(event, BaseException):
+                raise event
+            if event.WhichOneof("event") == "delta":
+                yield event.delta.sequence_index, list(event.delta.tokens)
+            else:
+                yield wire.sample_response_from_pb(event.result)
+
     def sample(self, prompt: types.ModelInput, sampling_params: types.SamplingParams, num_samples: int = 1,
                include_prompt_logprobs: bool = False) -> APIFuture[types.SampleResponse]:
         request = self._request(prompt, sampling_params, num_samples, include_prompt_logprobs)
