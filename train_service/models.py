@@ -51,6 +51,7 @@ class BaseModel:
             p.requires_grad_(False)
         self.adapters: set[str] = set()
         self.vocab_size = self.model.config.vocab_size
+        self._active: object = _UNSET  # the adapter `activate` last applied; skips repeated switches
 
     @property
     def causal_lm(self) -> Any:
@@ -87,8 +88,7 @@ class BaseModel:
             else:
                 self.model = get_peft_model(self.model, config, adapter_name=name)
         self.adapters.add(name)
-        for n, p in self.model.named_parameters():
-            p.requires_grad_(f".{name}." in n)
+        self._active = _UNSET
 
     def remove_adapter(self, name: str) -> None:
         if name in self.adapters:
@@ -97,14 +97,16 @@ class BaseModel:
                 self.model.delete_adapter(name)
             else:  # the last adapter: go back to the plain base model
                 self.model = self.model.unload()
+            self._active = _UNSET
 
     def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
         return [p for n, p in self.model.named_parameters() if f".{name}." in n]
 
     def activate(self, name: str | None) -> None:
         """Make `name` the adapter in use (None: the plain base model)."""
-        if not isinstance(self.model, PeftModel):
+        if not isinstance(self.model, PeftModel) or self._active == name:
             return
+        self._active = name
         if name is None:
             self.model.base_model.disable_adapter_layers()
             return
@@ -115,6 +117,9 @@ class BaseModel:
         # and this one trainable so each session's gradients stay its own.
         for n, p in self.model.named_parameters():
             p.requires_grad_(f".{name}." in n)
+
+
+_UNSET = object()
 
 
 class BaseModelPool:

@@ -208,9 +208,8 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
         deltas: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
 
-        def emit(index: int, tokens: list[int], logprobs: list[float]) -> None:
-            loop.call_soon_threadsafe(deltas.put_nowait, train_pb2.SampleDelta(
-                sequence_index=index, tokens=tokens, logprobs=logprobs))
+        def emit(step: list[tuple[int, int, float]]) -> None:
+            loop.call_soon_threadsafe(deltas.put_nowait, step)
 
         def job():
             return sampling.sample_steps(base.causal_lm, base.tokenizer, prompt, params, num_samples, emit,
@@ -219,8 +218,17 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
         future = self.engine.submit(key, job)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(deltas.put_nowait, _DONE))
         try:
-            while (delta := await deltas.get()) is not _DONE:
-                yield train_pb2.SampleEvent(delta=delta)
+            finished = False
+            while not finished:
+                # Everything produced since the last send goes out as one message: the number of messages
+                # adapts to how fast the client reads, not to num_samples x tokens.
+                steps = [await deltas.get()]
+                while not deltas.empty():
+                    steps.append(deltas.get_nowait())
+                finished = steps[-1] is _DONE
+                event = _coalesce([s for s in steps if s is not _DONE])
+                if event.deltas:
+                    yield train_pb2.SampleEvent(deltas=event)
             seqs = future.result()
             metrics.TOKENS.labels("sample").inc(sum(len(s.tokens) for s in seqs))
             response = train_pb2.SampleResponse(sequences=[
@@ -235,6 +243,16 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
             yield train_pb2.SampleEvent(result=response)
         finally:
             cancelled.set()
+
+
+def _coalesce(steps: list[list[tuple[int, int, float]]]) -> train_pb2.SampleDeltas:
+    merged: dict[int, train_pb2.SampleDelta] = {}
+    for step in steps:
+        for index, token, logprob in step:
+            delta = merged.setdefault(index, train_pb2.SampleDelta(sequence_index=index))
+            delta.tokens.append(token)
+            delta.logprobs.append(logprob)
+    return train_pb2.SampleDeltas(deltas=[merged[i] for i in sorted(merged)])
 
 
 def metrics_wrapped(kind: str, request: train_pb2.OperationRequest, work: Callable[[], Any]) -> Callable[[], Any]:

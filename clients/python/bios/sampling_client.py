@@ -82,8 +82,9 @@ class SamplingClient:
         while (event := await queue.get()) is not None:
             if isinstance(event, BaseException):
                 raise event
-            if event.WhichOneof("event") == "delta":
-                yield event.delta.sequence_index, list(event.delta.tokens)
+            if event.WhichOneof("event") == "deltas":
+                for delta in event.deltas.deltas:
+                    yield delta.sequence_index, list(delta.tokens)
             else:
                 yield wire.sample_response_from_pb(event.result)
 
