@@ -96,9 +96,20 @@ def iter_jsonl_data(
     content_sft_roles: Iterable[str] = (),
 ) -> Iterator[Datum]:
     """Stream Datums from a chat JSONL file (a path, or an open text/binary file). Blank lines are skipped."""
+    yield from data_from_lines(_lines(path_or_file), renderer, train_on_what, max_length, content_sft_roles)
+
+
+def data_from_lines(
+    lines: Iterable[tuple[str, int, str]],
+    renderer: BaseRenderer,
+    train_on_what: str = "last_assistant_message",
+    max_length: int | None = None,
+    content_sft_roles: Iterable[str] = (),
+) -> Iterator[Datum]:
+    """(source name, line number, text) triples -> Datums; what both the file reader and the RPC use."""
     if train_on_what not in TRAIN_ON_WHAT:
         raise ValueError(f"train_on_what: unknown value {train_on_what!r}; expected one of {TRAIN_ON_WHAT}")
-    for name, number, line in _lines(path_or_file):
+    for name, number, line in lines:
         if not line.strip():
             continue
         where = f"{name}, line {number}"

@@ -19,7 +19,7 @@ from render_service.tokenizers import get_tokenizer
 _TRAIN_ON_WHAT = {render_pb2.TRAIN_ON_WHAT_UNSPECIFIED: "last_assistant_message"} | {
     getattr(render_pb2, name.upper()): name for name in TRAIN_ON_WHAT
 }
-MAX_TOKENS_PER_REQUEST = 4_000_000  # oversized input is refused before any work is done
+MAX_CHARS_PER_CONVERSATION = 4_000_000  # ~1M tokens; larger input is refused before any work is done
 CONVERSATIONS = Counter("bios_render_conversations", "Conversations rendered, by renderer.", ["renderer"])
 TOKENS = Counter("bios_render_tokens", "Tokens produced by rendering, by renderer.", ["renderer"])
 
@@ -70,9 +70,11 @@ def rendered_to_pb(rendered: RenderedTokens, messages: list[dict],
 
 
 def conversation(pb: render_pb2.Conversation) -> tuple[list[dict], list[dict] | None]:
-    total = sum(len(m.content) for m in pb.messages)
-    if total > MAX_TOKENS_PER_REQUEST * 8:
-        raise renderers.RenderError(f"conversation.messages: {total} characters is over the request limit")
+    total = sum(len(m.content) + len(m.reasoning_content) + sum(len(p.text) for p in m.parts)
+                + sum(len(c.arguments_json) for c in m.tool_calls) for m in pb.messages)
+    if total > MAX_CHARS_PER_CONVERSATION:
+        raise renderers.RenderError(f"messages: {total} characters of content is over the limit of "
+                                    f"{MAX_CHARS_PER_CONVERSATION} per conversation")
     return [wire.message_from_pb(m) for m in pb.messages], [wire.tool_from_pb(t) for t in pb.tools] or None
 
 
@@ -140,6 +142,48 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             return render_pb2.RenderBatchResponse(examples=out)
 
         return await asyncio.to_thread(run)
+
+    async def BridgeToNextTurn(self, request, context):
+        from render_service.renderers.bridge import bridge_to_next_turn
+
+        def run():
+            renderer = renderer_for(request.renderer)
+            new_messages, tools = conversation(request.new_turn)
+            history = [wire.message_from_pb(m) for m in request.history] or None
+            rendered, reason = bridge_to_next_turn(renderer, list(request.prev_prompt_ids),
+                                                   list(request.prev_completion_ids), new_messages, tools,
+                                                   history=history)
+            if rendered is None:
+                return render_pb2.BridgeToNextTurnResponse(ok=False, reason=reason)
+            roles = ["assistant"] * (max(rendered.message_indices, default=-1) + 1)
+            for i, m in enumerate(new_messages):
+                roles[i] = m["role"]
+            return render_pb2.BridgeToNextTurnResponse(ok=True, reason=reason, tokens=render_pb2.RenderedTokens(
+                token_ids=rendered.token_ids, message_indices=rendered.message_indices, roles=roles,
+                sampled_mask=rendered.sampled_mask, is_content=rendered.is_content))
+
+        return await asyncio.to_thread(run)
+
+    async def ConversationsToData(self, request_iterator, context):
+        from render_service.datasets import data_from_lines
+
+        settings, number = None, 0
+        async for request in request_iterator:
+            settings = settings or request
+            if settings.train_on_what not in _TRAIN_ON_WHAT:
+                raise renderers.RenderError(f"train_on_what: unknown value {settings.train_on_what}")
+            numbered = [("request", number + k + 1, line) for k, line in enumerate(request.lines)]
+            number += len(request.lines)
+
+            def run(numbered=numbered):
+                renderer = renderer_for(settings.renderer)
+                data = list(data_from_lines(numbered, renderer, _TRAIN_ON_WHAT[settings.train_on_what],
+                                            settings.max_length or None, list(settings.content_sft_roles)))
+                for datum in data:
+                    count(renderer, len(datum.model_input.to_ints()) + 1)
+                return render_pb2.DataBatch(data=[wire.datum_to_pb(d) for d in data])
+
+            yield await asyncio.to_thread(run)
 
     async def ParseResponse(self, request, context):
         renderer = renderer_for(request.renderer)

@@ -100,3 +100,43 @@ def test_declarative_templates_over_grpc(client, local, tmp_path):
         client.render_client(f"declarative:{outside}", "ultrasafe/usf-mini").render(CONV)
     with pytest.raises(InvalidArgumentError, match="not under"):
         client.render_client("declarative:/etc/passwd", "ultrasafe/usf-mini").render(CONV)
+
+
+def test_oversized_conversation_is_refused(remote):
+    from render_service.service import MAX_CHARS_PER_CONVERSATION
+
+    huge = [{"role": "user", "content": "x" * (MAX_CHARS_PER_CONVERSATION + 1)}]
+    with pytest.raises(InvalidArgumentError, match="messages: .* over the limit"):
+        remote.render(huge)
+    assert remote.get_stop_sequences() == [151645]
+
+
+def test_bridge_over_grpc_equals_local(remote, local, qwen3_tokenizer):
+    from render_service.renderers.bridge import bridge_to_next_turn
+
+    prompt = local.build_generation_prompt(CONV[:-1])
+    completion = qwen3_tokenizer.encode(CONV[-1]["content"] + "<|im_end|>", add_special_tokens=False)
+    turn = [{"role": "user", "content": "And type 1?"}]
+    theirs, reason = remote.bridge_to_next_turn(prompt, completion, turn, history=CONV[:-1])
+    ours, _ = bridge_to_next_turn(local, prompt, completion, turn, history=CONV[:-1])
+    assert reason == "ok" and theirs.token_ids == ours.token_ids
+    assert theirs.token_ids == local.render(CONV + turn, add_generation_prompt=True).token_ids
+    refused, why = remote.bridge_to_next_turn(prompt, completion[:-1], turn)
+    assert refused is None and "stop token" in why
+
+
+def test_jsonl_to_data_streams_over_grpc(remote, local, tmp_path):
+    import json
+
+    from render_service.datasets import iter_jsonl_data
+
+    path = tmp_path / "chats.jsonl"
+    rows = [{"messages": CONV}, {"messages": CONV[:2] + [{"role": "assistant", "content": "Another answer."}]}]
+    path.write_text("\n".join(json.dumps(rows[i % 2]) for i in range(600)) + "\n\n")
+    streamed = list(remote.conversations_to_data(str(path), lines_per_request=64))
+    assert streamed == list(iter_jsonl_data(path, local)) and len(streamed) == 600
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    with pytest.raises(InvalidArgumentError, match=r"line 2: field messages\[0\].role"):
+        list(remote.conversations_to_data(str(bad)))

@@ -203,22 +203,26 @@ def trained_messages(messages: Sequence[Message], train_on_what: str) -> set[int
 
 
 def tokenize_segments(tokenizer: Any, segments: Sequence[Segment], roles: Sequence[str]) -> RenderedTokens:
-    """Tokenize the concatenated text once and attribute each token to the segment of its first char."""
-    starts, pos = [], 0
-    for seg in segments:
-        starts.append(pos)
-        pos += len(seg.text)
-    text = "".join(seg.text for seg in segments)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    out = RenderedTokens([], [], [], [], [])
-    nonempty = [k for k, seg in enumerate(segments) if seg.text]
-    nonempty_starts = [starts[k] for k in nonempty]
-    for tok, (begin, _end) in zip(ids, offsets):
-        seg = segments[nonempty[max(0, bisect.bisect_right(nonempty_starts, begin) - 1)]]
-        out.token_ids.append(tok)
-        out.message_indices.append(seg.message_index)
-        out.message_roles.append(roles[seg.message_index] if 0 <= seg.message_index < len(roles) else None)
-        out.sampled_mask.append(seg.sampled)
-        out.is_content.append(seg.is_content)
+    """Tokenize the concatenated text once and attribute each token to the segment of its first char.
+
+    The ids are exactly `tokenizer(joined text, add_special_tokens=False)`'s; fast_tokenize reproduces them
+    (and where each token starts) without the HF call wherever that is proven exact, else makes the call.
+    """
+    from render_service.renderers.fast_tokenize import encode_segments
+
+    ids, counts = encode_segments(tokenizer, [seg.text for seg in segments])
+    return _attribute(ids, counts, segments, roles)
+
+
+def _attribute(ids: list[int], counts: Sequence[int], segments: Sequence[Segment], roles: Sequence[str]) -> RenderedTokens:
+    """Per-token attribution from how many tokens start in each segment (runs, not a per-token loop)."""
+    out = RenderedTokens(ids, [], [], [], [])
+    n_roles = len(roles)
+    for seg, n in zip(segments, counts):
+        if n:
+            index = seg.message_index
+            out.message_indices += [index] * n
+            out.message_roles += [roles[index] if 0 <= index < n_roles else None] * n
+            out.sampled_mask += [seg.sampled] * n
+            out.is_content += [seg.is_content] * n
     return out

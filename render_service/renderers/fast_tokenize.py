@@ -1,41 +1,46 @@
 """Fast, exact tokenization with per-token offsets for rendering.
 
-`tokenize_segments` needs token ids plus, per token, where its first character is. Calling the HF
-tokenizer with `return_offsets_mapping=True` gives both but costs about as much as
-`apply_chat_template` itself (most of it in the Oniguruma pre-tokenizer regex). This module reproduces
-what the HF fast tokenizer does, step by step, with cheaper parts — and only where each step is
-checked to be the same:
+`tokenize_segments` needs the token ids of a rendered text plus, per token, which segment its first
+character is in. One HF call with `return_offsets_mapping=True` gives both but costs about as much as
+`apply_chat_template` itself (mostly the Oniguruma pre-tokenizer regex). This module redoes what the HF
+fast tokenizer does, step by step, with cheaper parts, and only where each step is checked to be the same.
+Anything it cannot show to be the same goes to the slow path (that one HF call).
 
-1. Added tokens. HF first cuts the text on its added tokens (leftmost-longest, an Aho-Corasick trie)
-   and runs the model on each remaining piece on its own. We cut with a trie-shaped regex over the
-   same token strings. Only tokenizers whose added tokens carry no `lstrip`/`rstrip`/`single_word`
-   flags, and whose special tokens are matched (`encode_special_tokens=False`), are handled; added
-   tokens with `normalized=True` only where the normalizer is the identity (then HF matches them in a
-   second pass over the pieces the first pass left, which is what we do too).
+1. Added tokens. HF first cuts the text on its added tokens (leftmost-longest, an Aho-Corasick trie) and
+   runs normalizer, pre-tokenizer and model on each remaining piece on its own. We cut with a trie-shaped
+   regex over the same strings. Supported: no `lstrip`/`rstrip`/`single_word` flags, special tokens
+   matched (`encode_special_tokens=False`); `normalized=True` added tokens only under an identity
+   normalizer (then, as in HF, they are matched in a second pass over what the first pass left).
 
-2. Normalizer: none, or NFC. NFC is applied by HF per piece; a piece that NFC would change (or that
-   holds code points this Python's Unicode database does not know, for which "unchanged" cannot be
-   shown) is handed to the HF backend on its own — exact, since HF treats pieces independently — and
-   everything else is provably unchanged by NFC, so offsets are untouched.
+2. Normalizer: none, or NFC. Under NFC a piece whose text NFC would change goes to the HF backend on its
+   own (exact: HF treats pieces independently) with HF's offsets. "Unchanged" is decided by
+   `unicodedata.is_normalized`, trusted only for text whose code points are all assigned in this
+   Python's Unicode database (Unicode's normalization stability policy then guarantees a newer Unicode
+   version agrees); text with other code points takes the HF route too. ASCII is always NFC.
 
-3. Pre-tokenizer + BPE: byte-level BPE split by one `Split(regex, isolated)`. The piece is encoded by a
-   `tiktoken.Encoding` built from the tokenizer's own vocabulary (ranks = HF ids, bytes recovered via
-   the byte-level unicode map) and the same regex. tiktoken merges any adjacent pair whose
-   concatenation is a token, lowest id first; HF merges listed pairs, lowest merge index first. At
-   construction we check they are the same procedure: the merge list is exactly the set of all splits
-   of every token into two tokens, in non-decreasing order of the merged token's id (so pair priority
-   agrees), and — where HF does not look whole words up in the vocabulary (`ignore_merges=False`) —
-   every token's own bytes BPE back to that token (tiktoken always looks whole pieces up). The regex
-   must be one whose fancy-regex (tiktoken) and Oniguruma (tokenizers) behaviour was verified for every
-   code point (`VERIFIED_PATTERNS`); a probe string is compared with HF at construction as a last
-   guard. Offsets come from the token byte lengths.
+3. Pre-tokenizer + BPE, for byte-level BPE with one `Split(regex, isolated)`: a `tiktoken.Encoding`
+   built from the tokenizer's own vocabulary (rank = HF id; bytes recovered through the byte-level
+   unicode map) with the same regex. tiktoken merges the adjacent pair whose concatenation is the
+   lowest-id token; HF merges the listed pair with the lowest merge index. At construction we check that
+   these are the same procedure: the merge list is exactly the set of all splits of every token into two
+   tokens (so the same pairs are mergeable), in non-decreasing order of the merged token's id (so the
+   same pair is chosen); and where HF does not look whole words up (`ignore_merges=False`) every token's
+   own bytes BPE back to that token (tiktoken always looks a whole pre-token up first). The regex must be
+   one of `VERIFIED_PATTERNS`, for which fancy-regex (tiktoken) and Oniguruma (tokenizers) were compared
+   on every Unicode scalar value; a probe text is compared with HF at construction as a last guard.
 
-Anything else — SentencePiece/Metaspace tokenizers, several chained `Split`s (DeepSeek V3), merge
-lists that are not tiktoken-complete, truncation/padding set on the backend, text with lone
-surrogates — takes the exact slow path: one HF call with `return_offsets_mapping=True`.
+4. Word cache. A space whose preceding character is not whitespace is always a pre-token boundary in
+   all the verified patterns (a space can only be the first character of a match, and whitespace runs
+   cannot start on a non-whitespace character; the one lookahead, `\\s+(?!\\S)`, only ends matches made
+   of whitespace). So a piece is cut with `str.split(" ")` into chunks " word" that encode independently,
+   and a dict maps each chunk to its ids: repeated words, role headers and system prompts cost a lookup.
+   Where a split point is not such a boundary (double spaces, indentation) neighbouring chunks are merged.
+   Under NFC the check of (2) runs per chunk (a chunk starts with U+0020, a starter that composes with
+   nothing, so a piece is NFC iff its chunks are).
 
-Pieces between added tokens are cached (bounded LRU keyed by the piece text), so role headers,
-separators and repeated system prompts / tool blocks cost one dictionary lookup.
+Offsets come from the token byte lengths. Tokens spanning a segment boundary belong to the segment of
+their first character, as in the slow path. Encoders are built once per tokenizer object (about a
+second) and cached with the tokenizer kept alive.
 """
 
 from __future__ import annotations
@@ -46,12 +51,13 @@ import re
 import threading
 import unicodedata
 from collections import OrderedDict
-from itertools import accumulate
+from contextlib import contextmanager
+from itertools import accumulate, chain
 from typing import Any, Sequence
 
 # Pre-tokenization regexes (as written in tokenizer.json) for which tiktoken's fancy-regex and the
 # tokenizers library's Oniguruma were checked to split identically for every Unicode scalar value in
-# several contexts (tests/test_fast_tokenize.py re-checks the Basic Multilingual Plane each run).
+# several contexts (tests/test_fast_tokenize.py re-checks the Basic Multilingual Plane).
 VERIFIED_PATTERNS = {
     # Qwen2 / Qwen2.5 / Qwen3
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""":
@@ -81,22 +87,36 @@ PROBE_TEXT = (
     "emoji 👍🏽 👨‍👩‍👧‍👦 🇺🇸 ❤️ \U0001f600\U0001f600 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 \u00a0\u2003\u3000 nbsp\n"
     "12345678901234567890 3.14159 1,000,000 ０１２３ ½ Ⅻ\n"
     "def f(x):\n    return {'a': [1, 2, 3]}  # comment\n/* c */ a//b <tag attr=\"v\">x</tag>\n"
-    "CamelCaseWords HTTPServer iPhone O'Neil don't WE'LL\u200b\u200d\ufeff\x00\x7f\x1b[0m"
+    "CamelCaseWords HTTPServer iPhone O'Neil don't WE'LL\u200b\u200d\ufeff\x00\x7f\x1b[0m \x1c \x85 x\u3000 y"
 )
 
+# Bounds of the per-tokenizer caches.
+PIECE_CACHE_ENTRIES = 4096
+PIECE_CACHE_TOKENS = 1 << 20  # ids held by the piece cache in total
+PIECE_CACHE_MAX_CHARS = 1 << 15  # longer pieces are not cached
+WORD_CACHE_ENTRIES = 1 << 19  # the word cache is emptied when it grows past this
+# Token starts inside a piece are found by walking token lengths when the boundary is this close (bytes)
+# to the piece's start or end, else from the full prefix sums.
+WALK_BYTES = 256
+
 _BYTE_TO_CHAR: dict[int, str] | None = None
-_UNASSIGNED_RE: re.Pattern | None = None
+_BMP_UNASSIGNED: re.Pattern | None = None
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 _ENCODERS: dict[int, tuple[Any, "FastEncoder | None", str]] = {}
 _BUILD_LOCK = threading.Lock()
-
-# Bounds of the per-tokenizer piece cache.
-CACHE_MAX_ENTRIES = 16384
-CACHE_MAX_TOKENS = 1 << 20  # ids kept in the cache in total
-CACHE_MAX_PIECE_CHARS = 1 << 16
+_ENABLED = True  # off only inside `fast_path_disabled()` (benchmarks measure the slow path with it)
 
 
 class Unsupported(Exception):
     """The tokenizer has a feature the fast path does not reproduce; the slow path is used."""
+
+
+class _SlowPath(Exception):
+    """This text (lone surrogates) goes to the slow path."""
+
+
+class _NeedsHF(Exception):
+    """This piece is not provably NFC-invariant: encode it with the HF backend."""
 
 
 def byte_to_char() -> dict[int, str]:
@@ -114,24 +134,34 @@ def byte_to_char() -> dict[int, str]:
     return _BYTE_TO_CHAR
 
 
-def _unassigned_re() -> re.Pattern:
-    """Code points unassigned in this Python's Unicode database (surrogates included)."""
-    global _UNASSIGNED_RE
-    if _UNASSIGNED_RE is None:
+def _bmp_unassigned() -> re.Pattern:
+    """A character class of the BMP code points this Python's Unicode database does not assign."""
+    global _BMP_UNASSIGNED
+    if _BMP_UNASSIGNED is None:
         ranges, start = [], None
         category = unicodedata.category
-        for cp in range(0x80, 0x110001):
-            bad = cp < 0x110000 and (category(chr(cp)) in ("Cn", "Cs"))
+        for cp in range(0x80, 0x10001):
+            bad = cp < 0x10000 and category(chr(cp)) in ("Cn", "Cs")
             if bad and start is None:
                 start = cp
             elif not bad and start is not None:
                 ranges.append((start, cp - 1))
                 start = None
-        body = "".join(
-            re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges
-        )
-        _UNASSIGNED_RE = re.compile(f"[{body}]")
-    return _UNASSIGNED_RE
+        body = "".join(re.escape(chr(a)) + ("" if a == b else "-" + re.escape(chr(b))) for a, b in ranges)
+        _BMP_UNASSIGNED = re.compile(f"[{body}]")  # all below U+10000: sre makes it a bitmap
+    return _BMP_UNASSIGNED
+
+
+def nfc_invariant(text: str) -> bool:
+    """True if NFC provably leaves `text` unchanged, in this Python's Unicode version and any later one."""
+    if text.isascii():
+        return True
+    if not unicodedata.is_normalized("NFC", text) or _bmp_unassigned().search(text):
+        return False
+    if _ASTRAL.search(text):
+        category = unicodedata.category
+        return not any(category(ch) == "Cn" for ch in set(_ASTRAL.findall(text)))
+    return True
 
 
 def trie_regex(words: Sequence[str]) -> re.Pattern:
@@ -154,47 +184,48 @@ def trie_regex(words: Sequence[str]) -> re.Pattern:
         body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
         return f"(?:{body})?" if "" in node else body
 
-    return re.compile(emit(trie), re.DOTALL)
+    return re.compile(emit(trie))
 
 
 class _PieceCache:
-    """Bounded LRU: piece text -> (ids, byte starts + [total bytes])."""
+    """Bounded LRU: piece text -> [ids, byte starts + [total] or None until needed].
 
-    def __init__(self, max_entries: int = CACHE_MAX_ENTRIES, max_tokens: int = CACHE_MAX_TOKENS):
+    Lock-free: under the GIL each dict operation is atomic, and a lost race only costs a recomputation.
+    """
+
+    def __init__(self, max_entries: int = PIECE_CACHE_ENTRIES, max_tokens: int = PIECE_CACHE_TOKENS):
         self.max_entries, self.max_tokens = max_entries, max_tokens
-        self._data: OrderedDict[str, tuple[list[int], list[int]]] = OrderedDict()
+        self._data: OrderedDict[str, list] = OrderedDict()
         self._tokens = 0
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
 
-    def get(self, key: str):
-        with self._lock:
-            value = self._data.get(key)
-            if value is not None:
+    def get(self, key: str) -> list | None:
+        value = self._data.get(key)
+        if value is not None:
+            try:
                 self._data.move_to_end(key)
-                self.hits += 1
-            else:
-                self.misses += 1
-            return value
+            except KeyError:
+                pass
+        return value
 
-    def put(self, key: str, value: tuple[list[int], list[int]]) -> None:
+    def put(self, key: str, value: list) -> None:
         n = len(value[0])
-        if len(key) > CACHE_MAX_PIECE_CHARS or n > self.max_tokens // 8:
+        if len(key) > PIECE_CACHE_MAX_CHARS or n > self.max_tokens // 8:
             return
-        with self._lock:
-            if key in self._data:
-                return
-            self._data[key] = value
-            self._tokens += n
-            while len(self._data) > self.max_entries or self._tokens > self.max_tokens:
-                _, (old_ids, _) = self._data.popitem(last=False)
-                self._tokens -= len(old_ids)
+        self._data[key] = value
+        self._tokens += n
+        while len(self._data) > self.max_entries or self._tokens > self.max_tokens:
+            try:
+                _, old = self._data.popitem(last=False)
+            except KeyError:
+                break
+            self._tokens -= len(old[0])
 
     def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-            self._tokens = 0
-            self.hits = self.misses = 0
+        self._data.clear()
+        self._tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
 
 
 def _backend_json(tokenizer: Any) -> dict:
@@ -302,7 +333,7 @@ def _check_whole_words(backend: Any, vocab: dict[str, int]) -> None:
 
 
 class FastEncoder:
-    """Exact `tokenizer(text, add_special_tokens=False)` ids with token start offsets, faster."""
+    """Exact `tokenizer(text, add_special_tokens=False)` ids and token starts, without the HF call."""
 
     def __init__(self, tokenizer: Any):
         import tiktoken
@@ -334,37 +365,44 @@ class FastEncoder:
 
         self.kind = VERIFIED_PATTERNS[pattern]
         self._backend = backend
-        self._enc = tiktoken.Encoding(
-            f"bios-fast-{self.kind}", pat_str=pattern, mergeable_ranks=ranks, special_tokens={}
-        )
-        nbytes = [0] * (max(ranks.values()) + 1)
+        self._enc = tiktoken.Encoding(f"bios-fast-{self.kind}", pat_str=pattern, mergeable_ranks=ranks,
+                                      special_tokens={})
+        self._encode_ordinary = self._enc._core_bpe.encode_ordinary  # the str check is _check_text's job
+        nbytes = [0] * (max([*ranks.values(), *added_ids.values()]) + 1)
         for token_bytes, idx in ranks.items():
             nbytes[idx] = len(token_bytes)
         self._nbytes = nbytes
-        self._fingerprint = self._current_fingerprint(tokenizer)
-        self.cache = _PieceCache()
+        self._next_id = backend.get_vocab_size(with_added_tokens=True)
+        while backend.id_to_token(self._next_id) is not None:  # ids need not be dense
+            self._next_id += 1
+        self.pieces = _PieceCache()
+        self._words: dict[str, tuple[int, ...]] = {}  # part -> ids of " " + part
+        self._heads: dict[str, tuple[int, ...]] = {}  # first part of a piece -> its ids
 
         ids, starts = self.encode_with_offsets(PROBE_TEXT)
-        ref = slow_encode_with_offsets(tokenizer, PROBE_TEXT)
-        if (ids, starts) != ref:
+        if (ids, starts) != slow_encode_with_offsets(tokenizer, PROBE_TEXT):
             raise Unsupported("probe text encodes differently from HF")
-        self.cache.clear()
+        self.clear_cache()
 
-    @staticmethod
-    def _current_fingerprint(tokenizer: Any) -> tuple:
+    def describes(self, tokenizer: Any) -> bool:
+        """Still true to `tokenizer`: same backend, no token added, special tokens still split out.
+
+        (Replacing the backend's normalizer/pre-tokenizer in place is not detected; call `forget`.)
+        """
         backend = tokenizer.backend_tokenizer
         return (
-            id(backend),
-            backend.get_vocab_size(with_added_tokens=True),
-            bool(getattr(backend, "encode_special_tokens", False)),
-            bool(getattr(tokenizer, "split_special_tokens", False)),
+            backend is self._backend
+            and backend.id_to_token(self._next_id) is None
+            and not backend.encode_special_tokens
+            and not getattr(tokenizer, "split_special_tokens", False)
         )
 
-    def matches(self, tokenizer: Any) -> bool:
-        """Still describes `tokenizer` (no tokens added, special-token splitting unchanged)."""
-        return self._current_fingerprint(tokenizer) == self._fingerprint
+    def clear_cache(self) -> None:
+        self.pieces.clear()
+        self._words.clear()
+        self._heads.clear()
 
-    # ---- pieces -------------------------------------------------------------------------------
+    # ---- one piece (text between added tokens) ----------------------------------------------------
 
     def _spans(self, text: str) -> list[tuple[int, int, int | None]]:
         """(start, end, added-token id or None for an ordinary piece), covering `text` in order."""
@@ -387,24 +425,118 @@ class FastEncoder:
             spans = out
         return spans
 
-    def encode_piece(self, piece: str) -> tuple[list[int], list[int]]:
-        """An ordinary piece (no added tokens) -> (ids, byte offset of each token's start + [total])."""
-        cached = self.cache.get(piece)
-        if cached is not None:
-            return cached
-        if self.nfc and not piece.isascii() and (
-            not unicodedata.is_normalized("NFC", piece) or _unassigned_re().search(piece)
-        ):
-            enc = self._backend.encode(piece, add_special_tokens=False)
-            ids = list(enc.ids)
-            starts = [len(piece[:begin].encode("utf-8")) for begin, _ in enc.offsets]
-            starts.append(len(piece.encode("utf-8")))
-        else:
-            ids = self._enc.encode_ordinary(piece)
-            starts = list(accumulate(map(self._nbytes.__getitem__, ids), initial=0))
-        value = (ids, starts)
-        self.cache.put(piece, value)
-        return value
+    def _chunk(self, text: str) -> tuple[int, ...]:
+        if self.nfc and not nfc_invariant(text):
+            raise _NeedsHF
+        return tuple(self._encode_ordinary(text))
+
+    def _head(self, text: str) -> tuple[int, ...]:
+        ids = self._heads.get(text)
+        if ids is None:
+            ids = self._chunk(text)
+            if len(self._heads) >= WORD_CACHE_ENTRIES:
+                self._heads.clear()
+            self._heads[text] = ids
+        return ids
+
+    def _word(self, part: str, keep: bool) -> tuple[int, ...]:
+        ids = self._chunk(" " + part)
+        if keep:  # only parts after which a split is valid (see _plain): the fast path relies on it
+            if len(self._words) >= WORD_CACHE_ENTRIES:
+                self._words.clear()
+            self._words[part] = ids
+        return ids
+
+    def _plain(self, piece: str) -> list[int]:
+        """Ids of an ordinary piece, chunk by chunk through the word cache."""
+        parts = piece.split(" ")
+        if len(parts) == 1:
+            return list(self._head(piece))
+        first = parts[0]
+        if first and first[-1].isspace():
+            return self._plain_merged(parts)
+        # The word cache holds only parts that are non-empty and do not end in whitespace: exactly the
+        # parts after which the next split point is a pre-token boundary. So when every middle part is
+        # found there, every split point is a boundary.
+        vals = list(map(self._words.get, parts[1:]))
+        if None in vals:
+            last = len(vals) - 1
+            i = -1
+            while True:
+                try:
+                    i = vals.index(None, i + 1)
+                except ValueError:
+                    break
+                part = parts[i + 1]
+                keep = bool(part) and not part[-1].isspace()
+                if not keep and i != last:
+                    return self._plain_merged(parts)
+                vals[i] = self._word(part, keep)
+        ids = list(self._head(first))
+        ids += chain.from_iterable(vals)
+        return ids
+
+    def _plain_merged(self, parts: list[str]) -> list[int]:
+        """As _plain, where some split points are not boundaries: glue those chunks together."""
+        chunks: list[str] = []
+        cur = parts[0]
+        for part in parts[1:]:
+            if (not cur and not chunks) or (cur and not cur[-1].isspace()):
+                chunks.append(cur)
+                cur = " " + part
+            else:
+                cur += " " + part
+        chunks.append(cur)
+        ids = list(self._head(chunks[0]))
+        words_get = self._words.get
+        for chunk in chunks[1:]:
+            part = chunk[1:]
+            found = words_get(part)
+            if found is None:
+                found = self._word(part, bool(part) and not part[-1].isspace())
+            ids += found
+        return ids
+
+    def _piece(self, piece: str) -> list:
+        """[ids, byte starts + [total] or None] of an ordinary piece (cached)."""
+        entry = self.pieces.get(piece)
+        if entry is None:
+            try:
+                entry = [self._plain(piece), None]
+            except _NeedsHF:
+                enc = self._backend.encode(piece, add_special_tokens=False)
+                starts = [len(piece[:begin].encode("utf-8")) for begin, _ in enc.offsets]
+                starts.append(len(piece.encode("utf-8")))
+                entry = [list(enc.ids), starts]
+            self.pieces.put(piece, entry)
+        return entry
+
+    def _starts(self, entry: list) -> list[int]:
+        if entry[1] is None:
+            entry[1] = list(accumulate(map(self._nbytes.__getitem__, entry[0]), initial=0))
+        return entry[1]
+
+    def _count_before(self, entry: list, cut: int, total: int) -> int:
+        """How many of the piece's tokens start before byte `cut` (0 < cut < total)."""
+        if entry[1] is None:
+            nbytes, ids = self._nbytes, entry[0]
+            if cut <= WALK_BYTES:
+                pos = k = 0
+                for t in ids:
+                    if pos >= cut:
+                        return k
+                    pos += nbytes[t]
+                    k += 1
+                return k
+            if total - cut <= WALK_BYTES:
+                pos, k = total, len(ids)
+                for t in reversed(ids):
+                    pos -= nbytes[t]
+                    if pos < cut:
+                        return k
+                    k -= 1
+                return k
+        return bisect.bisect_left(self._starts(entry), cut)
 
     # ---- public -------------------------------------------------------------------------------
 
@@ -413,13 +545,13 @@ class FastEncoder:
         ids: list[int] = []
         for a, b, tid in self._spans(text):
             if tid is None:
-                ids += self.encode_piece(text[a:b])[0]
+                ids += self._piece(text[a:b])[0]
             else:
                 ids.append(tid)
         return ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
-        """(ids, start character of each token) — HF's `offset_mapping` begins."""
+        """(ids, start character of each token): HF's ids and `offset_mapping` begins."""
         _check_text(text)
         ids: list[int] = []
         begins: list[int] = []
@@ -429,26 +561,27 @@ class FastEncoder:
                 begins.append(a)
                 continue
             piece = text[a:b]
-            piece_ids, starts = self.encode_piece(piece)
-            ids += piece_ids
+            entry = self._piece(piece)
+            ids += entry[0]
+            starts = self._starts(entry)[:-1]
             if piece.isascii():
-                begins += [a + s for s in starts[:-1]]
+                begins += [a + s for s in starts]
             else:
                 char_of_byte = []
                 for k, ch in enumerate(piece):
                     char_of_byte += [k] * len(ch.encode("utf-8"))
-                begins += [a + char_of_byte[s] for s in starts[:-1]]
+                begins += [a + char_of_byte[s] for s in starts]
         return ids, begins
 
     def encode_segments(self, texts: Sequence[str]) -> tuple[list[int], list[int]]:
-        """Tokenize "".join(texts) -> (ids, per text the number of tokens whose first char is in it)."""
+        """Ids of "".join(texts) and, per text, how many tokens have their first character in it."""
         text = "".join(texts)
         _check_text(text)
         n_seg = len(texts)
-        bounds = list(accumulate(map(len, texts), initial=0))  # bounds[s] = start of texts[s]
-        before = [0] * (n_seg + 1)  # before[s] = tokens starting before bounds[s]
+        bounds = list(accumulate(map(len, texts), initial=0))  # bounds[s]: where texts[s] starts
+        before = [0] * (n_seg + 1)  # before[s]: tokens starting before bounds[s]
         ids: list[int] = []
-        k = 0  # next boundary to resolve
+        k = 0  # next boundary to place
         for a, b, tid in self._spans(text):
             while k < n_seg and bounds[k] <= a:
                 before[k] = len(ids)
@@ -460,23 +593,25 @@ class FastEncoder:
                     k += 1
                 continue
             piece = text[a:b]
-            piece_ids, starts = self.encode_piece(piece)
+            entry = self._piece(piece)
             if k < n_seg and bounds[k] < b:
                 base = len(ids)
-                ascii_piece = piece.isascii()
-                while k < n_seg and bounds[k] < b:
-                    cut = bounds[k] - a if ascii_piece else len(piece[: bounds[k] - a].encode("utf-8"))
-                    before[k] = base + bisect.bisect_left(starts, cut)
-                    k += 1
-            ids += piece_ids
+                if piece.isascii():
+                    total = b - a
+                    while k < n_seg and bounds[k] < b:
+                        before[k] = base + self._count_before(entry, bounds[k] - a, total)
+                        k += 1
+                else:
+                    total = len(piece.encode("utf-8"))
+                    while k < n_seg and bounds[k] < b:
+                        cut = len(piece[: bounds[k] - a].encode("utf-8"))
+                        before[k] = base + self._count_before(entry, cut, total)
+                        k += 1
+            ids += entry[0]
         while k <= n_seg:
             before[k] = len(ids)
             k += 1
         return ids, [before[s + 1] - before[s] for s in range(n_seg)]
-
-
-class _SlowPath(Exception):
-    pass
 
 
 def _check_text(text: str) -> None:
@@ -491,15 +626,13 @@ def _check_text(text: str) -> None:
 
 
 def get_fast_encoder(tokenizer: Any) -> FastEncoder | None:
-    """The fast encoder of `tokenizer` (built once per tokenizer object), or None if unsupported."""
+    """The fast encoder of `tokenizer` (built on first use, about a second), or None if unsupported."""
     entry = _ENCODERS.get(id(tokenizer))
-    if entry is not None and entry[0] is tokenizer:
-        encoder = entry[1]
-        if encoder is None or encoder.matches(tokenizer):
-            return encoder
+    if entry is not None and entry[0] is tokenizer and (entry[1] is None or entry[1].describes(tokenizer)):
+        return entry[1]
     with _BUILD_LOCK:
         entry = _ENCODERS.get(id(tokenizer))
-        if entry is not None and entry[0] is tokenizer and (entry[1] is None or entry[1].matches(tokenizer)):
+        if entry is not None and entry[0] is tokenizer and (entry[1] is None or entry[1].describes(tokenizer)):
             return entry[1]
         try:
             encoder, reason = FastEncoder(tokenizer), "fast"
@@ -507,17 +640,41 @@ def get_fast_encoder(tokenizer: Any) -> FastEncoder | None:
             encoder, reason = None, f"slow path: {exc}"
         except Exception as exc:  # anything unexpected while inspecting: stay exact
             encoder, reason = None, f"slow path: {type(exc).__name__}: {exc}"
-        # The tokenizer is kept alive with its entry, so its id cannot be reused by another object.
+        # The tokenizer is kept alive by its entry, so its id cannot be taken by another object.
         _ENCODERS[id(tokenizer)] = (tokenizer, encoder, reason)
         return encoder
 
 
+def forget(tokenizer: Any) -> None:
+    """Drop the cached encoder of `tokenizer` (after changing it in place in a way not detected)."""
+    with _BUILD_LOCK:
+        _ENCODERS.pop(id(tokenizer), None)
+
+
 def fast_path_status(tokenizer: Any) -> str:
-    """'fast (<regex kind>)' or 'slow path: <reason>' for `tokenizer`."""
+    """'fast (<pattern>[, NFC])' or 'slow path: <reason>' for `tokenizer`."""
     encoder = get_fast_encoder(tokenizer)
     if encoder is not None:
         return f"fast ({encoder.kind}{', NFC' if encoder.nfc else ''})"
     return _ENCODERS[id(tokenizer)][2]
+
+
+def clear_piece_caches() -> None:
+    """Empty every encoder's piece and word caches (benchmarks time a cold cache with it)."""
+    for _tokenizer, encoder, _reason in list(_ENCODERS.values()):
+        if encoder is not None:
+            encoder.clear_cache()
+
+
+@contextmanager
+def fast_path_disabled():
+    """Within the block every call takes the slow path (process-wide; for benchmarks and tests)."""
+    global _ENABLED
+    saved, _ENABLED = _ENABLED, False
+    try:
+        yield
+    finally:
+        _ENABLED = saved
 
 
 def slow_encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
@@ -527,7 +684,7 @@ def slow_encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list
 
 def encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
     """Exactly `tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)`'s ids and begins."""
-    encoder = get_fast_encoder(tokenizer)
+    encoder = get_fast_encoder(tokenizer) if _ENABLED else None
     if encoder is not None:
         try:
             return encoder.encode_with_offsets(text)
@@ -550,7 +707,7 @@ def slow_encode_segments(tokenizer: Any, texts: Sequence[str]) -> tuple[list[int
 
 def encode_segments(tokenizer: Any, texts: Sequence[str]) -> tuple[list[int], list[int]]:
     """Ids of "".join(texts) and, per text, how many tokens start in it (fast where proven exact)."""
-    encoder = get_fast_encoder(tokenizer)
+    encoder = get_fast_encoder(tokenizer) if _ENABLED else None
     if encoder is not None:
         try:
             return encoder.encode_segments(texts)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+import asyncio
+from itertools import islice
+from typing import Any, Iterable, Iterator, Sequence
+
+import grpc
 
 from google.protobuf import struct_pb2
 
 from bios import types, wire
-from bios.errors import InvalidArgumentError
+from bios.errors import InvalidArgumentError, from_status
 from bios.rendered import RenderedTokens
 from bios.v1 import render_pb2
 
@@ -19,6 +23,11 @@ def rendered_from_pb(pb: render_pb2.RenderedTokens) -> Any:
     return RenderedTokens(token_ids=list(pb.token_ids), message_indices=list(pb.message_indices),
                           message_roles=[roles[i] if 0 <= i < len(roles) else None for i in pb.message_indices],
                           sampled_mask=list(pb.sampled_mask), is_content=list(pb.is_content))
+
+
+def datum_from_pb(pb) -> types.Datum:
+    return types.Datum(model_input=wire.model_input_from_pb(pb.model_input),
+                       loss_fn_inputs={k: wire.tensor_data_from_pb(v) for k, v in pb.loss_fn_inputs.items()})
 
 
 class RenderClient:
@@ -63,6 +72,51 @@ class RenderClient:
             kind=render_pb2.SUPERVISED, train_on_what=self._train_on_what(train_on_what))
         return [(types.Tokens(e.tokens.token_ids), list(e.weights))
                 for e in self._call("RenderBatch", request).examples]
+
+    def bridge_to_next_turn(self, prev_prompt_ids: Sequence[int], prev_completion_ids: Sequence[int],
+                            new_messages: Sequence[dict], tools: list[dict] | None = None,
+                            history: Sequence[dict] | None = None) -> tuple[RenderedTokens | None, str]:
+        """Earlier tokens kept verbatim + the next turn, exactly; or (None, why not)."""
+        if hasattr(prev_prompt_ids, "to_ints"):
+            prev_prompt_ids = prev_prompt_ids.to_ints()
+        request = render_pb2.BridgeToNextTurnRequest(
+            renderer=self.spec, prev_prompt_ids=list(prev_prompt_ids), prev_completion_ids=list(prev_completion_ids),
+            new_turn=wire.conversation_to_pb(new_messages, tools), history=[wire.message_to_pb(m) for m in history or []])
+        response = self._call("BridgeToNextTurn", request)
+        return (rendered_from_pb(response.tokens) if response.ok else None), response.reason
+
+    def conversations_to_data(self, path: str, train_on_what: str = "last_assistant_message",
+                              max_length: int | None = None, lines_per_request: int = 256) -> Iterator[types.Datum]:
+        """Stream a chat JSONL file through the render service: Datums come back as the file is read."""
+        import queue
+
+        results: queue.Queue = queue.Queue(maxsize=8)  # bounded: the file is read no faster than it is used
+        done = object()
+
+        async def requests():
+            first = True
+            with open(path, encoding="utf-8") as f:
+                while lines := list(islice(f, lines_per_request)):
+                    yield render_pb2.ConversationsToDataRequest(
+                        renderer=self.spec if first else None, lines=lines, max_length=max_length or 0,
+                        train_on_what=self._train_on_what(train_on_what) if first else 0)
+                    first = False
+
+        async def run():
+            try:
+                call = self._service._render.ConversationsToData(requests(), metadata=self._service._metadata)
+                async for batch in call:
+                    for datum in batch.data:
+                        await asyncio.to_thread(results.put, datum_from_pb(datum))
+                await asyncio.to_thread(results.put, done)
+            except grpc.aio.AioRpcError as err:
+                await asyncio.to_thread(results.put, from_status(err.code(), err.details() or ""))
+
+        self._service._loop.submit(run())
+        while (item := results.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     def parse_response(self, tokens: Sequence[int], tools: list[dict] | None = None) -> tuple[dict, bool]:
         request = render_pb2.ParseResponseRequest(renderer=self.spec, tokens=list(tokens),
