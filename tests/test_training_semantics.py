@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
+
+import bios
 import torch
 
 from bios import types
@@ -141,3 +143,19 @@ def test_stop_strings_end_sampling(client, qwen3_tokenizer):
     assert seq.stop_reason == "stop" and stop in qwen3_tokenizer.decode(seq.tokens)
     assert stop not in qwen3_tokenizer.decode(seq.tokens[:-1])
     assert seq.tokens == free.tokens[: len(seq.tokens)]
+
+
+def test_lora_layer_selection(client, data, services):
+    """train_attn / train_mlp / train_unembed choose the LoRA targets; each choice trains."""
+    running = services[2]
+    for kwargs, expected in [({"train_mlp": False}, {"q_proj", "k_proj", "v_proj", "o_proj"}),
+                             ({"train_attn": False}, {"gate_proj", "up_proj", "down_proj"}),
+                             ({"train_unembed": True}, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                         "down_proj", "lm_head"})]:
+        tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4, **kwargs)
+        model = running.sessions.models[tc.model_id]
+        assert set(model.base.model.peft_config[model.adapter].target_modules) == expected
+        losses = steps(tc, data, 3, lr=1e-2)
+        assert losses[-1] < losses[0]
+    with pytest.raises(bios.InvalidArgumentError, match="select no layer"):
+        client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4, train_attn=False, train_mlp=False)
