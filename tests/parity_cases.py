@@ -90,3 +90,17 @@ def assert_parity(renderer: Any, tokenizer: Any, messages: list[dict], tools, **
     prefix = messages[:last_assistant] if last_assistant is not None else messages
     prompt = renderer.build_generation_prompt(prefix, tools=tools).to_ints()
     assert prompt == hf_ids(tokenizer, prefix, tools, True, **options), "generation prompt differs from HF"
+
+
+def assert_structural_attribution(r: Any, contiguous: bool = True) -> None:
+    """The renderer contract's structural invariants (seed 002) on a RenderedTokens: parallel arrays,
+    is_content == sampled on assistant tokens, nothing sampled elsewhere, scaffolding (-1) never body or
+    sampled, and (for templates that keep each message in one place) never inside a message's token range."""
+    n = len(r.token_ids)
+    assert len(r.message_indices) == len(r.message_roles) == len(r.sampled_mask) == len(r.is_content) == n
+    for idx, role, sampled, content in zip(r.message_indices, r.message_roles, r.sampled_mask, r.is_content):
+        assert sampled == content if role == "assistant" else not sampled
+        assert not (idx < 0 and (content or sampled))
+    for i in set(r.message_indices) - {-1} if contiguous else ():
+        where = [k for k, idx in enumerate(r.message_indices) if idx == i]
+        assert -1 not in r.message_indices[where[0]:where[-1] + 1]

@@ -16,7 +16,7 @@ from functools import lru_cache
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from parity_cases import CASES, TOOLS, assert_parity, call, fixture_tokenizer, hf_ids
+from parity_cases import CASES, TOOLS, assert_parity, call, fixture_tokenizer, hf_ids, assert_structural_attribution
 
 from render_service.renderers import RenderError, get_renderer, renderer_for_model
 from render_service.renderers.registry import canonical_name
@@ -110,18 +110,11 @@ def sampled_text(messages, j) -> str:
 
 def check_attribution(renderer, tok, messages, tools) -> None:
     r = renderer.render(messages, tools)
-    n = len(r.token_ids)
-    assert len(r.message_indices) == len(r.sampled_mask) == len(r.is_content) == len(r.message_roles) == n
-    for role, sampled, content in zip(r.message_roles, r.sampled_mask, r.is_content):
-        assert sampled == content if role == "assistant" else not sampled
+    assert_structural_attribution(r)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             got = decode(tok, [t for t, k, c in zip(r.token_ids, r.message_indices, r.is_content) if k == i and c])
             assert (m["content"] or "").strip() in got, (i, got)
-    for i in set(r.message_indices) - {-1}:
-        where = [k for k, idx in enumerate(r.message_indices) if idx == i]
-        assert -1 not in r.message_indices[where[0]:where[-1] + 1]
-    assert not any(c or s for k, c, s in zip(r.message_indices, r.is_content, r.sampled_mask) if k == -1)
 
 
 def check_supervised(renderer, tok, messages, tools) -> None:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURES
-from parity_cases import CASES, SYSTEM, TOOLS, USER, assert_parity, call, fixture_tokenizer, hf_ids
+from parity_cases import CASES, SYSTEM, TOOLS, USER, assert_parity, call, fixture_tokenizer, hf_ids, assert_structural_attribution
 from render_service.renderers import RenderError, get_renderer, renderer_for_model
 from render_service.renderers.base import text_of
 
@@ -81,11 +81,8 @@ def hf_text(tok, messages, tools, add_generation_prompt=False) -> str:
 
 def check_attribution(renderer, tok, messages, tools) -> None:
     r = renderer.render(messages, tools=tools)
-    n = len(r.token_ids)
-    assert len(r.message_indices) == len(r.message_roles) == len(r.sampled_mask) == len(r.is_content) == n
-    for idx, role, sampled, content in zip(r.message_indices, r.message_roles, r.sampled_mask, r.is_content):
-        assert sampled == content if role == "assistant" else not sampled
-        assert (role is None) == (idx < 0) and not (idx < 0 and content)
+    assert_structural_attribution(r, contiguous=False)  # the template moves system text into later blocks
+    assert all((role is None) == (idx < 0) for idx, role in zip(r.message_indices, r.message_roles))
     # The template writes the system message only into a final user message.
     system_shown = messages[0]["role"] == "system" and messages[-1]["role"] == "user" and len(messages) > 1
     dropped = {0} if messages[0]["role"] == "system" and not (system_shown and messages[0]["content"]) else set()

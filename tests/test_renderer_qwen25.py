@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from parity_cases import CASES, TOOLS, assert_parity, call, fixture_tokenizer, hf_ids
+from parity_cases import CASES, TOOLS, assert_parity, call, fixture_tokenizer, hf_ids, assert_structural_attribution
 from render_service.renderers import RenderError, get_renderer, renderer_for_model
 from render_service.renderers.base import text_of
 
@@ -46,10 +46,7 @@ def hf_text(tok, messages, tools, add_generation_prompt, **options) -> str:
 def check_attribution(renderer, tok, messages, tools) -> None:
     """The per-token attribution invariants of the renderer contract."""
     r = renderer.render(messages, tools=tools)
-    n = len(r.token_ids)
-    assert len(r.message_indices) == len(r.message_roles) == len(r.sampled_mask) == len(r.is_content) == n
-    for role, sampled, content in zip(r.message_roles, r.sampled_mask, r.is_content):
-        assert sampled == content if role == "assistant" else not sampled
+    assert_structural_attribution(r)
     # Messages are contiguous and in order; -1 only before the first / after the last message token.
     owned = [k for k, idx in enumerate(r.message_indices) if idx >= 0]
     assert [r.message_indices[k] for k in owned] == sorted(r.message_indices[k] for k in owned)
