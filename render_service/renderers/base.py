@@ -175,13 +175,16 @@ class BaseRenderer:
         rendered = self.render(messages, tools)
         trained = trained_messages(messages, train_on_what)
         sft_roles = set(content_sft_roles)
-        weights = []
-        for idx, role, sampled, content in zip(
-            rendered.message_indices, rendered.message_roles, rendered.sampled_mask, rendered.is_content
-        ):
-            on = idx in trained and (sampled or (train_on_what in ("all_messages", "customized") and role != "assistant"))
-            on = on or (content and role in sft_roles)
-            weights.append(1.0 if on else 0.0)
+        whole_messages = train_on_what in ("all_messages", "customized")
+
+        def weight(idx: int, role: str | None, sampled: bool, content: bool) -> float:
+            on = idx in trained and (sampled or (whole_messages and role != "assistant"))
+            return 1.0 if on or (content and role in sft_roles) else 0.0
+
+        # A token's weight depends only on its attribution, and a conversation has few distinct ones.
+        table: dict[tuple, float] = {}
+        keys = zip(rendered.message_indices, rendered.message_roles, rendered.sampled_mask, rendered.is_content)
+        weights = [table[k] if k in table else table.setdefault(k, weight(*k)) for k in keys]
         return SupervisedExample(rendered, weights)
 
 
@@ -216,13 +219,16 @@ def tokenize_segments(tokenizer: Any, segments: Sequence[Segment], roles: Sequen
 
 def _attribute(ids: list[int], counts: Sequence[int], segments: Sequence[Segment], roles: Sequence[str]) -> RenderedTokens:
     """Per-token attribution from how many tokens start in each segment (runs, not a per-token loop)."""
-    out = RenderedTokens(ids, [], [], [], [])
+    indices: list[int] = []
+    message_roles: list[str | None] = []
+    sampled: list[bool] = []
+    content: list[bool] = []
     n_roles = len(roles)
     for seg, n in zip(segments, counts):
         if n:
             index = seg.message_index
-            out.message_indices += [index] * n
-            out.message_roles += [roles[index] if 0 <= index < n_roles else None] * n
-            out.sampled_mask += [seg.sampled] * n
-            out.is_content += [seg.is_content] * n
-    return out
+            indices += [index] * n
+            message_roles += [roles[index] if 0 <= index < n_roles else None] * n
+            sampled += [seg.sampled] * n
+            content += [seg.is_content] * n
+    return RenderedTokens(ids, indices, message_roles, sampled, content)

@@ -25,18 +25,20 @@ Anything it cannot show to be the same goes to the slow path (that one HF call).
    these are the same procedure: the merge list is exactly the set of all splits of every token into two
    tokens (so the same pairs are mergeable), in non-decreasing order of the merged token's id (so the
    same pair is chosen); and where HF does not look whole words up (`ignore_merges=False`) every token's
-   own bytes BPE back to that token (tiktoken always looks a whole pre-token up first). The regex must be
-   one of `VERIFIED_PATTERNS`, for which fancy-regex (tiktoken) and Oniguruma (tokenizers) were compared
-   on every Unicode scalar value; a probe text is compared with HF at construction as a last guard.
+   own bytes BPE back to that token (tiktoken always looks a whole pre-token up first). One case is left
+   open by these checks: two *different* splits of the same token adjacent at the same time, where HF
+   picks by merge index and tiktoken by position. A step-by-step simulation found no such tie in ~250k
+   distinct pre-tokens per vocabulary (a code corpus plus periodic strings built from 40k multi-split
+   tokens), and the tests replay such strings against HF. The regex must be one of `VERIFIED_PATTERNS`,
+   for which fancy-regex (tiktoken) and Oniguruma (tokenizers) were compared on every Unicode scalar
+   value; a probe text is compared with HF at construction as a last guard.
 
-4. Word cache. A space whose preceding character is not whitespace is always a pre-token boundary in
-   all the verified patterns (a space can only be the first character of a match, and whitespace runs
-   cannot start on a non-whitespace character; the one lookahead, `\\s+(?!\\S)`, only ends matches made
-   of whitespace). So a piece is cut with `str.split(" ")` into chunks " word" that encode independently,
-   and a dict maps each chunk to its ids: repeated words, role headers and system prompts cost a lookup.
-   Where a split point is not such a boundary (double spaces, indentation) neighbouring chunks are merged.
-   Under NFC the check of (2) runs per chunk (a chunk starts with U+0020, a starter that composes with
-   nothing, so a piece is NFC iff its chunks are).
+   Tokenizers whose pipeline is piece-local but not tiktoken's (DeepSeek V3: three chained Splits and a
+   merge list that is not tiktoken-complete) keep steps 1 and 4, and encode each uncached piece with one
+   HF backend call on that piece alone, whose offsets are used as they are.
+
+4. Pieces (the text between two added tokens) are cached, LRU and bounded, keyed by their text: role
+   headers, separators, repeated system prompts and tool blocks cost a dictionary lookup.
 
 Offsets come from the token byte lengths. Tokens spanning a segment boundary belong to the segment of
 their first character, as in the slow path. Encoders are built once per tokenizer object (about a
@@ -50,14 +52,16 @@ import json
 import re
 import threading
 import unicodedata
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
-from itertools import accumulate, chain
+from itertools import accumulate
 from typing import Any, Sequence
 
 # Pre-tokenization regexes (as written in tokenizer.json) for which tiktoken's fancy-regex and the
 # tokenizers library's Oniguruma were checked to split identically for every Unicode scalar value in
-# several contexts (tests/test_fast_tokenize.py re-checks the Basic Multilingual Plane).
+# 15 contexts (tiktoken 0.14, tokenizers 0.23; tests/test_fast_tokenize.py re-checks the whole Basic
+# Multilingual Plane on every run, so a library upgrade that changes a character class shows up there).
 VERIFIED_PATTERNS = {
     # Qwen2 / Qwen2.5 / Qwen3
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""":
@@ -94,7 +98,6 @@ PROBE_TEXT = (
 PIECE_CACHE_ENTRIES = 4096
 PIECE_CACHE_TOKENS = 1 << 20  # ids held by the piece cache in total
 PIECE_CACHE_MAX_CHARS = 1 << 15  # longer pieces are not cached
-WORD_CACHE_ENTRIES = 1 << 19  # the word cache is emptied when it grows past this
 # Token starts inside a piece are found by walking token lengths when the boundary is this close (bytes)
 # to the piece's start or end, else from the full prefix sums.
 WALK_BYTES = 256
@@ -102,7 +105,7 @@ WALK_BYTES = 256
 _BYTE_TO_CHAR: dict[int, str] | None = None
 _BMP_UNASSIGNED: re.Pattern | None = None
 _ASTRAL = re.compile("[\U00010000-\U0010ffff]")
-_ENCODERS: dict[int, tuple[Any, "FastEncoder | None", str]] = {}
+_ENCODERS: dict[int, tuple[Any, "FastEncoder | None", str]] = {}  # id -> (weakref, encoder, why)
 _BUILD_LOCK = threading.Lock()
 _ENABLED = True  # off only inside `fast_path_disabled()` (benchmarks measure the slow path with it)
 
@@ -113,10 +116,6 @@ class Unsupported(Exception):
 
 class _SlowPath(Exception):
     """This text (lone surrogates) goes to the slow path."""
-
-
-class _NeedsHF(Exception):
-    """This piece is not provably NFC-invariant: encode it with the HF backend."""
 
 
 def byte_to_char() -> dict[int, str]:
@@ -235,34 +234,24 @@ def _backend_json(tokenizer: Any) -> dict:
     return json.loads(backend.to_str())
 
 
-def _check_pipeline(spec: dict) -> tuple[str, bool]:
-    """(pre-tokenizer regex, applies NFC) for a supported pipeline; Unsupported otherwise."""
-    if spec.get("truncation") or spec.get("padding"):
-        raise Unsupported("truncation/padding configured on the backend")
+def _normalizer_kind(spec: dict) -> str:
     norm = spec.get("normalizer")
     if norm is None or (norm.get("type") == "Sequence" and not norm.get("normalizers")):
-        nfc = False
-    elif norm.get("type") == "NFC" or (norm.get("type") == "Sequence" and norm["normalizers"] == [{"type": "NFC"}]):
-        nfc = True
-    else:
-        raise Unsupported(f"normalizer {norm.get('type')}")
+        return "identity"
+    if norm.get("type") == "NFC" or (norm.get("type") == "Sequence" and norm["normalizers"] == [{"type": "NFC"}]):
+        return "NFC"
+    return str(norm.get("type"))
+
+
+def _pre_tokenizer_steps(spec: dict) -> list[dict]:
     pre = spec.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
-    if (
-        not steps
-        or len(steps) != 2
-        or steps[0].get("type") != "Split"
-        or "Regex" not in (steps[0].get("pattern") or {})
-        or steps[0].get("behavior") != "Isolated"
-        or steps[0].get("invert")
-        or steps[1].get("type") != "ByteLevel"
-        or steps[1].get("add_prefix_space")
-        or steps[1].get("use_regex")
-    ):
-        raise Unsupported("pre-tokenizer is not one Split(regex, isolated) + ByteLevel(no prefix space, no regex)")
-    pattern = steps[0]["pattern"]["Regex"]
-    if pattern not in VERIFIED_PATTERNS:
-        raise Unsupported("pre-tokenizer regex not among the verified patterns")
+    return list(pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre] if pre else []
+
+
+def _check_common(spec: dict) -> None:
+    """What both fast paths need: the HF call is one backend encode whose offsets are not trimmed."""
+    if spec.get("truncation") or spec.get("padding"):
+        raise Unsupported("truncation/padding configured on the backend")
     post = spec.get("post_processor")
     procs = [] if post is None else post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
     for proc in procs:
@@ -272,6 +261,28 @@ def _check_pipeline(spec: dict) -> tuple[str, bool]:
         if kind == "TemplateProcessing":  # adds nothing with add_special_tokens=False
             continue
         raise Unsupported(f"post-processor {kind} (trim_offsets={proc.get('trim_offsets')})")
+
+
+def _check_tiktoken(spec: dict) -> tuple[str, bool]:
+    """(pre-tokenizer regex, applies NFC) if tiktoken can stand in for normalizer + pre-tokenizer + BPE."""
+    normalizer = _normalizer_kind(spec)
+    if normalizer not in ("identity", "NFC"):
+        raise Unsupported(f"normalizer {normalizer}")
+    steps = _pre_tokenizer_steps(spec)
+    if (
+        len(steps) != 2
+        or steps[0].get("type") != "Split"
+        or "Regex" not in (steps[0].get("pattern") or {})
+        or steps[0].get("behavior") != "Isolated"
+        or steps[0].get("invert")
+        or steps[1].get("type") != "ByteLevel"
+        or steps[1].get("add_prefix_space")
+        or steps[1].get("use_regex")
+    ):
+        raise Unsupported("pre-tokenizer is not one Split(regex) + ByteLevel")
+    pattern = steps[0]["pattern"]["Regex"]
+    if pattern not in VERIFIED_PATTERNS:
+        raise Unsupported("pre-tokenizer regex not among the verified patterns")
     model = spec.get("model") or {}
     if (
         model.get("type") != "BPE"
@@ -281,17 +292,36 @@ def _check_pipeline(spec: dict) -> tuple[str, bool]:
         or model.get("end_of_word_suffix")
     ):
         raise Unsupported("model is not plain byte-level BPE")
-    return pattern, nfc
+    return pattern, normalizer == "NFC"
+
+
+def _check_piecewise(spec: dict) -> None:
+    """HF encodes each piece between added tokens on its own, so a piece's tokens do not depend on the
+    rest of the text. True of normalizers and of these pre-tokenizers; not of e.g. Metaspace with
+    prepend_scheme="first" (only the first piece gets the prefix), so anything else is refused."""
+    for step in _pre_tokenizer_steps(spec):
+        kind = step.get("type")
+        if kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert"):
+            continue
+        if kind == "ByteLevel" and not step.get("add_prefix_space"):
+            continue
+        if kind == "Digits":
+            continue
+        raise Unsupported(f"pre-tokenizer step {kind} not known to be piece-local")
+    if (spec.get("model") or {}).get("type") != "BPE" or (spec.get("model") or {}).get("dropout"):
+        raise Unsupported("model is not BPE without dropout")
 
 
 def _ranks_from_vocab(vocab: dict[str, int]) -> dict[bytes, int]:
-    to_byte = {c: b for b, c in byte_to_char().items()}
+    table = str.maketrans({c: chr(b) for b, c in byte_to_char().items()})
     ranks: dict[bytes, int] = {}
     try:
-        for token, idx in vocab.items():
-            ranks[bytes(to_byte[c] for c in token)] = idx
-    except KeyError:
+        for token, idx in vocab.items():  # byte-level chars -> chr(byte) -> the byte
+            ranks[token.translate(table).encode("latin-1")] = idx
+    except UnicodeEncodeError:
         raise Unsupported("vocabulary is not byte-level") from None
+    if any(c not in byte_to_char().values() for c in set("".join(vocab))):
+        raise Unsupported("vocabulary is not byte-level")
     if len(ranks) != len(vocab) or len(set(ranks.values())) != len(ranks):
         raise Unsupported("vocabulary byte strings or ids are not unique")
     if any(bytes([b]) not in ranks for b in range(256)):
@@ -314,10 +344,11 @@ def _check_merges(vocab: dict[str, int], merges: list) -> None:
         seen.add((left, right))
     if len(seen) != len(pairs):
         raise Unsupported("duplicate merges")
+    has = vocab.__contains__
     complete = 0
     for token in vocab:
         for k in range(1, len(token)):
-            if token[:k] in vocab and token[k:] in vocab:
+            if has(token[:k]) and has(token[k:]):
                 complete += 1
     if complete != len(seen):  # seen ⊆ all splits, so equal size means equal sets
         raise Unsupported(f"merge list is not tiktoken-complete ({len(seen)} merges, {complete} splits)")
@@ -336,19 +367,20 @@ class FastEncoder:
     """Exact `tokenizer(text, add_special_tokens=False)` ids and token starts, without the HF call."""
 
     def __init__(self, tokenizer: Any):
-        import tiktoken
-
         spec = _backend_json(tokenizer)
-        pattern, self.nfc = _check_pipeline(spec)
+        _check_common(spec)
         backend = tokenizer.backend_tokenizer
         if getattr(backend, "encode_special_tokens", False) or getattr(tokenizer, "split_special_tokens", False):
             raise Unsupported("special tokens are not split out (split_special_tokens=True)")
-        model = spec["model"]
-        vocab: dict[str, int] = model["vocab"]
-        ranks = _ranks_from_vocab(vocab)
-        _check_merges(vocab, model.get("merges") or [])
-        if not model.get("ignore_merges"):
-            _check_whole_words(backend, vocab)
+        self._backend = backend
+        try:
+            self._init_tiktoken(spec)
+        except Unsupported as exc:
+            # Pieces still go through the piece cache, each miss as one HF call on that piece alone.
+            _check_piecewise(spec)
+            self.kind, self.nfc, self.why_not_tiktoken = "HF per piece", False, str(exc)
+            self._encode_ordinary = None
+            self._nbytes = []
 
         first_pass, second_pass, added_ids = [], [], {}
         for idx, tok in backend.get_added_tokens_decoder().items():
@@ -356,33 +388,43 @@ class FastEncoder:
                 raise Unsupported(f"added token {tok.content!r} has lstrip/rstrip/single_word")
             if not tok.content:
                 raise Unsupported("empty added token")
-            if tok.normalized and self.nfc:
+            if tok.normalized and _normalizer_kind(spec) != "identity":
                 raise Unsupported("normalized added tokens under a non-identity normalizer")
             (second_pass if tok.normalized else first_pass).append(tok.content)
             added_ids[tok.content] = idx
-        self._passes = [trie_regex(words) for words in (first_pass, second_pass) if words]
+        self._passes = [re.compile(f"({trie_regex(words).pattern})") for words in (first_pass, second_pass) if words]
         self._added_ids = added_ids
 
-        self.kind = VERIFIED_PATTERNS[pattern]
-        self._backend = backend
-        self._enc = tiktoken.Encoding(f"bios-fast-{self.kind}", pat_str=pattern, mergeable_ranks=ranks,
-                                      special_tokens={})
-        self._encode_ordinary = self._enc._core_bpe.encode_ordinary  # the str check is _check_text's job
-        nbytes = [0] * (max([*ranks.values(), *added_ids.values()]) + 1)
-        for token_bytes, idx in ranks.items():
-            nbytes[idx] = len(token_bytes)
-        self._nbytes = nbytes
         self._next_id = backend.get_vocab_size(with_added_tokens=True)
         while backend.id_to_token(self._next_id) is not None:  # ids need not be dense
             self._next_id += 1
         self.pieces = _PieceCache()
-        self._words: dict[str, tuple[int, ...]] = {}  # part -> ids of " " + part
-        self._heads: dict[str, tuple[int, ...]] = {}  # first part of a piece -> its ids
 
         ids, starts = self.encode_with_offsets(PROBE_TEXT)
         if (ids, starts) != slow_encode_with_offsets(tokenizer, PROBE_TEXT):
             raise Unsupported("probe text encodes differently from HF")
         self.clear_cache()
+
+    def _init_tiktoken(self, spec: dict) -> None:
+        import tiktoken
+
+        pattern, self.nfc = _check_tiktoken(spec)
+        model = spec["model"]
+        vocab: dict[str, int] = model["vocab"]
+        ranks = _ranks_from_vocab(vocab)
+        _check_merges(vocab, model.get("merges") or [])
+        if not model.get("ignore_merges"):
+            _check_whole_words(self._backend, vocab)
+        if self.nfc:
+            _bmp_unassigned()  # built now (0.1 s once per process) rather than on the first request
+        self.kind = VERIFIED_PATTERNS[pattern]
+        self._enc = tiktoken.Encoding(f"bios-fast-{self.kind}", pat_str=pattern, mergeable_ranks=ranks,
+                                      special_tokens={})
+        self._encode_ordinary = self._enc._core_bpe.encode_ordinary  # the str check is _check_text's job
+        nbytes = [0] * (max(ranks.values()) + 1)
+        for token_bytes, idx in ranks.items():
+            nbytes[idx] = len(token_bytes)
+        self._nbytes = nbytes
 
     def describes(self, tokenizer: Any) -> bool:
         """Still true to `tokenizer`: same backend, no token added, special tokens still split out.
@@ -399,115 +441,41 @@ class FastEncoder:
 
     def clear_cache(self) -> None:
         self.pieces.clear()
-        self._words.clear()
-        self._heads.clear()
 
     # ---- one piece (text between added tokens) ----------------------------------------------------
 
-    def _spans(self, text: str) -> list[tuple[int, int, int | None]]:
-        """(start, end, added-token id or None for an ordinary piece), covering `text` in order."""
-        spans: list[tuple[int, int, int | None]] = [(0, len(text), None)]
-        for regex in self._passes:
+    def _split(self, text: str) -> list[str]:
+        """[piece, added token, piece, ..., piece]: `text` cut on the added tokens (pieces may be empty)."""
+        if not self._passes:
+            return [text]
+        parts = self._passes[0].split(text)
+        if len(self._passes) > 1:  # normalized added tokens: matched in what the first pass left
+            again = self._passes[1].split
             out = []
-            for a, b, tid in spans:
-                if tid is not None:
-                    out.append((a, b, tid))
-                    continue
-                pos = a
-                for m in regex.finditer(text, a, b):
-                    s, e = m.span()
-                    if s > pos:
-                        out.append((pos, s, None))
-                    out.append((s, e, self._added_ids[m.group()]))
-                    pos = e
-                if pos < b:
-                    out.append((pos, b, None))
-            spans = out
-        return spans
-
-    def _chunk(self, text: str) -> tuple[int, ...]:
-        if self.nfc and not nfc_invariant(text):
-            raise _NeedsHF
-        return tuple(self._encode_ordinary(text))
-
-    def _head(self, text: str) -> tuple[int, ...]:
-        ids = self._heads.get(text)
-        if ids is None:
-            ids = self._chunk(text)
-            if len(self._heads) >= WORD_CACHE_ENTRIES:
-                self._heads.clear()
-            self._heads[text] = ids
-        return ids
-
-    def _word(self, part: str, keep: bool) -> tuple[int, ...]:
-        ids = self._chunk(" " + part)
-        if keep:  # only parts after which a split is valid (see _plain): the fast path relies on it
-            if len(self._words) >= WORD_CACHE_ENTRIES:
-                self._words.clear()
-            self._words[part] = ids
-        return ids
-
-    def _plain(self, piece: str) -> list[int]:
-        """Ids of an ordinary piece, chunk by chunk through the word cache."""
-        parts = piece.split(" ")
-        if len(parts) == 1:
-            return list(self._head(piece))
-        first = parts[0]
-        if first and first[-1].isspace():
-            return self._plain_merged(parts)
-        # The word cache holds only parts that are non-empty and do not end in whitespace: exactly the
-        # parts after which the next split point is a pre-token boundary. So when every middle part is
-        # found there, every split point is a boundary.
-        vals = list(map(self._words.get, parts[1:]))
-        if None in vals:
-            last = len(vals) - 1
-            i = -1
-            while True:
-                try:
-                    i = vals.index(None, i + 1)
-                except ValueError:
-                    break
-                part = parts[i + 1]
-                keep = bool(part) and not part[-1].isspace()
-                if not keep and i != last:
-                    return self._plain_merged(parts)
-                vals[i] = self._word(part, keep)
-        ids = list(self._head(first))
-        ids += chain.from_iterable(vals)
-        return ids
-
-    def _plain_merged(self, parts: list[str]) -> list[int]:
-        """As _plain, where some split points are not boundaries: glue those chunks together."""
-        chunks: list[str] = []
-        cur = parts[0]
-        for part in parts[1:]:
-            if (not cur and not chunks) or (cur and not cur[-1].isspace()):
-                chunks.append(cur)
-                cur = " " + part
-            else:
-                cur += " " + part
-        chunks.append(cur)
-        ids = list(self._head(chunks[0]))
-        words_get = self._words.get
-        for chunk in chunks[1:]:
-            part = chunk[1:]
-            found = words_get(part)
-            if found is None:
-                found = self._word(part, bool(part) and not part[-1].isspace())
-            ids += found
-        return ids
+            for k, part in enumerate(parts):
+                if k % 2 or not part:
+                    out.append(part)
+                else:
+                    out += again(part)
+            parts = out
+        return parts
 
     def _piece(self, piece: str) -> list:
-        """[ids, byte starts + [total] or None] of an ordinary piece (cached)."""
+        """[ids, byte starts + [total] or None until needed] of an ordinary piece (cached)."""
         entry = self.pieces.get(piece)
         if entry is None:
-            try:
-                entry = [self._plain(piece), None]
-            except _NeedsHF:
+            if self._encode_ordinary is None or (self.nfc and not nfc_invariant(piece)):
                 enc = self._backend.encode(piece, add_special_tokens=False)
-                starts = [len(piece[:begin].encode("utf-8")) for begin, _ in enc.offsets]
-                starts.append(len(piece.encode("utf-8")))
+                starts, char, byte = [], 0, 0
+                for begin, _end in enc.offsets:  # char offsets -> byte offsets (begins never decrease)
+                    if begin != char:
+                        byte += len(piece[char:begin].encode("utf-8"))
+                        char = begin
+                    starts.append(byte)
+                starts.append(byte + len(piece[char:].encode("utf-8")))
                 entry = [list(enc.ids), starts]
+            else:
+                entry = [self._encode_ordinary(piece), None]
             self.pieces.put(piece, entry)
         return entry
 
@@ -543,11 +511,13 @@ class FastEncoder:
     def encode(self, text: str) -> list[int]:
         _check_text(text)
         ids: list[int] = []
-        for a, b, tid in self._spans(text):
-            if tid is None:
-                ids += self._piece(text[a:b])[0]
-            else:
-                ids.append(tid)
+        special = False
+        for part in self._split(text):
+            if special:
+                ids.append(self._added_ids[part])
+            elif part:
+                ids += self._piece(part)[0]
+            special = not special
         return ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
@@ -555,63 +525,84 @@ class FastEncoder:
         _check_text(text)
         ids: list[int] = []
         begins: list[int] = []
-        for a, b, tid in self._spans(text):
-            if tid is not None:
-                ids.append(tid)
-                begins.append(a)
-                continue
-            piece = text[a:b]
-            entry = self._piece(piece)
-            ids += entry[0]
-            starts = self._starts(entry)[:-1]
-            if piece.isascii():
-                begins += [a + s for s in starts]
-            else:
-                char_of_byte = []
-                for k, ch in enumerate(piece):
-                    char_of_byte += [k] * len(ch.encode("utf-8"))
-                begins += [a + char_of_byte[s] for s in starts]
+        pos = 0
+        special = False
+        for part in self._split(text):
+            if special:
+                ids.append(self._added_ids[part])
+                begins.append(pos)
+            elif part:
+                entry = self._piece(part)
+                ids += entry[0]
+                starts = self._starts(entry)[:-1]
+                if part.isascii():
+                    begins += [pos + s for s in starts]
+                else:
+                    char_of_byte = []
+                    for k, ch in enumerate(part):
+                        char_of_byte += [k] * len(ch.encode("utf-8"))
+                    begins += [pos + char_of_byte[s] for s in starts]
+            pos += len(part)
+            special = not special
         return ids, begins
 
     def encode_segments(self, texts: Sequence[str]) -> tuple[list[int], list[int]]:
         """Ids of "".join(texts) and, per text, how many tokens have their first character in it."""
+        if not texts:
+            return [], []
         text = "".join(texts)
-        _check_text(text)
-        n_seg = len(texts)
-        bounds = list(accumulate(map(len, texts), initial=0))  # bounds[s]: where texts[s] starts
-        before = [0] * (n_seg + 1)  # before[s]: tokens starting before bounds[s]
+        if not text.isascii():
+            _check_text(text)
+        cuts = list(accumulate(map(len, texts)))  # cuts[s]: where texts[s] ends and texts[s + 1] starts
+        n_cuts = len(cuts) - 1  # the last one is the end of the text: nothing to place
+        cuts[-1] = len(text) + 1  # a sentinel no position reaches
+        before: list[int] = []  # before[s]: tokens starting before cuts[s]
+        place = before.append
         ids: list[int] = []
-        k = 0  # next boundary to place
-        for a, b, tid in self._spans(text):
-            while k < n_seg and bounds[k] <= a:
-                before[k] = len(ids)
-                k += 1
-            if tid is not None:
-                ids.append(tid)
-                while k < n_seg and bounds[k] < b:
-                    before[k] = len(ids)
+        added = self._added_ids
+        pieces_get = self.pieces.get
+        k = pos = 0
+        nxt = cuts[0]
+        special = False
+        for part in self._split(text):
+            end = pos + len(part)
+            if nxt < end:  # a segment boundary before the end of this part
+                while nxt <= pos:
+                    place(len(ids))
                     k += 1
-                continue
-            piece = text[a:b]
-            entry = self._piece(piece)
-            if k < n_seg and bounds[k] < b:
-                base = len(ids)
-                if piece.isascii():
-                    total = b - a
-                    while k < n_seg and bounds[k] < b:
-                        before[k] = base + self._count_before(entry, bounds[k] - a, total)
+                    nxt = cuts[k]
+                if special:
+                    ids.append(added[part])
+                    while nxt < end:
+                        place(len(ids))
                         k += 1
-                else:
-                    total = len(piece.encode("utf-8"))
-                    while k < n_seg and bounds[k] < b:
-                        cut = len(piece[: bounds[k] - a].encode("utf-8"))
-                        before[k] = base + self._count_before(entry, cut, total)
-                        k += 1
-            ids += entry[0]
-        while k <= n_seg:
-            before[k] = len(ids)
-            k += 1
-        return ids, [before[s + 1] - before[s] for s in range(n_seg)]
+                        nxt = cuts[k]
+                else:  # boundaries inside a piece
+                    entry = pieces_get(part) or self._piece(part)
+                    base = len(ids)
+                    if part.isascii():
+                        while nxt < end:
+                            place(base + self._count_before(entry, nxt - pos, end - pos))
+                            k += 1
+                            nxt = cuts[k]
+                    else:
+                        total = len(part.encode("utf-8"))
+                        while nxt < end:
+                            cut = len(part[: nxt - pos].encode("utf-8"))
+                            place(base + self._count_before(entry, cut, total))
+                            k += 1
+                            nxt = cuts[k]
+                    ids += entry[0]
+            elif special:
+                ids.append(added[part])
+            elif part:
+                ids += (pieces_get(part) or self._piece(part))[0]
+            pos = end
+            special = not special
+        n = len(ids)
+        before += [n] * (n_cuts - k)
+        before.append(n)
+        return ids, [b - a for a, b in zip([0, *before], before)]
 
 
 def _check_text(text: str) -> None:
@@ -625,14 +616,21 @@ def _check_text(text: str) -> None:
 # ---- module API ---------------------------------------------------------------------------------
 
 
-def get_fast_encoder(tokenizer: Any) -> FastEncoder | None:
-    """The fast encoder of `tokenizer` (built on first use, about a second), or None if unsupported."""
+def _cached(tokenizer: Any) -> tuple | None:
     entry = _ENCODERS.get(id(tokenizer))
-    if entry is not None and entry[0] is tokenizer and (entry[1] is None or entry[1].describes(tokenizer)):
+    if entry is not None and entry[0]() is tokenizer and (entry[1] is None or entry[1].describes(tokenizer)):
+        return entry
+    return None
+
+
+def get_fast_encoder(tokenizer: Any) -> FastEncoder | None:
+    """The fast encoder of `tokenizer` (built on first use, 1-2 s), or None if unsupported."""
+    entry = _cached(tokenizer)
+    if entry is not None:
         return entry[1]
     with _BUILD_LOCK:
-        entry = _ENCODERS.get(id(tokenizer))
-        if entry is not None and entry[0] is tokenizer and (entry[1] is None or entry[1].describes(tokenizer)):
+        entry = _cached(tokenizer)
+        if entry is not None:
             return entry[1]
         try:
             encoder, reason = FastEncoder(tokenizer), "fast"
@@ -640,8 +638,12 @@ def get_fast_encoder(tokenizer: Any) -> FastEncoder | None:
             encoder, reason = None, f"slow path: {exc}"
         except Exception as exc:  # anything unexpected while inspecting: stay exact
             encoder, reason = None, f"slow path: {type(exc).__name__}: {exc}"
-        # The tokenizer is kept alive by its entry, so its id cannot be taken by another object.
-        _ENCODERS[id(tokenizer)] = (tokenizer, encoder, reason)
+        key = id(tokenizer)
+        try:  # the entry goes when the tokenizer does (before its id can be reused)
+            ref = weakref.ref(tokenizer, lambda _ref, key=key: _ENCODERS.pop(key, None))
+        except TypeError:  # not weakly referenceable: keep it alive instead
+            ref = (lambda kept: lambda: kept)(tokenizer)
+        _ENCODERS[key] = (ref, encoder, reason)
         return encoder
 
 
@@ -654,14 +656,16 @@ def forget(tokenizer: Any) -> None:
 def fast_path_status(tokenizer: Any) -> str:
     """'fast (<pattern>[, NFC])' or 'slow path: <reason>' for `tokenizer`."""
     encoder = get_fast_encoder(tokenizer)
-    if encoder is not None:
-        return f"fast ({encoder.kind}{', NFC' if encoder.nfc else ''})"
-    return _ENCODERS[id(tokenizer)][2]
+    if encoder is None:
+        return _ENCODERS[id(tokenizer)][2]
+    if encoder._encode_ordinary is None:
+        return f"piece cache + HF per piece (no tiktoken: {encoder.why_not_tiktoken})"
+    return f"fast: tiktoken ({encoder.kind}{', NFC' if encoder.nfc else ''}) + piece cache"
 
 
 def clear_piece_caches() -> None:
     """Empty every encoder's piece and word caches (benchmarks time a cold cache with it)."""
-    for _tokenizer, encoder, _reason in list(_ENCODERS.values()):
+    for _ref, encoder, _reason in list(_ENCODERS.values()):
         if encoder is not None:
             encoder.clear_cache()
 
