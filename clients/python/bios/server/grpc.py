@@ -6,6 +6,8 @@ clear message in one place, so a bad request never crashes the server.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -44,44 +46,41 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         method = details.method.rsplit("/", 1)[-1]
         labels = (self.service, method)
 
-        async def begin(context) -> float:
+        @contextlib.asynccontextmanager
+        async def call(context):
+            """Around one call: authenticate, count, time, and map an escaping exception to a status."""
             GRPC_IN_FLIGHT.labels(*labels).inc()
-            tenant = self._tenant(context)
-            if tenant is None:
+            started, code = time.perf_counter(), grpc.StatusCode.OK
+            try:
+                tenant = self._tenant(context)
+                if tenant is None:
+                    code = grpc.StatusCode.UNAUTHENTICATED
+                    await context.abort(code, "authorization: missing or unknown API key "
+                                              "(send 'authorization: Bearer <key>')")
+                set_tenant(tenant)
+                yield
+            except grpc.aio.AbortError:
+                code = context.code() or code
+                raise
+            except (asyncio.CancelledError, GeneratorExit):  # the client went away
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status
+                code, message = status_of(exc)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.error("%s failed", details.method, exc_info=exc)
+                await context.abort(code, message)
+            finally:
                 GRPC_IN_FLIGHT.labels(*labels).dec()
-                GRPC_REQUESTS.labels(*labels, "UNAUTHENTICATED").inc()
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                    "authorization: missing or unknown API key (send 'authorization: Bearer <key>')")
-            set_tenant(tenant)
-            return time.perf_counter()
-
-        def end(started: float, code: grpc.StatusCode) -> None:
-            GRPC_IN_FLIGHT.labels(*labels).dec()
-            GRPC_DURATION.labels(*labels).observe(time.perf_counter() - started)
-            GRPC_REQUESTS.labels(*labels, code.name).inc()
-
-        def report(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-            code, message = status_of(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.error("%s failed", details.method, exc_info=exc)
-            return code, message
+                GRPC_DURATION.labels(*labels).observe(time.perf_counter() - started)
+                GRPC_REQUESTS.labels(*labels, code.name).inc()
 
         if handler.unary_unary:
             inner = handler.unary_unary
 
             async def unary_unary(request, context):
-                started = await begin(context)
-                code = grpc.StatusCode.OK
-                try:
+                async with call(context):
                     return await inner(request, context)
-                except grpc.aio.AbortError:
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                except Exception as exc:  # noqa: BLE001 - mapped to a status
-                    code, message = report(exc)
-                    await context.abort(code, message)
-                finally:
-                    end(started, code)
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
                                                        handler.response_serializer)
@@ -89,19 +88,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         inner_stream = handler.unary_stream or handler.stream_stream
 
         async def streaming(request_or_iterator, context):
-            started = await begin(context)
-            code = grpc.StatusCode.OK
-            try:
+            async with call(context):
                 async for item in inner_stream(request_or_iterator, context):
                     yield item
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except Exception as exc:  # noqa: BLE001 - mapped to a status
-                code, message = report(exc)
-                await context.abort(code, message)
-            finally:
-                end(started, code)
 
         make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
         return make(streaming, handler.request_deserializer, handler.response_serializer)
@@ -133,7 +122,6 @@ def add_port(server: grpc.aio.Server, address: str) -> int:
 
 async def wait_for_signal(stop: Callable[[], Any]) -> None:
     """Wait until SIGTERM or SIGINT, then await `stop()` (graceful drain) once."""
-    import asyncio
     import signal
 
     loop = asyncio.get_running_loop()
