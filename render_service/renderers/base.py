@@ -96,7 +96,8 @@ class BaseRenderer:
     def __init__(self, tokenizer: Any, **options: Any):
         self.tokenizer = tokenizer
         self.options = options
-        self._special_ids: dict[str, int] = {}
+        self._special_ids: dict[str, Any] = {}  # per-renderer cache of looked-up token ids
+        self._stop_ids: list[int] | None = None
 
     # ---- what a family defines ----------------------------------------------------------------
 
@@ -111,9 +112,13 @@ class BaseRenderer:
         """Token ids that end an assistant turn: eos plus the template's own turn-end token."""
         from render_service.renderers.chat_template import detected_stop_tokens
 
-        if getattr(self.tokenizer, "chat_template", None):
-            return detected_stop_tokens(self.tokenizer, **self.options)
-        return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        if self._stop_ids is None:  # found once per renderer: detection renders a probe chat
+            if getattr(self.tokenizer, "chat_template", None):
+                self._stop_ids = detected_stop_tokens(self.tokenizer, **self.options)
+            else:
+                eos = self.tokenizer.eos_token_id
+                self._stop_ids = [eos] if eos is not None else []
+        return list(self._stop_ids)
 
     def get_stop_strings(self) -> list[str]:
         return [self.tokenizer.convert_ids_to_tokens(i) for i in self.get_stop_sequences()]
