@@ -8,11 +8,12 @@ Reported twice: first-time conversations (never rendered before) and a second ep
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import statistics
 import time
+
+from benchmarks import print_ratios
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -96,11 +97,8 @@ def measure(client, tokenizer_utils) -> list[dict]:
                  {"name": f"{renderer_name}: RenderBatch same conversations again / HF in-process",
                   "value": grpc_second, "baseline": base, "ratio": grpc_second / base, "target": TARGET,
                   "unit": "conversations/s"}]
-    print("\n== render service through gRPC (batched, full attribution, ids checked equal) ==")
-    for r in rows:
-        print(f"{r['name']:66s} {r['value']:9.0f} {r['baseline']:9.0f} {r['ratio']:7.2f}  {r['target']}")
-    print(json.dumps({"render_grpc_bench": rows}))
-    return rows
+    return print_ratios("render service through gRPC (batched, full attribution, ids checked equal)",
+                        "render_grpc_bench", rows)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -17,6 +16,8 @@ import sys
 import tempfile
 import threading
 import time
+
+from benchmarks import print_ratios
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -187,12 +188,7 @@ def main() -> list[dict]:
 
     client = bios.ServiceClient()  # the embedded default: both services in this process, on loopback gRPC
     rows = [step_time(client), peak_memory(), concurrency(client), *sampling(client)]
-    print("\n== train service ==")
-    print(f"{'benchmark':68s} {'value':>12s} {'baseline':>12s} {'ratio':>7s}  target")
-    for r in rows:
-        print(f"{r['name']:68s} {r['value']:12.4g} {r['baseline']:12.4g} {r['ratio']:7.3f}  {r['target']}")
-    print(json.dumps({"train_bench": rows}))
-    return rows
+    return print_ratios("train service", "train_bench", rows)
 
 
 if __name__ == "__main__":
