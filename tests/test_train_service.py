@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from bios import types
+from bios.compose import to_datum
 from bios.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from bios_cookbook import renderers
 
@@ -16,11 +17,6 @@ CONV = [
     {"role": "user", "content": "What causes Type 2 diabetes?"},
     {"role": "assistant", "content": "Type 2 diabetes is caused by insulin resistance."},
 ]
-
-
-def datum_of(tokens, weights) -> types.Datum:
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]})
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +28,7 @@ def renderer(qwen3_tokenizer):
 def trained(client, renderer):
     """A model trained on CONV: (training_client, losses)."""
     tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=16)
-    datum = datum_of(*renderer.build_supervised_example(CONV))
+    datum = to_datum(*renderer.build_supervised_example(CONV))
     losses = []
     for _ in range(40):
         # Submitted back to back: the optimizer step is queued before the forward_backward returns.
@@ -59,7 +55,7 @@ def test_stand_in_learns_and_reproduces_the_answer(trained, renderer):
 
 def test_forward_matches_forward_backward_logprobs(client, renderer):
     tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4)
-    datum = datum_of(*renderer.build_supervised_example(CONV))
+    datum = to_datum(*renderer.build_supervised_example(CONV))
     forward = tc.forward([datum]).result()
     fb = tc.forward_backward([datum]).result()
     n = len(datum.model_input.to_ints())
@@ -83,7 +79,7 @@ def test_checkpoints_sampler_weights_and_every_rpc(client, trained, renderer):
     # A new training client from the saved state continues from the same weights and step.
     restored = client.create_training_client_from_state_with_optimizer(state.path)
     assert restored.get_info().step == 40
-    datum = datum_of(*renderer.build_supervised_example(CONV))
+    datum = to_datum(*renderer.build_supervised_example(CONV))
     assert restored.forward([datum]).result().metrics["loss:sum"] == pytest.approx(
         tc.forward([datum]).result().metrics["loss:sum"], rel=1e-5)
     assert restored.load_state(state.path).result().step == 40
@@ -133,7 +129,7 @@ def test_sampling_controls(client, renderer):
 def test_bad_input_gets_clear_status_and_session_stays_usable(client, renderer):
     tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4)
     tokens, weights = renderer.build_supervised_example(CONV)
-    good = datum_of(tokens, weights)
+    good = to_datum(tokens, weights)
     cases = [
         (types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
                      loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[2:]}),

@@ -54,6 +54,13 @@ def text_of(content: Any) -> str:
     return "".join(part.get("text", "") for part in content if part.get("type", "text") == "text")
 
 
+def required_text(message: Mapping[str, Any], index: int, family: str) -> str:
+    """A message's text where the family's template needs a content field even beside tool calls."""
+    if "content" not in message:
+        raise RenderError(f"messages[{index}].content: missing (the {family} template needs it)")
+    return text_of(message["content"])
+
+
 def validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:
     if not isinstance(messages, (list, tuple)):
         raise RenderError(f"messages: expected a list of messages, got {type(messages).__name__}")

@@ -46,7 +46,7 @@ from collections.abc import Mapping
 from typing import Any, Sequence
 
 from render_service.renderers import tool_calls as tc
-from render_service.renderers.base import BaseRenderer, Message, RenderError, Segment, text_of
+from render_service.renderers.base import BaseRenderer, Message, RenderError, Segment, required_text, text_of
 from render_service.renderers.registry import register_renderer
 
 START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
@@ -253,8 +253,8 @@ class GptOssRenderer(BaseRenderer):
                 out += [Segment(f"{START}functions.{last_call} to=assistant{CHANNEL}commentary{MESSAGE}", i),
                         Segment(tojson(content), i, is_content=True), Segment(END, i)]
             elif role == "user":
-                out += [Segment(f"{START}user{MESSAGE}", i), Segment(required_text(m, i), i, is_content=True),
-                        Segment(END, i)]
+                out += [Segment(f"{START}user{MESSAGE}", i),
+                        Segment(required_text(m, i, "gpt-oss"), i, is_content=True), Segment(END, i)]
             else:
                 raise RenderError(f"messages[{i}].role: {role!r} is only allowed as the first message "
                                   f"(the gpt-oss template would drop it)")
@@ -299,11 +299,11 @@ class GptOssRenderer(BaseRenderer):
             if has_reasoning:
                 analysis(reasoning)
             said(f"{CHANNEL}final{MESSAGE}")
-            said(required_text(m, i))
+            said(required_text(m, i, "gpt-oss"))
             said(RETURN)
         else:
             said(f"{CHANNEL}final{MESSAGE}")
-            said(required_text(m, i))
+            said(required_text(m, i, "gpt-oss"))
             said(END)
         return out
 
@@ -366,12 +366,6 @@ def call_function(m: Message, i: int) -> dict:
     if "arguments" not in function:
         raise RenderError(f"messages[{i}].tool_calls[0].function.arguments: missing (use {{}} for no arguments)")
     return function
-
-
-def required_text(m: Message, i: int) -> str:
-    if "content" not in m:
-        raise RenderError(f"messages[{i}].content: missing (the gpt-oss template needs it)")
-    return text_of(m["content"])
 
 
 register_renderer("gpt-oss", GptOssRenderer, aliases=("harmony",),

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from typing import Any, Sequence
 
 from render_service.renderers import tool_calls as tc
-from render_service.renderers.base import BaseRenderer, Message, RenderError, Segment, text_of
+from render_service.renderers.base import BaseRenderer, Message, RenderError, Segment, required_text, text_of
 from render_service.renderers.registry import register_renderer
 
 BOS, EOS = "<s>", "</s>"
@@ -108,12 +108,12 @@ class MistralNemoRenderer(BaseRenderer):
                 out.append(Segment(INST, i))
                 if i == len(msgs) - 1 and system is not None:
                     out += [Segment(system, 0, is_content=True), Segment("\n\n", i)]
-                out += [Segment(required_text(m, i), i, is_content=True), Segment(INST_END, i)]
+                out += [Segment(required_text(m, i, "Mistral Nemo"), i, is_content=True), Segment(INST_END, i)]
             elif "tool_calls" in m:
                 # The model samples the whole call list and the </s> after it; the message content is dropped.
                 out.append(Segment(self.calls_text(m, i), i, is_content=True, sampled=True))
             elif role == "assistant":
-                out += [Segment(required_text(m, i), i, is_content=True, sampled=True),
+                out += [Segment(required_text(m, i, "Mistral Nemo"), i, is_content=True, sampled=True),
                         Segment(EOS, i, is_content=True, sampled=True)]
             elif role == "tool":
                 if "content" not in m:
@@ -173,12 +173,6 @@ def parse_call_list(text: str, tools: list[dict] | None, closed: bool) -> list[d
             call["id"] = item["id"]
         calls.append(call)
     return calls
-
-
-def required_text(m: Message, i: int) -> str:
-    if "content" not in m:
-        raise RenderError(f"messages[{i}].content: missing (the Mistral Nemo template needs it)")
-    return text_of(m["content"])
 
 
 register_renderer("mistral-nemo", MistralNemoRenderer, aliases=("tekken",),

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 import bios
 from bios import types
+from bios.compose import to_datum
 from bios_cookbook import renderers
 from bios_cookbook.utils.format_colorized import format_colorized
 
@@ -27,11 +28,6 @@ CONVERSATIONS = [
         {"role": "assistant", "content": "Shaking, sweating, confusion and a fast heartbeat."},
     ],
 ]
-
-
-def to_datum(tokens: types.Tokens, weights: list[float]) -> types.Datum:
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]})
 
 
 def main(max_steps: int = 60) -> None:
