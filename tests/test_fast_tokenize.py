@@ -1,5 +1,8 @@
 """fast_tokenize against the HF call it replaces: ids AND token starts (hence attribution) must be identical.
 
+Both engines are checked: the whole-text fastokens path (the default) and the piece path (tiktoken or HF
+per piece behind the piece cache) that takes over where fastokens is off or its guards say no.
+
 Every fixture tokenizer (skipped without ../shared/fixtures) and the embedded Qwen3 tokenizer get: a large
 seeded random corpus (emoji/ZWJ/flags, CJK, combining marks and other NFC-sensitive text, whitespace runs,
 CRLF, digits, contractions, random code points from every plane, the tokenizer's own added-token strings
@@ -53,6 +56,21 @@ def tok(request):
     return tokenizer
 
 
+_PIECE_ENCODERS: dict[int, ft.FastEncoder] = {}
+
+
+@pytest.fixture(params=["whole", "pieces"])
+def encoder(request, tok):
+    """The tokenizer's encoder with fastokens (as used) or without it (the piece path alone)."""
+    if request.param == "whole":
+        encoder = ft.get_fast_encoder(tok)
+        assert encoder.whole is not None, ft.fast_path_status(tok)
+        return encoder
+    if id(tok) not in _PIECE_ENCODERS:
+        _PIECE_ENCODERS[id(tok)] = ft.FastEncoder(tok, whole=False)
+    return _PIECE_ENCODERS[id(tok)]
+
+
 def added_strings(tok) -> list[str]:
     contents = sorted(t.content for t in tok.backend_tokenizer.get_added_tokens_decoder().values())
     rng = random.Random(7)
@@ -101,12 +119,13 @@ def random_cuts(rng: random.Random, text: str) -> list[str]:
     return segs
 
 
-def test_random_corpus(tok):
-    encoder = ft.get_fast_encoder(tok)
+def test_random_corpus(tok, encoder):
     specials = added_strings(tok)
     rng = random.Random(1234)
+    whole_handled = 0
     for i in range(1500):
         text = random_text(rng, specials, max_len=rng.choice([10, 60, 200]))
+        whole_handled += encoder.whole is not None and encoder.whole.encode(text) is not None
         want = ft.slow_encode_with_offsets(tok, text)
         assert encoder.encode_with_offsets(text) == want, repr(text)
         assert encoder.encode(text) == want[0]
@@ -114,10 +133,11 @@ def test_random_corpus(tok):
         assert encoder.encode_segments(segs) == ft.slow_encode_segments(tok, segs), segs
         if i % 300 == 0:
             encoder.clear_cache()  # cold and warm piece cache alike
+    if encoder.whole is not None:  # the engine under test really answered (not only its fallback)
+        assert whole_handled > (300 if encoder.whole.nfc else 1400), whole_handled
 
 
-def test_long_text_with_many_segments(tok):
-    encoder = ft.get_fast_encoder(tok)
+def test_long_text_with_many_segments(tok, encoder):
     rng = random.Random(99)
     text = "".join(random_text(rng, added_strings(tok), 200) for _ in range(40))
     for _ in range(5):
@@ -129,13 +149,13 @@ def test_long_text_with_many_segments(tok):
 segment_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
 
 
-@settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_hypothesis_segments(tok, data):
+def test_hypothesis_segments(tok, encoder, data):
     specials = added_strings(tok)
     part = st.one_of(segment_text, st.sampled_from(specials), st.sampled_from(["\r\n", "  ", "\n\n", " ", "e\u0301"]))
     segs = data.draw(st.lists(st.lists(part, max_size=4).map("".join), max_size=8))
-    encoder = ft.get_fast_encoder(tok)
     assert encoder.encode_segments(segs) == ft.slow_encode_segments(tok, segs)
     text = "".join(segs)
     assert encoder.encode_with_offsets(text) == ft.slow_encode_with_offsets(tok, text)
@@ -145,9 +165,8 @@ BMP = [chr(c) for c in range(0x10000) if not 0xD800 <= c < 0xE000]
 CONTEXTS = ["a{}b", " {}1", "\n{} x", "{}\u0301 ", "A{}{}"]
 
 
-def test_every_bmp_code_point(tok):
+def test_every_bmp_code_point(tok, encoder):
     """Regex classes, NFC and byte offsets for each BMP character, in a few contexts, against HF."""
-    encoder = ft.get_fast_encoder(tok)
     for form in CONTEXTS:
         for lo in range(0, len(BMP), 4096):
             chars = BMP[lo:lo + 4096]
@@ -158,10 +177,9 @@ def test_every_bmp_code_point(tok):
                 pytest.fail(f"context {form!r}: characters {bad[:20]} (or their neighbours) differ")
 
 
-def test_periodic_strings_of_multi_split_tokens(tok):
+def test_periodic_strings_of_multi_split_tokens(tok, encoder):
     """Where a token has several splits, HF breaks ties by merge index and tiktoken by position. Repeated and
     overlapping copies of such tokens are where that could show."""
-    encoder = ft.get_fast_encoder(tok)
     vocab = tok.backend_tokenizer.get_vocab(with_added_tokens=False)
     decode = {c: b for b, c in ft.byte_to_char().items()}
     rng = random.Random(5)
@@ -180,8 +198,7 @@ def test_periodic_strings_of_multi_split_tokens(tok):
         assert encoder.encode_with_offsets(text) == ft.slow_encode_with_offsets(tok, text)
 
 
-def test_added_token_edges(tok):
-    encoder = ft.get_fast_encoder(tok)
+def test_added_token_edges(tok, encoder):
     specials = added_strings(tok)
     cases = ["", " ", "\n", "x"]
     for s in specials[:12]:
@@ -321,6 +338,19 @@ def test_render_is_unchanged_by_the_fast_path(family):
             assert renderer.render(messages[:k]) == want  # warm piece cache
 
 
-def test_status_strings():
+def test_status_strings(monkeypatch):
     tok = load("usf-mini")
-    assert re.match(r"fast: tiktoken \(qwen2, NFC\)", ft.fast_path_status(tok))
+    assert ft.fast_path_status(tok) == "fast: fastokens whole text; fallback pieces by tiktoken (qwen2, NFC) + piece cache"
+    assert re.match(r"fast: pieces by tiktoken \(qwen2, NFC\) \+ piece cache \(no fastokens: BIOS_FASTOKENS=0\)",
+                    ft.FastEncoder(tok, whole=False).describe())
+    monkeypatch.setenv("BIOS_FASTOKENS", "0")
+    assert ft.FastEncoder(tok).whole is None
+
+
+def test_whole_text_declines_what_it_cannot_place():
+    """Text NFC would change (offsets would move) is left to the piece path, which still gets it right."""
+    encoder = ft.get_fast_encoder(load("usf-mini"))
+    for text in ["cafe\u0301 ok", "\u212b", "a\u0378b"]:
+        assert encoder.whole.encode_with_offsets(text) is None
+        assert encoder.encode_with_offsets(text) == ft.slow_encode_with_offsets(load("usf-mini"), text)
+    assert encoder.whole.encode_segments(["<|im_start|>user\n", "café"]) is not None

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from bios.rendered import RenderedTokens
 from bios.types import ModelInput, Tokens
 
 Message = dict[str, Any]
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
+_KNOWN_ROLES = frozenset(KNOWN_ROLES)
 TRAIN_ON_WHAT = (
     "last_assistant_message",
     "last_assistant_turn",
@@ -29,9 +30,8 @@ class RenderError(ValueError):
     """Malformed conversation; the message names the offending message index and field."""
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """A run of rendered text and where it came from."""
+class Segment(NamedTuple):
+    """A run of rendered text and where it came from (a tuple: a renderer makes dozens per conversation)."""
 
     text: str
     message_index: int = -1  # -1: template scaffolding outside any message
@@ -64,28 +64,30 @@ def required_text(message: Mapping[str, Any], index: int, family: str) -> str:
 def validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:
     if not isinstance(messages, (list, tuple)):
         raise RenderError(f"messages: expected a list of messages, got {type(messages).__name__}")
-    open_calls = 0
+    open_calls, any_call = 0, False
     for i, m in enumerate(messages):
-        if not isinstance(m, Mapping):
+        if type(m) is not dict and not isinstance(m, Mapping):  # the exact-type test first: it is the cheap one
             raise RenderError(f"messages[{i}]: expected a mapping, got {type(m).__name__}")
         role = m.get("role")
-        if role not in KNOWN_ROLES:
+        if role not in _KNOWN_ROLES:
             raise RenderError(f"messages[{i}].role: unknown role {role!r}; expected one of {KNOWN_ROLES}")
         content = m.get("content")
-        if "content" not in m and not m.get("tool_calls"):
-            raise RenderError(f"messages[{i}].content: missing (use '' for an empty message)")
-        if content is not None and not isinstance(content, (str, list)):
-            raise RenderError(
-                f"messages[{i}].content: expected a string or a list of parts, got {type(content).__name__}"
-            )
-        if isinstance(content, list):
-            for j, part in enumerate(content):
+        if content is None:
+            if "content" not in m and not m.get("tool_calls"):
+                raise RenderError(f"messages[{i}].content: missing (use '' for an empty message)")
+        elif type(content) is not str:
+            if not isinstance(content, (str, list)):
+                raise RenderError(
+                    f"messages[{i}].content: expected a string or a list of parts, got {type(content).__name__}"
+                )
+            for j, part in enumerate(content if isinstance(content, list) else ()):
                 if not isinstance(part, Mapping) or not isinstance(part.get("text", ""), str):
                     raise RenderError(f"messages[{i}].content[{j}]: expected {{'type': 'text', 'text': str}}")
         if role == "assistant":
-            open_calls = len(m.get("tool_calls") or [])
+            open_calls = len(m.get("tool_calls") or ())
+            any_call = any_call or open_calls > 0
         elif role == "tool":
-            if open_calls == 0 and not any(p.get("role") == "assistant" and p.get("tool_calls") for p in messages[:i]):
+            if open_calls == 0 and not any_call:
                 raise RenderError(f"messages[{i}].role: tool message with no preceding assistant tool call")
         elif role == "user":
             open_calls = 0

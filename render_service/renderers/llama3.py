@@ -43,6 +43,7 @@ the instruct templates.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from datetime import datetime
@@ -73,7 +74,14 @@ def header(role: str) -> str:
 
 def tojson(value: Any, indent: int | None = None) -> str:
     """HF's `tojson` filter: no ASCII escaping, default separators, insertion order."""
-    return json.dumps(value, ensure_ascii=False, indent=indent)
+    compact = json.dumps(value, ensure_ascii=False)  # C encoder; `indent` forces the pure-Python one
+    return compact if indent is None else _indented(compact, indent)
+
+
+@functools.lru_cache(maxsize=512)
+def _indented(compact: str, indent: int) -> str:
+    """The indented form of the same value: the compact text fixes it (key order, types, float reprs)."""
+    return json.dumps(json.loads(compact), ensure_ascii=False, indent=indent)
 
 
 def tool_calls_of(i: int, message: Message) -> list[dict]:
