@@ -1,9 +1,12 @@
 """The render service through gRPC: the batched RPC vs HF `apply_chat_template` in-process, same run.
 
 Supervised examples (ids + weights + attribution) for 256 distinct conversations per call, through a render
-server started as its own process on loopback (as deployed), against `apply_chat_template(tokenize=True)` on
-the same conversations in this process.
-Reported twice: first-time conversations (never rendered before) and a second epoch of the same ones.
+server started as its own process on loopback (as deployed), against `apply_chat_template` + encode on the
+same conversations in this process, one conversation at a time (one core).
+Measured for a server rendering in its own process (--workers 1: one core) and with one render worker per
+core of this machine (--workers N), each for first-time conversations (never rendered before) and a second
+epoch of the same ones. The client sends 64-conversation chunks, up to three in flight. Each ratio is the
+median over passes of (HF pass time / gRPC pass time), every gRPC pass timed next to an HF pass.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def conversations(n: int, seed: int) -> list[list[dict]]:
     return out
 
 
-def start_render_server():
+def start_render_server(workers: int = 1):
     import socket
     import subprocess
     import sys
@@ -46,7 +49,7 @@ def start_render_server():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "render_service", "--host", "127.0.0.1", "--port", str(port),
-                             "--metrics-port", "0"], stderr=subprocess.DEVNULL)
+                             "--metrics-port", "0", "--workers", str(workers)], stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -63,42 +66,48 @@ def main() -> list[dict]:
     import bios
     from bios_cookbook import tokenizer_utils
 
-    proc, address = start_render_server()
-    try:
-        return measure(bios.ServiceClient(render_address=address), tokenizer_utils)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    rows = []
+    cores = len(os.sched_getaffinity(0))
+    for workers in sorted({1, cores}):
+        proc, address = start_render_server(workers)
+        try:
+            rows += measure(bios.ServiceClient(render_address=address), tokenizer_utils, workers, cores)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return print_ratios("render service through gRPC (batched, full attribution, ids checked equal)",
+                        "render_grpc_bench", rows)
 
 
-def measure(client, tokenizer_utils) -> list[dict]:
+def measure(client, tokenizer_utils, workers: int, cores: int) -> list[dict]:
     rows = []
     for renderer_name, tokenizer_name in (("ultrasafe", "ultrasafe/usf-mini"),):
         remote = client.render_client(renderer_name, tokenizer_name)
         tokenizer = tokenizer_utils.get_tokenizer(tokenizer_name)
-        remote.build_supervised_examples(conversations(64, 99))  # warm up the server's caches of scaffolding
+        for seed in range(4):  # warm up: every worker builds its encoders, every thread its caches
+            remote.build_supervised_examples(conversations(256, 1000 + seed))
         first, second, hf = [], [], []
-        for rep in range(5):
+        for rep in range(7):
             batch = conversations(256, rep)  # distinct text every repetition
             start = time.perf_counter()
             remote.build_supervised_examples(batch)
-            first.append(len(batch) / (time.perf_counter() - start))
+            first.append(time.perf_counter() - start)
             start = time.perf_counter()
             examples = remote.build_supervised_examples(batch)
-            second.append(len(batch) / (time.perf_counter() - start))
+            second.append(time.perf_counter() - start)
             start = time.perf_counter()
             reference = [tokenizer.apply_chat_template(c, tokenize=False) for c in batch]
             reference = [tokenizer.encode(text, add_special_tokens=False) for text in reference]
-            hf.append(len(batch) / (time.perf_counter() - start))
+            hf.append(time.perf_counter() - start)
             assert [list(tokens) for tokens, _ in examples] == reference, "ids differ from apply_chat_template"
-        grpc_first, grpc_second, base = (statistics.median(x) for x in (first, second, hf))
-        rows += [{"name": f"{renderer_name}: RenderBatch first-time conversations / HF in-process", "value": grpc_first,
-                  "baseline": base, "ratio": grpc_first / base, "target": TARGET, "unit": "conversations/s"},
-                 {"name": f"{renderer_name}: RenderBatch same conversations again / HF in-process",
-                  "value": grpc_second, "baseline": base, "ratio": grpc_second / base, "target": TARGET,
-                  "unit": "conversations/s"}]
-    return print_ratios("render service through gRPC (batched, full attribution, ids checked equal)",
-                        "render_grpc_bench", rows)
+        n = len(batch)
+        where = f"{workers} render worker{'s' if workers > 1 else ''} on {cores} cores"
+        for label, times in (("first-time conversations", first), ("same conversations again", second)):
+            rows.append({"name": f"{renderer_name}, {where}: RenderBatch {label} / HF in-process",
+                         "value": n / statistics.median(times), "baseline": n / statistics.median(hf),
+                         "ratio": statistics.median(h / t for h, t in zip(hf, times)), "target": TARGET,
+                         "unit": "conversations/s"})
+    return rows
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
+import os
 from dataclasses import dataclass
 
 import grpc
@@ -13,6 +15,7 @@ from bios.server.auth import ApiKeys
 from bios.server.grpc import add_port, build_server, mark_not_serving, mark_serving, wait_for_signal
 from bios.server.metrics import serve_metrics
 from render_service import service
+from render_service.workers import RenderWorkers
 
 
 @dataclass
@@ -21,24 +24,30 @@ class RenderServer:
     port: int
     health: object
     names: list[str]
+    workers: RenderWorkers | None = None
 
     async def stop(self, grace: float | None = 10.0) -> None:
         """Report NOT_SERVING, refuse new RPCs, let in-flight ones finish."""
         await mark_not_serving(self.health, self.names)
         await self.server.stop(grace)
+        if self.workers is not None:
+            self.workers.shutdown()
 
 
-async def start(host: str = "127.0.0.1", port: int = 0, api_keys: ApiKeys | None = None) -> RenderServer:
-    """A started server on `port` (0 = pick a free port)."""
-    server, health_servicer, names = build_server("render", [service.add_to_server], api_keys)
+async def start(host: str = "127.0.0.1", port: int = 0, api_keys: ApiKeys | None = None,
+                workers: int = 1) -> RenderServer:
+    """A started server on `port` (0 = pick a free port); `workers` > 1 renders batches in that many processes."""
+    pool = RenderWorkers(workers) if workers > 1 else None
+    server, health_servicer, names = build_server(
+        "render", [functools.partial(service.add_to_server, render_workers=pool)], api_keys)
     bound = add_port(server, f"{host}:{port}")
     await server.start()
     await mark_serving(health_servicer, names)
-    return RenderServer(server, bound, health_servicer, names)
+    return RenderServer(server, bound, health_servicer, names, pool)
 
 
-async def serve(host: str, port: int, metrics_port: int) -> None:
-    running = await start(host, port, ApiKeys.from_env())
+async def serve(host: str, port: int, metrics_port: int, workers: int) -> None:
+    running = await start(host, port, ApiKeys.from_env(), workers)
     if metrics_port:
         serve_metrics(metrics_port)
     logging.info("render service listening on %s:%d (metrics on :%d)", host, running.port, metrics_port)
@@ -50,6 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 = off)")
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("BIOS_RENDER_WORKERS", "1")),
+                        help="processes rendering RenderBatch slices in parallel (1 = the server process; "
+                             "set to the pod's CPU count; env BIOS_RENDER_WORKERS)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.host, args.port, args.metrics_port))
+    asyncio.run(serve(args.host, args.port, args.metrics_port, args.workers))

@@ -11,7 +11,7 @@ from prometheus_client import Counter
 
 from bios import wire
 from bios.v1 import render_pb2, render_pb2_grpc
-from render_service import renderers
+from render_service import renderers, workers
 from render_service.model_registry import resolve
 from render_service.renderers.base import TRAIN_ON_WHAT, BaseRenderer, RenderedTokens
 from render_service.tokenizers import get_tokenizer
@@ -19,14 +19,21 @@ from render_service.tokenizers import get_tokenizer
 _TRAIN_ON_WHAT = {render_pb2.TRAIN_ON_WHAT_UNSPECIFIED: "last_assistant_message"} | {
     getattr(render_pb2, name.upper()): name for name in TRAIN_ON_WHAT
 }
-MAX_CHARS_PER_CONVERSATION = 4_000_000  # ~1M tokens; larger input is refused before any work is done
+MAX_BYTES_PER_CONVERSATION = 4_000_000  # ~1M tokens; larger input is refused before any work is done
 CONVERSATIONS = Counter("bios_render_conversations", "Conversations rendered, by renderer.", ["renderer"])
 TOKENS = Counter("bios_render_tokens", "Tokens produced by rendering, by renderer.", ["renderer"])
 
 
-def count(renderer: BaseRenderer, n_tokens: int) -> None:
-    CONVERSATIONS.labels(renderer.name).inc()
-    TOKENS.labels(renderer.name).inc(n_tokens)
+def count(renderer: BaseRenderer | str, n_tokens: int, conversations: int = 1) -> None:
+    label = renderer if isinstance(renderer, str) else renderer.name
+    CONVERSATIONS.labels(label).inc(conversations)
+    TOKENS.labels(label).inc(n_tokens)
+
+
+def renderer_label(spec: render_pb2.RendererSpec) -> str:
+    """The metrics label of a request's renderer (its class's name), without loading its tokenizer."""
+    name = spec.name or resolve(spec.tokenizer).renderer
+    return "declarative" if name.startswith("declarative:") else renderers.canonical_name(name)
 
 
 @lru_cache(maxsize=256)
@@ -59,35 +66,57 @@ def renderer_for(spec: render_pb2.RendererSpec) -> BaseRenderer:
     return _renderer(spec.name, spec.tokenizer, options)
 
 
-def rendered_to_pb(rendered: RenderedTokens, messages: list[dict],
-                   renderer: BaseRenderer) -> render_pb2.RenderedTokens:
+def rendered_to_pb(rendered: RenderedTokens, renderer: BaseRenderer) -> render_pb2.RenderedTokens:
     count(renderer, len(rendered.token_ids))
-    roles = [m["role"] for m in messages]
-    roles += ["assistant"] * (max(rendered.message_indices, default=-1) + 1 - len(roles))  # a prefill
-    return render_pb2.RenderedTokens(token_ids=rendered.token_ids, message_indices=rendered.message_indices,
-                                     roles=roles, sampled_mask=rendered.sampled_mask,
-                                     is_content=rendered.is_content)
+    return wire.rendered_to_pb(rendered)
 
 
 def conversation(pb: render_pb2.Conversation) -> tuple[list[dict], list[dict] | None]:
-    total = sum(len(m.content) + len(m.reasoning_content) + sum(len(p.text) for p in m.parts)
-                + sum(len(c.arguments_json) for c in m.tool_calls) for m in pb.messages)
-    if total > MAX_CHARS_PER_CONVERSATION:
-        raise renderers.RenderError(f"messages: {total} characters of content is over the limit of "
-                                    f"{MAX_CHARS_PER_CONVERSATION} per conversation")
+    size = pb.ByteSize()  # computed in C: reading every content field here would copy it once more
+    if size > MAX_BYTES_PER_CONVERSATION:
+        raise renderers.RenderError(f"messages: {size} bytes is over the limit of {MAX_BYTES_PER_CONVERSATION} "
+                                    f"per conversation")
     return [wire.message_from_pb(m) for m in pb.messages], [wire.tool_from_pb(t) for t in pb.tools] or None
 
 
-def supervised_to_pb(renderer: BaseRenderer, messages, tools, train_on_what: int, sft_roles) -> render_pb2.SupervisedExample:
-    if train_on_what not in _TRAIN_ON_WHAT:
-        raise renderers.RenderError(f"train_on_what: unknown value {train_on_what}")
-    example = renderer.supervised_example(messages, _TRAIN_ON_WHAT[train_on_what], tools, list(sft_roles))
-    return render_pb2.SupervisedExample(tokens=rendered_to_pb(example.rendered, messages, renderer),
-                                        weights=example.weights)
+def train_on_what(value: int) -> str:
+    if value not in _TRAIN_ON_WHAT:
+        raise renderers.RenderError(f"train_on_what: unknown value {value}")
+    return _TRAIN_ON_WHAT[value]
+
+
+def supervised_to_pb(renderer: BaseRenderer, messages, tools, train_on: str, sft_roles) -> render_pb2.SupervisedExample:
+    example = renderer.supervised_example(messages, train_on, tools, sft_roles)
+    return render_pb2.SupervisedExample(tokens=wire.rendered_to_pb(example.rendered), run_weights=example.run_weights)
+
+
+def render_batch(request: render_pb2.RenderBatchRequest) -> render_pb2.RenderBatchResponse:
+    renderer = renderer_for(request.renderer)
+    train_on = train_on_what(request.train_on_what) if request.kind == render_pb2.SUPERVISED else None
+    sft_roles = list(request.content_sft_roles)
+    out = []
+    for i, conv in enumerate(request.conversations):
+        try:
+            messages, tools = conversation(conv)
+            if train_on is not None:
+                out.append(supervised_to_pb(renderer, messages, tools, train_on, sft_roles))
+                continue
+            if request.kind == render_pb2.GENERATION_PROMPT:
+                rendered = renderer.render_generation_prompt(messages, None, tools)
+            else:
+                rendered = renderer.render(messages, tools, request.add_generation_prompt)
+            out.append(render_pb2.SupervisedExample(tokens=wire.rendered_to_pb(rendered)))
+        except renderers.RenderError as exc:
+            raise renderers.RenderError(f"conversations[{request.first_index + i}].{exc}") from None
+    return render_pb2.RenderBatchResponse(examples=out)
 
 
 class RenderServicer(render_pb2_grpc.RenderServiceServicer):
-    """Rendering is CPU work: it runs in a thread so the event loop keeps answering health checks."""
+    """Rendering is CPU work: it runs off the event loop so the loop keeps answering health checks, and a
+    RenderBatch goes to the worker processes when there are some."""
+
+    def __init__(self, render_workers: "workers.RenderWorkers | None" = None):
+        self.workers = render_workers
 
     async def ListRenderers(self, request, context):
         return render_pb2.ListRenderersResponse(renderers=[
@@ -99,7 +128,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             messages, tools = conversation(request.conversation)
             renderer = renderer_for(request.renderer)
             rendered = renderer.render(messages, tools, request.add_generation_prompt)
-            return rendered_to_pb(rendered, messages, renderer)
+            return rendered_to_pb(rendered, renderer)
 
         return await asyncio.to_thread(run)
 
@@ -109,39 +138,29 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             prefill = request.prefill if request.HasField("prefill") else None
             renderer = renderer_for(request.renderer)
             rendered = renderer.render_generation_prompt(messages, prefill, tools)
-            return rendered_to_pb(rendered, messages, renderer)
+            return rendered_to_pb(rendered, renderer)
 
         return await asyncio.to_thread(run)
 
     async def BuildSupervisedExample(self, request, context):
         def run():
             messages, tools = conversation(request.conversation)
-            return supervised_to_pb(renderer_for(request.renderer), messages, tools, request.train_on_what,
-                                    request.content_sft_roles)
+            renderer = renderer_for(request.renderer)
+            example = supervised_to_pb(renderer, messages, tools, train_on_what(request.train_on_what),
+                                       list(request.content_sft_roles))
+            count(renderer, len(example.tokens.token_ids))
+            return example
 
         return await asyncio.to_thread(run)
 
     async def RenderBatch(self, request, context):
-        def run():
-            renderer = renderer_for(request.renderer)
-            out = []
-            for i, conv in enumerate(request.conversations):
-                try:
-                    messages, tools = conversation(conv)
-                    if request.kind == render_pb2.SUPERVISED:
-                        out.append(supervised_to_pb(renderer, messages, tools, request.train_on_what,
-                                                    request.content_sft_roles))
-                        continue
-                    if request.kind == render_pb2.GENERATION_PROMPT:
-                        rendered = renderer.render_generation_prompt(messages, None, tools)
-                    else:
-                        rendered = renderer.render(messages, tools, request.add_generation_prompt)
-                    out.append(render_pb2.SupervisedExample(tokens=rendered_to_pb(rendered, messages, renderer)))
-                except renderers.RenderError as exc:
-                    raise renderers.RenderError(f"conversations[{i}].{exc}") from None
-            return render_pb2.RenderBatchResponse(examples=out)
-
-        return await asyncio.to_thread(run)
+        if self.workers is not None and len(request.conversations) >= 2 * workers.MIN_SLICE:
+            response = await self.workers.render_batch(request)
+        else:
+            response = await asyncio.to_thread(render_batch, request)
+        count(renderer_label(request.renderer), sum(len(e.tokens.token_ids) for e in response.examples),
+              conversations=len(response.examples))
+        return response
 
     async def BridgeToNextTurn(self, request, context):
         from render_service.renderers.bridge import bridge_to_next_turn
@@ -155,12 +174,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
                                                    history=history)
             if rendered is None:
                 return render_pb2.BridgeToNextTurnResponse(ok=False, reason=reason)
-            roles = ["assistant"] * (max(rendered.message_indices, default=-1) + 1)
-            for i, m in enumerate(new_messages):
-                roles[i] = m["role"]
-            return render_pb2.BridgeToNextTurnResponse(ok=True, reason=reason, tokens=render_pb2.RenderedTokens(
-                token_ids=rendered.token_ids, message_indices=rendered.message_indices, roles=roles,
-                sampled_mask=rendered.sampled_mask, is_content=rendered.is_content))
+            return render_pb2.BridgeToNextTurnResponse(ok=True, reason=reason, tokens=wire.rendered_to_pb(rendered))
 
         return await asyncio.to_thread(run)
 
@@ -170,17 +184,15 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         settings, number = None, 0
         async for request in request_iterator:
             settings = settings or request
-            if settings.train_on_what not in _TRAIN_ON_WHAT:
-                raise renderers.RenderError(f"train_on_what: unknown value {settings.train_on_what}")
+            train_on = train_on_what(settings.train_on_what)
             numbered = [("request", number + k + 1, line) for k, line in enumerate(request.lines)]
             number += len(request.lines)
 
-            def run(numbered=numbered):
+            def run(numbered=numbered, train_on=train_on):
                 renderer = renderer_for(settings.renderer)
-                data = list(data_from_lines(numbered, renderer, _TRAIN_ON_WHAT[settings.train_on_what],
-                                            settings.max_length or None, list(settings.content_sft_roles)))
-                for datum in data:
-                    count(renderer, len(datum.model_input.to_ints()) + 1)
+                data = list(data_from_lines(numbered, renderer, train_on, settings.max_length or None,
+                                            list(settings.content_sft_roles)))
+                count(renderer, sum(datum.model_input.length + 1 for datum in data), conversations=len(data))
                 return render_pb2.DataBatch(data=[wire.datum_to_pb(d) for d in data])
 
             yield await asyncio.to_thread(run)
@@ -196,7 +208,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         return render_pb2.StopSequences(token_ids=renderer.get_stop_sequences(), strings=renderer.get_stop_strings())
 
 
-def add_to_server(server: Any) -> list[str]:
-    render_pb2_grpc.add_RenderServiceServicer_to_server(RenderServicer(), server)
+def add_to_server(server: Any, render_workers: "workers.RenderWorkers | None" = None) -> list[str]:
+    render_pb2_grpc.add_RenderServiceServicer_to_server(RenderServicer(render_workers), server)
     return [render_pb2.DESCRIPTOR.services_by_name["RenderService"].full_name]
 

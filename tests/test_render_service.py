@@ -50,6 +50,46 @@ def test_batched_render(remote, local):
     assert remote.build_supervised_examples(convs) == [local.build_supervised_example(c) for c in convs]
 
 
+def varied(n: int) -> list[list[dict]]:
+    return [[CONV[0], {"role": "user", "content": f"Question {k}: {'why ' * (k % 7)}über 数据 🙂?"},
+             {"role": "assistant", "content": f"Answer {k}." + " more" * (k % 5)}] for k in range(n)]
+
+
+def test_large_batches_go_in_chunks_and_errors_name_the_callers_index(remote, local):
+    from bios import render_client
+
+    convs = varied(2 * render_client.BATCH_CHUNK + 9)  # three requests, two of them in flight at once
+    assert remote.build_supervised_examples(convs) == [local.build_supervised_example(c) for c in convs]
+    bad = list(convs)
+    bad[render_client.BATCH_CHUNK + 6] = [{"role": "robot", "content": "x"}]
+    with pytest.raises(InvalidArgumentError, match=rf"conversations\[{render_client.BATCH_CHUNK + 6}\]\.messages\[0\]"):
+        remote.build_supervised_examples(bad)
+
+
+def test_render_worker_processes(services, local):
+    """A server with two render processes cuts a batch into slices: same examples, same order, same errors."""
+    import bios
+    from bios.futures import LoopThread
+    from render_service import server as render_server
+
+    loop = LoopThread.named("test-services")
+    render = loop.run(render_server.start("127.0.0.1", 0, workers=2))
+    client = bios.ServiceClient(train_address=services[1], render_address=f"127.0.0.1:{render.port}")
+    try:
+        remote = client.render_client("ultrasafe", "ultrasafe/usf-mini")
+        convs = varied(150)
+        assert remote.build_supervised_examples(convs) == [local.build_supervised_example(c) for c in convs]
+        assert len(render.workers.pids()) == 2
+        bad = list(convs)
+        bad[100] = [CONV[0], {"role": "robot", "content": "x"}]  # second request, second slice: in a worker
+        with pytest.raises(InvalidArgumentError, match=r"conversations\[100\]\.messages\[1\]\.role: unknown"):
+            remote.build_supervised_examples(bad)
+        assert remote.build_supervised_examples(convs[:40]) == [local.build_supervised_example(c) for c in convs[:40]]
+    finally:
+        client.close()
+        loop.run(render.stop(None))
+
+
 def test_parse_response(remote, qwen3_tokenizer):
     tokens = qwen3_tokenizer.encode("Mostly insulin resistance.<|im_end|>", add_special_tokens=False)
     message, ok = remote.parse_response(tokens)
@@ -103,9 +143,9 @@ def test_declarative_templates_over_grpc(client, local, tmp_path):
 
 
 def test_oversized_conversation_is_refused(remote):
-    from render_service.service import MAX_CHARS_PER_CONVERSATION
+    from render_service.service import MAX_BYTES_PER_CONVERSATION
 
-    huge = [{"role": "user", "content": "x" * (MAX_CHARS_PER_CONVERSATION + 1)}]
+    huge = [{"role": "user", "content": "x" * (MAX_BYTES_PER_CONVERSATION + 1)}]
     with pytest.raises(InvalidArgumentError, match="messages: .* over the limit"):
         remote.render(huge)
     assert remote.get_stop_sequences() == [151645]

@@ -88,6 +88,13 @@ function statusError(code, details) {
 // ---- clients -------------------------------------------------------------------------------------
 
 const credentials = (options) => options.credentials ?? grpc.credentials.createInsecure();
+/** One value per attribution run of a RenderedTokens (run_lengths[k] tokens each) -> one per token. */
+function perToken(rendered, values) {
+  const lengths = rendered.run_lengths;
+  if (lengths.length !== values.length) throw new Error(`run_weights: ${values.length} values for ${lengths.length} runs`);
+  return lengths.flatMap((n, k) => Array(n).fill(values[k]));
+}
+
 const renderClient = (address, options = {}) => new pb.RenderService(address, credentials(options));
 const trainClient = (address, options = {}) => new pb.TrainService(address, credentials(options));
 
@@ -115,7 +122,7 @@ class BiosClient {
     const example = await this.call(this.renderStub, 'BuildSupervisedExample', {
       renderer, conversation: { messages, tools: tools ?? [] }, train_on_what: trainOnWhat ?? 'TRAIN_ON_WHAT_UNSPECIFIED',
     });
-    return { tokens: example.tokens.token_ids, weights: example.weights, rendered: example.tokens };
+    return { tokens: example.tokens.token_ids, weights: perToken(example.tokens, example.run_weights), rendered: example.tokens };
   }
 
   async createSession(tags = {}) {
@@ -220,4 +227,4 @@ class OperationStream {
   }
 }
 
-module.exports = { BiosClient, OperationStream, renderClient, trainClient, tensor, fromTensor, toStruct, int64, pb, grpc };
+module.exports = { BiosClient, OperationStream, renderClient, trainClient, tensor, fromTensor, toStruct, perToken, int64, pb, grpc };

@@ -7,11 +7,10 @@ what the chat template gives) and derives weights, prompts and stop sequences fr
 
 from __future__ import annotations
 
-import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
-from bios.rendered import RenderedTokens
+from bios.rendered import AttributionRun, RenderedTokens
 from bios.types import ModelInput, Tokens
 
 Message = dict[str, Any]
@@ -42,7 +41,12 @@ class Segment(NamedTuple):
 @dataclass
 class SupervisedExample:
     rendered: RenderedTokens
-    weights: list[float] = field(default_factory=list)
+    run_weights: list[float]  # the loss weight of every token of rendered.runs[k]
+
+    @property
+    def weights(self) -> list[float]:
+        """One loss weight per token."""
+        return self.rendered.per_token(self.run_weights)
 
 
 def text_of(content: Any) -> str:
@@ -159,15 +163,11 @@ class BaseRenderer:
         self, messages: Sequence[Message], prefill: str | None = None, tools: list[dict] | None = None
     ) -> RenderedTokens:
         rendered = self.render(messages, tools, add_generation_prompt=True)
-        if prefill:
-            extra = self.tokenizer.encode(prefill, add_special_tokens=False)
-            n = len(extra)
-            rendered.token_ids += extra
-            rendered.message_indices += [len(messages)] * n
-            rendered.message_roles += ["assistant"] * n
-            rendered.sampled_mask += [True] * n
-            rendered.is_content += [True] * n
-        return rendered
+        if not prefill:
+            return rendered
+        extra = self.tokenizer.encode(prefill, add_special_tokens=False)
+        prefilled = AttributionRun(len(extra), len(messages), "assistant", True, True)
+        return RenderedTokens.from_runs(rendered.token_ids + extra, [*rendered.runs, prefilled])
 
     def build_supervised_example(
         self,
@@ -191,15 +191,11 @@ class BaseRenderer:
         sft_roles = set(content_sft_roles)
         whole_messages = train_on_what in ("all_messages", "customized")
 
-        def weight(idx: int, role: str | None, sampled: bool, content: bool) -> float:
-            on = idx in trained and (sampled or (whole_messages and role != "assistant"))
-            return 1.0 if on or (content and role in sft_roles) else 0.0
+        def weight(run: AttributionRun) -> float:  # a token's weight depends only on its attribution
+            on = run.message_index in trained and (run.sampled or (whole_messages and run.role != "assistant"))
+            return 1.0 if on or (run.is_content and run.role in sft_roles) else 0.0
 
-        # A token's weight depends only on its attribution, and a conversation has few distinct ones.
-        table: dict[tuple, float] = {}
-        keys = zip(rendered.message_indices, rendered.message_roles, rendered.sampled_mask, rendered.is_content)
-        weights = [table[k] if k in table else table.setdefault(k, weight(*k)) for k in keys]
-        return SupervisedExample(rendered, weights)
+        return SupervisedExample(rendered, [weight(run) for run in rendered.runs])
 
 
 def trained_messages(messages: Sequence[Message], train_on_what: str) -> set[int]:
@@ -232,17 +228,20 @@ def tokenize_segments(tokenizer: Any, segments: Sequence[Segment], roles: Sequen
 
 
 def _attribute(ids: list[int], counts: Sequence[int], segments: Sequence[Segment], roles: Sequence[str]) -> RenderedTokens:
-    """Per-token attribution from how many tokens start in each segment (runs, not a per-token loop)."""
-    indices: list[int] = []
-    message_roles: list[str | None] = []
-    sampled: list[bool] = []
-    content: list[bool] = []
-    n_roles = len(roles)
-    for seg, n in zip(segments, counts):
+    """Attribution runs from how many tokens start in each segment (per segment, not per token)."""
+    lengths: list[int] = []
+    keys: list[tuple[int, bool, bool]] = []
+    last = None
+    for (_text, index, content, sampled), n in zip(segments, counts):
         if n:
-            index = seg.message_index
-            indices += [index] * n
-            message_roles += [roles[index] if 0 <= index < n_roles else None] * n
-            sampled += [seg.sampled] * n
-            content += [seg.is_content] * n
-    return RenderedTokens(ids, indices, message_roles, sampled, content)
+            key = (index, sampled, content)
+            if key == last:  # neighbouring segments with one attribution make one run
+                lengths[-1] += n
+            else:
+                lengths.append(n)
+                keys.append(key)
+                last = key
+    n_roles = len(roles)
+    make = AttributionRun._make
+    runs = [make((n, i, roles[i] if 0 <= i < n_roles else None, s, c)) for n, (i, s, c) in zip(lengths, keys)]
+    return RenderedTokens.from_runs(ids, runs, canonical=True)

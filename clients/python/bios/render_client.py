@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+from collections import deque
 from itertools import islice
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -15,14 +17,9 @@ from bios.errors import InvalidArgumentError, from_status
 from bios.rendered import RenderedTokens
 from bios.v1 import render_pb2
 
+BATCH_CHUNK = 32  # conversations per RenderBatch request
+BATCH_IN_FLIGHT = 2  # requests outstanding at once
 _TRAIN_ON_WHAT = {name.lower(): value for name, value in render_pb2.TrainOnWhat.items() if value}
-
-
-def rendered_from_pb(pb: render_pb2.RenderedTokens) -> Any:
-    roles = list(pb.roles)
-    return RenderedTokens(token_ids=list(pb.token_ids), message_indices=list(pb.message_indices),
-                          message_roles=[roles[i] if 0 <= i < len(roles) else None for i in pb.message_indices],
-                          sampled_mask=list(pb.sampled_mask), is_content=list(pb.is_content))
 
 
 def datum_from_pb(pb) -> types.Datum:
@@ -46,7 +43,7 @@ class RenderClient:
     def render(self, messages: Sequence[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False):
         request = render_pb2.RenderRequest(renderer=self.spec, conversation=wire.conversation_to_pb(messages, tools),
                                            add_generation_prompt=add_generation_prompt)
-        return rendered_from_pb(self._call("Render", request))
+        return wire.rendered_from_pb(self._call("Render", request))
 
     def build_generation_prompt(self, messages: Sequence[dict], prefill: str | None = None,
                                 tools: list[dict] | None = None) -> types.ModelInput:
@@ -62,16 +59,29 @@ class RenderClient:
             renderer=self.spec, conversation=wire.conversation_to_pb(messages, tools),
             train_on_what=self._train_on_what(train_on_what), content_sft_roles=list(content_sft_roles))
         example = self._call("BuildSupervisedExample", request)
-        return types.Tokens(example.tokens.token_ids), list(example.weights)
+        return wire.supervised_from_pb(example)
 
     def build_supervised_examples(self, conversations: Sequence[Sequence[dict]],
                                   train_on_what: str = "last_assistant_message") -> list[tuple[types.Tokens, list[float]]]:
-        """Many conversations in one call (the batched RPC)."""
-        request = render_pb2.RenderBatchRequest(
-            renderer=self.spec, conversations=[wire.conversation_to_pb(c) for c in conversations],
-            kind=render_pb2.SUPERVISED, train_on_what=self._train_on_what(train_on_what))
-        return [(types.Tokens(e.tokens.token_ids), list(e.weights))
-                for e in self._call("RenderBatch", request).examples]
+        """Many conversations through the batched RPC: chunks of BATCH_CHUNK, up to BATCH_IN_FLIGHT at once, so
+        that building requests and reading replies here overlaps the rendering on the server."""
+        train_on = self._train_on_what(train_on_what)
+        pending: deque[concurrent.futures.Future] = deque()
+        out: list[tuple[types.Tokens, list[float]]] = []
+        try:
+            for first in range(0, len(conversations), BATCH_CHUNK):
+                request = render_pb2.RenderBatchRequest(
+                    renderer=self.spec, kind=render_pb2.SUPERVISED, train_on_what=train_on, first_index=first,
+                    conversations=[wire.conversation_to_pb(c) for c in conversations[first:first + BATCH_CHUNK]])
+                pending.append(self._service._render_submit("RenderBatch", request))
+                if len(pending) >= BATCH_IN_FLIGHT:
+                    out += map(wire.supervised_from_pb, pending.popleft().result().examples)
+            while pending:
+                out += map(wire.supervised_from_pb, pending.popleft().result().examples)
+        finally:
+            for future in pending:  # after an error: the chunks still in flight are not wanted
+                future.cancel()
+        return out
 
     def bridge_to_next_turn(self, prev_prompt_ids: Sequence[int], prev_completion_ids: Sequence[int],
                             new_messages: Sequence[dict], tools: list[dict] | None = None,
@@ -83,7 +93,7 @@ class RenderClient:
             renderer=self.spec, prev_prompt_ids=list(prev_prompt_ids), prev_completion_ids=list(prev_completion_ids),
             new_turn=wire.conversation_to_pb(new_messages, tools), history=[wire.message_to_pb(m) for m in history or []])
         response = self._call("BridgeToNextTurn", request)
-        return (rendered_from_pb(response.tokens) if response.ok else None), response.reason
+        return (wire.rendered_from_pb(response.tokens) if response.ok else None), response.reason
 
     def conversations_to_data(self, path: str, train_on_what: str = "last_assistant_message",
                               max_length: int | None = None, lines_per_request: int = 256) -> Iterator[types.Datum]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import tempfile
 from pathlib import Path
@@ -58,6 +59,10 @@ class ServiceClient:
 
     def _render_call(self, method: str, request: Any) -> Any:
         return self._loop.run(self._call(self._render, method, request))
+
+    def _render_submit(self, method: str, request: Any) -> concurrent.futures.Future:
+        """Start a render call and return at once; `.result()` gives the reply or raises the mapped error."""
+        return self._loop.submit(self._call(self._render, method, request))
 
     # ---- training and sampling clients -----------------------------------------------------------
 

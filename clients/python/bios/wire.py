@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bios import types
+from bios.rendered import AttributionRun, RenderedTokens
 from bios.v1 import render_pb2, train_pb2, types_pb2
 
 # ---- tensors ---------------------------------------------------------------------------------------
@@ -235,3 +236,48 @@ def forward_backward_from_pb(pb: train_pb2.ForwardBackwardOutput) -> types.Forwa
 def model_info_from_pb(pb: train_pb2.ModelInfo) -> types.ModelInfo:
     return types.ModelInfo(model_id=pb.model_id, base_model=pb.base_model, lora_rank=pb.lora_rank, step=pb.step,
                            tokenizer=pb.tokenizer, renderer=pb.renderer, vocab_size=pb.vocab_size)
+
+
+# ---- rendered tokens ------------------------------------------------------------------------------
+
+def rendered_to_pb(rendered: RenderedTokens) -> render_pb2.RenderedTokens:
+    runs = rendered.runs
+    roles = [""] * (max((run.message_index for run in runs), default=-1) + 1)
+    for run in runs:
+        if run.message_index >= 0:
+            roles[run.message_index] = run.role or ""
+    lengths, indices, _roles, sampled, content = zip(*runs) if runs else ((),) * 5
+    return render_pb2.RenderedTokens(token_ids=rendered.token_ids, roles=roles, run_lengths=lengths,
+                                     run_message_indices=indices, run_sampled=sampled, run_is_content=content)
+
+
+def _runs_from_pb(pb: render_pb2.RenderedTokens) -> list[AttributionRun]:
+    roles = list(pb.roles)
+    columns = (pb.run_lengths, pb.run_message_indices, pb.run_sampled, pb.run_is_content)
+    if len({len(c) for c in columns}) != 1:
+        raise WireError(f"run_*: the columns differ in length ({', '.join(str(len(c)) for c in columns)})")
+    runs = []
+    for k, (n, index, sampled, content) in enumerate(zip(*columns)):
+        if n < 0 or not -1 <= index < len(roles):
+            raise WireError(f"runs[{k}]: length {n} or message_index {index} out of range")
+        runs.append(AttributionRun(n, index, roles[index] or None if index >= 0 else None, sampled, content))
+    if sum(pb.run_lengths) != len(pb.token_ids):
+        raise WireError(f"run_lengths: cover {sum(pb.run_lengths)} tokens, not the {len(pb.token_ids)} token ids")
+    return runs
+
+
+def rendered_from_pb(pb: render_pb2.RenderedTokens) -> RenderedTokens:
+    return RenderedTokens.from_runs(list(pb.token_ids), _runs_from_pb(pb))
+
+
+def supervised_from_pb(pb: render_pb2.SupervisedExample) -> tuple[types.Tokens, list[float]]:
+    """(token ids, one loss weight per token) of a SupervisedExample."""
+    lengths = pb.tokens.run_lengths
+    if len(pb.run_weights) != len(lengths):
+        raise WireError(f"run_weights: {len(pb.run_weights)} weights for {len(lengths)} runs")
+    if sum(lengths) != len(pb.tokens.token_ids):
+        raise WireError(f"tokens.run_lengths: cover {sum(lengths)} tokens, not the {len(pb.tokens.token_ids)} token ids")
+    weights: list[float] = []
+    for n, weight in zip(lengths, pb.run_weights):
+        weights += [weight] * n
+    return types.Tokens(pb.tokens.token_ids), weights

@@ -35,7 +35,11 @@ def nfc_invariant(text: str) -> bool:
     """True if NFC provably leaves `text` unchanged, in this Python's Unicode version and any later one."""
     if text.isascii():
         return True
-    if not unicodedata.is_normalized("NFC", text) or _bmp_unassigned().search(text):
+    if not unicodedata.is_normalized("NFC", text):
+        return False
+    if text.replace("\n", "").replace("\t", "").replace("\r", "").isprintable():
+        return True  # printable characters are assigned ones (category Cn is never printable): the quick answer
+    if _bmp_unassigned().search(text):
         return False
     if _ASTRAL.search(text):
         category = unicodedata.category

@@ -17,10 +17,11 @@ segmentations, periodic multi-split strings) and by the golden digests. `BIOS_FA
 from __future__ import annotations
 
 import os
+import sys
+from array import array
+from bisect import bisect_left
 from itertools import accumulate
 from typing import Any, Sequence
-
-import numpy as np
 
 from render_service.renderers.fast_tokenize.checks import (
     Unsupported,
@@ -30,6 +31,8 @@ from render_service.renderers.fast_tokenize.checks import (
     token_byte_lengths,
 )
 from render_service.renderers.fast_tokenize.unicode_guards import check_text, nfc_invariant
+
+_SWAP = sys.byteorder == "big"
 
 
 def enabled() -> bool:
@@ -49,56 +52,64 @@ class WholeTextEngine:
         normalizer = normalizer_kind(spec)
         if normalizer not in ("identity", "NFC"):
             raise Unsupported(f"normalizer {normalizer}")
+        if array("I").itemsize != 4:
+            raise Unsupported("no 4-byte unsigned array type on this platform")
         if (spec.get("model") or {}).get("byte_fallback"):
             raise Unsupported("byte_fallback BPE")
         self.nfc = normalizer == "NFC"
         backend = tokenizer.backend_tokenizer
         self._encode_flat = fastokens.Tokenizer.from_json_str(backend.to_str()).encode_batch_flat
-        vocab = backend.get_vocab(with_added_tokens=False)
-        self._lengths = np.array(token_byte_lengths(backend, vocab), dtype=np.int64)
+        self._lengths = token_byte_lengths(backend, backend.get_vocab(with_added_tokens=False))
 
-    def _starts(self, text: str) -> tuple[np.ndarray, np.ndarray, bytes] | None:
-        """(ids, byte start of each token, the text's UTF-8) or None if this text needs another path."""
+    def _encode(self, text: str) -> tuple[list[int], list[int], int] | None:
+        """(ids, byte end of each token, the text's length in bytes) or None if this text needs another path."""
         check_text(text)
         if self.nfc and not nfc_invariant(text):
             return None
-        data = text.encode("utf-8")
-        ids = np.frombuffer(self._encode_flat([text])[0], dtype=np.uint32)
-        if len(ids) and ids.max() >= len(self._lengths):
+        flat = array("I", self._encode_flat([text])[0])  # little-endian uint32
+        if _SWAP:
+            flat.byteswap()
+        ids = flat.tolist()
+        try:
+            ends = list(accumulate(map(self._lengths.__getitem__, ids)))
+        except IndexError:  # an id beyond the table: not a token this engine knows how to place
             return None
-        lengths = self._lengths[ids]
-        ends = np.cumsum(lengths)
-        if (ends[-1] if len(ends) else 0) != len(data):  # the tokens must spell exactly the text's bytes
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
+        if (ends[-1] if ends else 0) != size:  # the tokens must spell exactly the text's bytes
             return None
-        return ids, ends - lengths, data
+        return ids, ends, size
 
     def encode(self, text: str) -> list[int] | None:
-        found = self._starts(text)
-        return None if found is None else found[0].tolist()
+        found = self._encode(text)
+        return None if found is None else found[0]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]] | None:
         """(ids, start character of each token), as HF's `offset_mapping` begins."""
-        found = self._starts(text)
+        found = self._encode(text)
         if found is None:
             return None
-        ids, starts, data = found
-        if len(data) == len(text):  # ASCII: bytes are characters
-            return ids.tolist(), starts.tolist()
-        lead = (np.frombuffer(data, dtype=np.uint8) & 0xC0) != 0x80  # first byte of each character
-        char_of_byte = np.cumsum(lead) - 1
-        return ids.tolist(), char_of_byte[starts].tolist()
+        ids, ends, size = found
+        starts = [0, *ends[:-1]] if ids else []
+        if size == len(text):  # ASCII: bytes are characters
+            return ids, starts
+        char_of_byte = []
+        for k, ch in enumerate(text):
+            char_of_byte += [k] * len(ch.encode("utf-8"))
+        return ids, [char_of_byte[s] for s in starts]
 
     def encode_segments(self, texts: Sequence[str]) -> tuple[list[int], list[int]] | None:
         """Ids of "".join(texts) and, per text, how many tokens start in it."""
         text = "".join(texts)
-        found = self._starts(text)
+        found = self._encode(text)
         if found is None:
             return None
-        ids, starts, data = found
-        if len(data) == len(text):
-            cuts = list(accumulate(map(len, texts)))
+        ids, ends, size = found
+        n = len(ids)
+        if size == len(text):
+            cuts = accumulate(map(len, texts[:-1]))
         else:
-            cuts = list(accumulate(len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts))
-        before = np.searchsorted(starts, cuts[:-1], side="left").tolist()  # tokens starting before each cut
-        before.append(len(ids))
-        return ids.tolist(), [b - a for a, b in zip([0, *before], before)]
+            cuts = accumulate(len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts[:-1])
+        # Tokens starting before byte c: the first one (if c > 0) and each later one whose predecessor ends before c.
+        before = [bisect_left(ends, c, 0, n - 1) + 1 if c > 0 and n else 0 for c in cuts]
+        before.append(n)
+        return ids, [b - a for a, b in zip([0, *before], before)]
