@@ -198,3 +198,20 @@ print("sampled", len(out.sequences[0].tokens), sorted(m for m in sys.modules if 
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sampled 2 []" in done.stdout
+
+
+def test_a_client_that_only_renders_starts_no_train_service():
+    """Services (and channels) come up on first use: rendering with the embedded default never loads torch."""
+    code = """
+import sys, bios
+from bios import embedded
+client = bios.ServiceClient()
+tokens = client.render_client("ultrasafe", "ultrasafe/usf-mini").build_generation_prompt(
+    [{"role": "user", "content": "hi"}]).to_ints()
+print(tokens[:3], sorted(embedded._addresses), "torch" in sys.modules)
+client.close()
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BIOS_")} | {"HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[151644, 872, 198] ['render'] False"

@@ -106,14 +106,15 @@ def test_no_key_is_unauthenticated_but_health_is_open(secured):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     render_address, train_address = secured
+    nobody = bios.ServiceClient(train_address=train_address, render_address=render_address)
     with pytest.raises(UnauthenticatedError, match="authorization"):
-        bios.ServiceClient(train_address=train_address, render_address=render_address)
+        nobody.render_client("ultrasafe", "ultrasafe/usf-mini").get_stop_sequences()
+    with pytest.raises(UnauthenticatedError, match="authorization"):
+        nobody.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4)
+    wrong = bios.ServiceClient(train_address=train_address, render_address=render_address, api_key="wrong")
     with pytest.raises(UnauthenticatedError):
-        bios.ServiceClient(train_address=train_address, render_address=render_address, api_key="wrong")
+        wrong.list_checkpoints()
     a = bios.ServiceClient(train_address=train_address, render_address=render_address, api_key="key-a")
-    with pytest.raises(UnauthenticatedError):
-        bios.ServiceClient(train_address=train_address, render_address=render_address).render_client(
-            "ultrasafe", "ultrasafe/usf-mini")  # never reached: the constructor already fails
     assert a.render_client("ultrasafe", "ultrasafe/usf-mini").get_stop_sequences() == [151645]
     for address in secured:  # Kubernetes probes carry no key
         with grpc.insecure_channel(address) as channel:

@@ -103,6 +103,10 @@ def test_bad_requests_get_clear_status_and_server_keeps_serving(client, remote):
         client.render_client("ultrasafe", "no/such-model").render(CONV)
     with pytest.raises(InvalidArgumentError, match=r"messages\[1\].role: unknown role 'robot'"):
         remote.render([CONV[0], {"role": "robot", "content": "beep"}])
+    with pytest.raises(InvalidArgumentError, match=r"messages\[1\].content: missing"):
+        remote.render([CONV[0], {"role": "user"}])
+    with pytest.raises(InvalidArgumentError, match=r"messages\[0\].content: expected a string"):
+        remote.render([{"role": "user", "content": 42}])
     with pytest.raises(InvalidArgumentError, match=r"conversations\[1\].messages\[0\].role"):
         remote.build_supervised_examples([CONV, [{"role": "robot", "content": "x"}]])
     with pytest.raises(InvalidArgumentError, match="train_on_what"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +27,72 @@ class ServiceClient:
 
     def __init__(self, train_address: str | None = None, render_address: str | None = None,
                  api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT, tls_ca: str | None = None):
-        self.train_address = train_address or os.environ.get("BIOS_TRAIN_ADDRESS") or embedded.address("train")
-        self.render_address = render_address or os.environ.get("BIOS_RENDER_ADDRESS") or embedded.address("render")
+        # None: the embedded service, started when first needed (a client that only renders never starts the
+        # train service and its torch models; one that only trains never starts a render service).
+        self._addresses = {"train": train_address or os.environ.get("BIOS_TRAIN_ADDRESS"),
+                           "render": render_address or os.environ.get("BIOS_RENDER_ADDRESS")}
         api_key = api_key or os.environ.get("BIOS_API_KEY")
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.timeout = timeout
         self.tls_ca = tls_ca
         self._loop = LoopThread.named("bios-client")
-        self._train, self._render = self._loop.run(self._connect())
-        self.session_id = self._unary("CreateSession", train_pb2.CreateSessionRequest(
-            client_version="bios-python/0.1")).session_id
+        self._lock = threading.Lock()
+        self._channels: list[grpc.aio.Channel] = []
+        self._stubs: dict[str, Any] = {}
+        self._session_id: str | None = None
 
-    async def _connect(self):
-        train = open_channel(self.train_address, self.tls_ca)
-        render = open_channel(self.render_address, self.tls_ca)
-        self._channels = (train, render)
-        return train_pb2_grpc.TrainServiceStub(train), render_pb2_grpc.RenderServiceStub(render)
+    @property
+    def train_address(self) -> str:
+        return self._address("train")
+
+    @property
+    def render_address(self) -> str:
+        return self._address("render")
+
+    def _address(self, service: str) -> str:
+        with self._lock:
+            if self._addresses[service] is None:
+                self._addresses[service] = embedded.address(service)
+            return self._addresses[service]
+
+    def _stub(self, service: str) -> Any:
+        """The service's stub, its channel opened on first use (channels belong to the client's loop)."""
+        stub = self._stubs.get(service)
+        if stub is None:
+            address = self._address(service)
+            with self._lock:
+                if service not in self._stubs:
+                    on_loop = threading.current_thread() is self._loop.thread
+                    self._stubs[service] = (self._open(service, address) if on_loop
+                                            else self._loop.run(self._open_async(service, address)))
+                stub = self._stubs[service]
+        return stub
+
+    def _open(self, service: str, address: str) -> Any:
+        channel = open_channel(address, self.tls_ca)
+        self._channels.append(channel)
+        return (train_pb2_grpc.TrainServiceStub if service == "train" else render_pb2_grpc.RenderServiceStub)(channel)
+
+    async def _open_async(self, service: str, address: str) -> Any:
+        return self._open(service, address)
+
+    @property
+    def _train(self) -> train_pb2_grpc.TrainServiceStub:
+        return self._stub("train")
+
+    @property
+    def _render(self) -> render_pb2_grpc.RenderServiceStub:
+        return self._stub("render")
+
+    @property
+    def session_id(self) -> str:
+        """This client's session on the train service, opened on first use."""
+        if self._session_id is None:
+            session = self._unary("CreateSession", train_pb2.CreateSessionRequest(client_version="bios-python/0.1"))
+            with self._lock:
+                if self._session_id is None:
+                    self._session_id = session.session_id
+        return self._session_id
 
     # ---- unary calls with retries on UNAVAILABLE --------------------------------------------------
 
@@ -172,7 +223,8 @@ class ServiceClient:
 
     def close(self) -> None:
         try:
-            self._unary("CloseSession", train_pb2.CloseSessionRequest(session_id=self.session_id))
+            if self._session_id is not None:
+                self._unary("CloseSession", train_pb2.CloseSessionRequest(session_id=self._session_id))
         finally:
             for channel in self._channels:
                 self._loop.submit(channel.close())

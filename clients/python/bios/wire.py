@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bios import types
+from bios.errors import InvalidArgumentError
 from bios.rendered import AttributionRun, RenderedTokens
 from bios.v1 import render_pb2, train_pb2, types_pb2
 
@@ -133,8 +134,12 @@ def message_to_pb(message: Mapping[str, Any]) -> types_pb2.Message:
     if isinstance(content, str):
         pb.content = content
     elif isinstance(content, list):
-        for part in content:
+        for j, part in enumerate(content):
+            if not isinstance(part, Mapping) or not isinstance(part.get("text", ""), str):
+                raise WireError(f"content[{j}]: expected {{'type': 'text', 'text': str}}")
             pb.parts.append(types_pb2.ContentPart(type=part.get("type", "text"), text=part.get("text", "")))
+    elif content is not None:
+        raise WireError(f"content: expected a string or a list of parts, got {type(content).__name__}")
     if message.get("reasoning_content") is not None:
         pb.reasoning_content = message["reasoning_content"]
     if message.get("trainable") is not None:
@@ -175,8 +180,7 @@ def message_from_pb(pb: types_pb2.Message) -> dict[str, Any]:
         message["content"] = pb.content
     elif pb.parts:
         message["content"] = [{"type": p.type or "text", "text": p.text} for p in pb.parts]
-    elif not pb.tool_calls:
-        message["content"] = None
+    # else no "content" key: absent (or None) on the wire; a renderer then says which message lacks it
     if pb.HasField("reasoning_content"):
         message["reasoning_content"] = pb.reasoning_content
     if pb.tool_calls:
@@ -206,8 +210,15 @@ def tool_from_pb(pb: types_pb2.ToolSpec) -> dict[str, Any]:
 
 
 def conversation_to_pb(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping] | None = None):
-    return render_pb2.Conversation(messages=[message_to_pb(m) for m in messages],
-                                   tools=[tool_to_pb(t) for t in tools or []])
+    pbs = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidArgumentError(f"messages[{i}]: expected a mapping, got {type(message).__name__}")
+        try:
+            pbs.append(message_to_pb(message))
+        except WireError as exc:
+            raise InvalidArgumentError(f"messages[{i}].{exc}") from None
+    return render_pb2.Conversation(messages=pbs, tools=[tool_to_pb(t) for t in tools or []])
 
 
 # ---- results --------------------------------------------------------------------------------------
