@@ -341,10 +341,24 @@ def test_render_is_unchanged_by_the_fast_path(family):
 def test_status_strings(monkeypatch):
     tok = load("usf-mini")
     assert ft.fast_path_status(tok) == "fast: fastokens whole text; fallback pieces by tiktoken (qwen2, NFC) + piece cache"
-    assert re.match(r"fast: pieces by tiktoken \(qwen2, NFC\) \+ piece cache \(no fastokens: BIOS_FASTOKENS=0\)",
+    assert re.match(r"fast: pieces by tiktoken \(qwen2, NFC\) \+ piece cache \(no fastokens: turned off",
                     ft.FastEncoder(tok, whole=False).describe())
     monkeypatch.setenv("BIOS_FASTOKENS", "0")
     assert ft.FastEncoder(tok).whole is None
+
+
+def test_a_fastokens_failure_leaves_the_piece_path(monkeypatch):
+    from render_service.renderers.fast_tokenize import whole_text
+
+    def broken(*_args):
+        raise RuntimeError("cannot read this tokenizer.json")
+
+    monkeypatch.setattr(whole_text, "WholeTextEngine", broken)
+    tok = load("usf-mini")
+    encoder = ft.FastEncoder(tok)
+    assert encoder.whole is None and "RuntimeError: cannot read" in encoder.describe()
+    text = "<|im_start|>user\nhi there 👋<|im_end|>\n"
+    assert encoder.encode_with_offsets(text) == ft.slow_encode_with_offsets(tok, text)
 
 
 def test_whole_text_declines_what_it_cannot_place():

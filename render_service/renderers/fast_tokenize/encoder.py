@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import re
+import unicodedata
 from collections import OrderedDict
 from itertools import accumulate
 from typing import Any, Sequence
@@ -174,18 +175,26 @@ class FastEncoder:
             self._next_id += 1
         self.pieces = _PieceCache()
 
-        self.whole, self.why_not_whole = None, "BIOS_FASTOKENS=0"
-        want = slow_encode_with_offsets(tokenizer, PROBE_TEXT)
-        if self.encode_with_offsets(PROBE_TEXT) != want:
+        self.whole, self.why_not_whole = None, "turned off (BIOS_FASTOKENS=0)"
+        if self.encode_with_offsets(PROBE_TEXT) != slow_encode_with_offsets(tokenizer, PROBE_TEXT):
             raise Unsupported("probe text encodes differently from HF")
         self.clear_cache()
         if whole_text.enabled() if whole is None else whole:
-            try:
-                self.whole = whole_text.WholeTextEngine(tokenizer, spec)
-                if self.whole.encode_with_offsets(PROBE_TEXT) not in (None, want):
+            self.whole, self.why_not_whole = self._whole_text_engine(tokenizer, spec)
+
+    @staticmethod
+    def _whole_text_engine(tokenizer: Any, spec: dict) -> tuple[whole_text.WholeTextEngine | None, str]:
+        """The fastokens engine if it answers the probe texts exactly as HF does, else (None, why)."""
+        try:
+            engine = whole_text.WholeTextEngine(tokenizer, spec)
+            for text in (PROBE_TEXT, unicodedata.normalize("NFC", PROBE_TEXT)):
+                if engine.encode_with_offsets(text) not in (None, slow_encode_with_offsets(tokenizer, text)):
                     raise Unsupported("fastokens encodes the probe text differently from HF")
-            except Unsupported as exc:
-                self.whole, self.why_not_whole = None, str(exc)
+            if engine.encode_with_offsets(unicodedata.normalize("NFC", PROBE_TEXT)) is None:
+                raise Unsupported("fastokens declined the NFC probe text")
+        except Exception as exc:  # Unsupported, or fastokens refusing the tokenizer.json: the piece path stays
+            return None, f"{type(exc).__name__}: {exc}" if not isinstance(exc, Unsupported) else str(exc)
+        return engine, ""
 
     def _init_tiktoken(self, spec: dict) -> None:
         import tiktoken
