@@ -128,33 +128,39 @@ def lora_config_to_pb(config: types.LoraConfig) -> types_pb2.LoraConfig:
 # ---- chat messages -------------------------------------------------------------------------------
 
 def message_to_pb(message: Mapping[str, Any]) -> types_pb2.Message:
-    pb = types_pb2.Message(role=str(message.get("role", "")), tool_call_id=message.get("tool_call_id") or "",
-                           name=message.get("name") or "")
+    fields: dict[str, Any] = {"role": str(message.get("role", ""))}  # one constructor call: cheaper than setattrs
     content = message.get("content")
     if isinstance(content, str):
-        pb.content = content
+        fields["content"] = content
     elif isinstance(content, list):
         for j, part in enumerate(content):
             if not isinstance(part, Mapping) or not isinstance(part.get("text", ""), str):
                 raise WireError(f"content[{j}]: expected {{'type': 'text', 'text': str}}")
-            pb.parts.append(types_pb2.ContentPart(type=part.get("type", "text"), text=part.get("text", "")))
+        fields["parts"] = [types_pb2.ContentPart(type=p.get("type", "text"), text=p.get("text", "")) for p in content]
     elif content is not None:
         raise WireError(f"content: expected a string or a list of parts, got {type(content).__name__}")
+    for key in ("tool_call_id", "name"):
+        if message.get(key):
+            fields[key] = message[key]
     if message.get("reasoning_content") is not None:
-        pb.reasoning_content = message["reasoning_content"]
+        fields["reasoning_content"] = message["reasoning_content"]
     if message.get("trainable") is not None:
-        pb.trainable = bool(message["trainable"])
-    for call in message.get("tool_calls") or []:
-        function = call.get("function", call)
-        arguments = function.get("arguments", {})
-        as_text = isinstance(arguments, str)
-        status = call.get("status")
-        pb.tool_calls.append(types_pb2.ToolCall(
-            id=call.get("id") or "", name=function.get("name", ""), arguments_as_text=as_text,
-            arguments_json=arguments if as_text else json.dumps(arguments, ensure_ascii=False),
-            status=types_pb2.ToolCallStatus.Value(f"TOOL_CALL_STATUS_{status.upper()}") if status else 0,
-            raw_text=call.get("raw_text", "")))
-    return pb
+        fields["trainable"] = bool(message["trainable"])
+    if message.get("tool_calls"):
+        fields["tool_calls"] = [tool_call_to_pb(call) for call in message["tool_calls"]]
+    return types_pb2.Message(**fields)
+
+
+def tool_call_to_pb(call: Mapping[str, Any]) -> types_pb2.ToolCall:
+    function = call.get("function", call)
+    arguments = function.get("arguments", {})
+    as_text = isinstance(arguments, str)
+    status = call.get("status")
+    return types_pb2.ToolCall(
+        id=call.get("id") or "", name=function.get("name", ""), arguments_as_text=as_text,
+        arguments_json=arguments if as_text else json.dumps(arguments, ensure_ascii=False),
+        status=types_pb2.ToolCallStatus.Value(f"TOOL_CALL_STATUS_{status.upper()}") if status else 0,
+        raw_text=call.get("raw_text", ""))
 
 
 def tool_call_from_pb(call: types_pb2.ToolCall) -> dict[str, Any]:
