@@ -17,8 +17,8 @@ from bios.errors import InvalidArgumentError, from_status
 from bios.rendered import RenderedTokens
 from bios.v1 import render_pb2
 
-BATCH_CHUNK = 32  # conversations per RenderBatch request
-BATCH_IN_FLIGHT = 2  # requests outstanding at once
+BATCH_CHUNK = 64  # conversations per RenderBatch request
+BATCH_IN_FLIGHT = 3  # requests outstanding at once
 _TRAIN_ON_WHAT = {name.lower(): value for name, value in render_pb2.TrainOnWhat.items() if value}
 
 
