@@ -84,6 +84,8 @@ def test_render_worker_processes(services, local):
         bad[100] = [CONV[0], {"role": "robot", "content": "x"}]  # second request, second slice: in a worker
         with pytest.raises(InvalidArgumentError, match=r"conversations\[100\]\.messages\[1\]\.role: unknown"):
             remote.build_supervised_examples(bad)
+        with pytest.raises(NotFoundError, match="no/such-model"):  # an error raised in a worker keeps its status
+            client.render_client("ultrasafe", "no/such-model").build_supervised_examples(convs[:40])
         assert remote.build_supervised_examples(convs[:40]) == [local.build_supervised_example(c) for c in convs[:40]]
     finally:
         client.close()
