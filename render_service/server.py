@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import grpc
 
 from bios.server.auth import ApiKeys
-from bios.server.grpc import add_port, build_server, mark_not_serving, mark_serving, wait_for_signal
+from bios.server.grpc import (add_health_port_argument, add_port, build_server, mark_not_serving, mark_serving,
+                              start_health_server, wait_for_signal)
 from bios.server.metrics import serve_metrics
 from render_service import service
 from render_service.workers import RenderWorkers
@@ -25,6 +26,8 @@ class RenderServer:
     health: object
     names: list[str]
     workers: RenderWorkers | None = None
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
 
     async def stop(self, grace: float | None = 10.0) -> None:
         """Report NOT_SERVING, refuse new RPCs, let in-flight ones finish."""
@@ -32,22 +35,27 @@ class RenderServer:
         await self.server.stop(grace)
         if self.workers is not None:
             self.workers.shutdown()
+        if self.health_server is not None:
+            await self.health_server.stop(None)
 
 
 async def start(host: str = "127.0.0.1", port: int = 0, api_keys: ApiKeys | None = None,
-                workers: int = 1) -> RenderServer:
-    """A started server on `port` (0 = pick a free port); `workers` > 1 renders batches in that many processes."""
+                workers: int = 1, health_port: int | None = None) -> RenderServer:
+    """A started server on `port` (0 = pick a free port); `workers` > 1 renders batches in that many processes;
+    `health_port` adds a plaintext health-only port (for kubelet probes when the main port uses TLS)."""
     pool = RenderWorkers(workers) if workers > 1 else None
     server, health_servicer, names = build_server(
         "render", [functools.partial(service.add_to_server, render_workers=pool)], api_keys)
     bound = add_port(server, f"{host}:{port}")
     await server.start()
+    health_server, bound_health = (await start_health_server(health_servicer, host, health_port)
+                                   if health_port is not None else (None, None))
     await mark_serving(health_servicer, names)
-    return RenderServer(server, bound, health_servicer, names, pool)
+    return RenderServer(server, bound, health_servicer, names, pool, health_server, bound_health)
 
 
-async def serve(host: str, port: int, metrics_port: int, workers: int) -> None:
-    running = await start(host, port, ApiKeys.from_env(), workers)
+async def serve(host: str, port: int, metrics_port: int, workers: int, health_port: int) -> None:
+    running = await start(host, port, ApiKeys.from_env(), workers, health_port or None)
     if metrics_port:
         serve_metrics(metrics_port)
     logging.info("render service listening on %s:%d (metrics on :%d)", host, running.port, metrics_port)
@@ -62,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=int(os.environ.get("BIOS_RENDER_WORKERS", "1")),
                         help="processes rendering RenderBatch slices in parallel (1 = the server process; "
                              "set to the pod's CPU count; env BIOS_RENDER_WORKERS)")
+    add_health_port_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.host, args.port, args.metrics_port, args.workers))
+    asyncio.run(serve(args.host, args.port, args.metrics_port, args.workers, args.health_port))

@@ -173,7 +173,7 @@ def test_tls_connection_with_a_test_certificate(tmp_path, monkeypatch):
     monkeypatch.setenv("BIOS_TLS_CERT", str(cert))
     monkeypatch.setenv("BIOS_TLS_KEY", str(key))
     loop = LoopThread.named("test-tls")
-    render = loop.run(render_server.start("127.0.0.1", 0))
+    render = loop.run(render_server.start("127.0.0.1", 0, health_port=0))
     monkeypatch.delenv("BIOS_TLS_CERT")
     monkeypatch.delenv("BIOS_TLS_KEY")
     try:
@@ -191,6 +191,16 @@ def test_tls_connection_with_a_test_certificate(tmp_path, monkeypatch):
         assert any(r.name == "ultrasafe" for r in loop.run(ask(True)).renderers)
         with pytest.raises(grpc.aio.AioRpcError):
             loop.run(ask(False))  # plaintext to a TLS port fails
+
+        # Kubelet probes speak plaintext: the health-only port answers them, and answers nothing else.
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{render.health_port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            assert check(health_pb2.HealthCheckRequest(service="bios.v1.RenderService"), timeout=5).status == 1
+            with pytest.raises(grpc.RpcError) as err:
+                render_pb2_grpc.RenderServiceStub(channel).ListRenderers(render_pb2.ListRenderersRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         loop.run(render.stop(None))
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import grpc
 
 from bios.server.auth import ApiKeys
-from bios.server.grpc import add_port, build_server, mark_not_serving, mark_serving, wait_for_signal
+from bios.server.grpc import (add_health_port_argument, add_port, build_server, mark_not_serving, mark_serving,
+                              start_health_server, wait_for_signal)
 from bios.server.metrics import serve_metrics
 from train_service import metrics, service
 from train_service.checkpoints import CheckpointStore
@@ -31,6 +32,8 @@ class TrainServer:
     sessions: SessionManager
     health: object
     names: list[str]
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Graceful drain: report NOT_SERVING, refuse new RPCs, let queued operations finish, checkpoint
@@ -40,22 +43,27 @@ class TrainServer:
         saved = await asyncio.wrap_future(self.engine.submit("control", self.sessions.checkpoint_all))
         logging.info("drained: checkpointed %d open models", len(saved))
         await asyncio.to_thread(self.engine.stop, grace)
+        if self.health_server is not None:
+            await self.health_server.stop(None)
 
 
 async def start(host: str = "127.0.0.1", port: int = 0, checkpoint_dir: str | None = None,
-                api_keys: ApiKeys | None = None) -> TrainServer:
+                api_keys: ApiKeys | None = None, health_port: int | None = None) -> TrainServer:
+    """A started server on `port` (0 = pick a free port); `health_port` adds a plaintext health-only port."""
     engine = Engine()
     sessions = SessionManager(CheckpointStore(checkpoint_dir or default_checkpoint_dir()))
     metrics.bind(sessions, engine)
     server, health_servicer, names = build_server("train", [service.add_to_server(sessions, engine)], api_keys)
     bound = add_port(server, f"{host}:{port}")
     await server.start()
+    health_server, bound_health = (await start_health_server(health_servicer, host, health_port)
+                                   if health_port is not None else (None, None))
     await mark_serving(health_servicer, names)
-    return TrainServer(server, bound, engine, sessions, health_servicer, names)
+    return TrainServer(server, bound, engine, sessions, health_servicer, names, health_server, bound_health)
 
 
-async def serve(host: str, port: int, checkpoint_dir: str | None, metrics_port: int) -> None:
-    running = await start(host, port, checkpoint_dir, ApiKeys.from_env())
+async def serve(host: str, port: int, checkpoint_dir: str | None, metrics_port: int, health_port: int) -> None:
+    running = await start(host, port, checkpoint_dir, ApiKeys.from_env(), health_port or None)
     if metrics_port:
         serve_metrics(metrics_port)
     logging.info("train service listening on %s:%d (metrics on :%d)", host, running.port, metrics_port)
@@ -68,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=50052)
     parser.add_argument("--checkpoint-dir", default=None)
     parser.add_argument("--metrics-port", type=int, default=9091, help="Prometheus /metrics port (0 = off)")
+    add_health_port_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.host, args.port, args.checkpoint_dir, args.metrics_port))
+    asyncio.run(serve(args.host, args.port, args.checkpoint_dir, args.metrics_port, args.health_port))

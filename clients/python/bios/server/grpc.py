@@ -120,6 +120,25 @@ def add_port(server: grpc.aio.Server, address: str) -> int:
     return server.add_insecure_port(address)
 
 
+def add_health_port_argument(parser: Any) -> None:
+    parser.add_argument("--health-port", type=int, default=int(os.environ.get("BIOS_HEALTH_PORT", "0")),
+                        help="also serve grpc.health.v1 alone on this plaintext port, for kubelet probes when TLS "
+                             "is on (0 = off; env BIOS_HEALTH_PORT)")
+
+
+async def start_health_server(health_servicer: Any, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """grpc.health.v1 alone, on a plaintext port of its own (0 = any free port).
+
+    Kubelet gRPC probes cannot speak TLS: with TLS on the main port, point the probes here. It shares the main
+    server's health servicer, so it reports exactly what the main port would; it serves nothing else.
+    """
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server, bound
+
+
 async def wait_for_signal(stop: Callable[[], Any]) -> None:
     """Wait until SIGTERM or SIGINT, then await `stop()` (graceful drain) once."""
     import signal
