@@ -23,7 +23,8 @@ UNARY_RETRIES = 12  # backoff 0.1 s doubling, capped at 2 s: about 17 s in all
 
 class ServiceClient:
     """`bios.ServiceClient()` talks to $BIOS_RENDER_ADDRESS / $BIOS_TRAIN_ADDRESS, or to services it starts
-    in this process when no address is set (the embedded default)."""
+    in this process when no address is set (the embedded default). Nothing is contacted or started until a
+    call needs it, so a bad address or API key shows at the first call."""
 
     def __init__(self, train_address: str | None = None, render_address: str | None = None,
                  api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT, tls_ca: str | None = None):
