@@ -104,3 +104,18 @@ def assert_structural_attribution(r: Any, contiguous: bool = True) -> None:
     for i in set(r.message_indices) - {-1} if contiguous else ():
         where = [k for k, idx in enumerate(r.message_indices) if idx == i]
         assert -1 not in r.message_indices[where[0]:where[-1] + 1]
+
+
+def decode(tok: Any, ids: Any) -> str:
+    return tok.decode(list(ids), clean_up_tokenization_spaces=False)
+
+
+def assert_bodies_attributed(renderer: Any, tok: Any, messages: list[dict], tools: Any, body_of: Any) -> None:
+    """The structural invariants hold, and every non-assistant message's body (as `body_of` says the template
+    writes it) is found among that message's is_content tokens."""
+    r = renderer.render(messages, tools)
+    assert_structural_attribution(r)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            got = decode(tok, [t for t, k, c in zip(r.token_ids, r.message_indices, r.is_content) if k == i and c])
+            assert body_of(m) in got, (i, got)

@@ -16,7 +16,7 @@ from functools import lru_cache
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from parity_cases import CASES, TOOLS, assert_parity, call, fixture_tokenizer, hf_ids, assert_structural_attribution
+from parity_cases import CASES, TOOLS, assert_bodies_attributed, assert_parity, call, decode, fixture_tokenizer, hf_ids
 
 from render_service.renderers import RenderError, get_renderer, renderer_for_model
 from render_service.renderers.registry import canonical_name
@@ -76,10 +76,6 @@ def assert_matches_templates(renderer, tok, messages, tools) -> None:
         assert_parity(renderer, tok, plain, tools)
 
 
-def decode(tok, ids) -> str:
-    return tok.decode(list(ids), clean_up_tokenization_spaces=False)
-
-
 def args_of(call_: dict):
     arguments = call_["function"]["arguments"]
     return json.loads(arguments) if isinstance(arguments, str) else arguments
@@ -109,12 +105,7 @@ def sampled_text(messages, j) -> str:
 
 
 def check_attribution(renderer, tok, messages, tools) -> None:
-    r = renderer.render(messages, tools)
-    assert_structural_attribution(r)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            got = decode(tok, [t for t, k, c in zip(r.token_ids, r.message_indices, r.is_content) if k == i and c])
-            assert (m["content"] or "").strip() in got, (i, got)
+    assert_bodies_attributed(renderer, tok, messages, tools, lambda m: (m["content"] or "").strip())
 
 
 def check_supervised(renderer, tok, messages, tools) -> None:

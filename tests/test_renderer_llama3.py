@@ -10,7 +10,7 @@ from datetime import datetime
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from parity_cases import CASES, TOOLS, assert_parity, call, fixture_tokenizer, hf_ids, assert_structural_attribution
+from parity_cases import CASES, TOOLS, assert_bodies_attributed, assert_parity, call, decode, fixture_tokenizer, hf_ids
 
 from render_service.renderers import RenderError, get_renderer, renderer_for_model
 from render_service.renderers.registry import canonical_name
@@ -34,10 +34,6 @@ def template_raises(tok, messages, tools, **options) -> bool:
     return False
 
 
-def decode(tok, ids) -> str:
-    return tok.decode(list(ids), clean_up_tokenization_spaces=False)
-
-
 def call_json(message: dict) -> str:
     fn = message["tool_calls"][0]["function"]
     return json.dumps({"name": fn["name"], "parameters": fn["arguments"]}, ensure_ascii=False)
@@ -56,12 +52,7 @@ def body_text(message: dict) -> str:
 
 
 def check_attribution(renderer, tok, messages, tools) -> None:
-    r = renderer.render(messages, tools)
-    assert_structural_attribution(r)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            got = decode(tok, [t for t, k, c in zip(r.token_ids, r.message_indices, r.is_content) if k == i and c])
-            assert body_text(m) in got, (i, got)
+    assert_bodies_attributed(renderer, tok, messages, tools, body_text)
 
 
 def check_supervised(renderer, tok, messages, tools) -> None:
