@@ -46,7 +46,7 @@ def _cached(tokenizer: Any) -> tuple | None:
 
 
 def get_fast_encoder(tokenizer: Any) -> FastEncoder | None:
-    """The fast encoder of `tokenizer` (built on first use, 1-2 s), or None if unsupported."""
+    """The fast encoder of `tokenizer` (built on first use, a few seconds), or None if unsupported."""
     entry = _cached(tokenizer)
     if entry is not None:
         return entry[1]
