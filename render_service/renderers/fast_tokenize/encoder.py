@@ -44,6 +44,7 @@ from render_service.renderers.fast_tokenize.checks import (
     check_whole_words,
     normalizer_kind,
     ranks_from_vocab,
+    token_byte_lengths,
 )
 from render_service.renderers.fast_tokenize.unicode_guards import _bmp_unassigned, check_text, nfc_invariant
 
@@ -148,6 +149,8 @@ class FastEncoder:
         if getattr(backend, "encode_special_tokens", False) or getattr(tokenizer, "split_special_tokens", False):
             raise Unsupported("special tokens are not split out (split_special_tokens=True)")
         self._backend = backend
+        # Bytes each token id spells: token starts inside a tiktoken piece, and every start on the whole-text path.
+        self._nbytes = token_byte_lengths(backend, backend.get_vocab(with_added_tokens=False))
         try:
             self._init_tiktoken(spec)
         except Unsupported as exc:
@@ -155,7 +158,6 @@ class FastEncoder:
             check_piecewise(spec)
             self.kind, self.nfc, self.why_not_tiktoken = "HF per piece", False, str(exc)
             self._encode_ordinary = None
-            self._nbytes = []
 
         first_pass, second_pass, added_ids = [], [], {}
         for idx, tok in backend.get_added_tokens_decoder().items():
@@ -182,11 +184,10 @@ class FastEncoder:
         if whole_text.enabled() if whole is None else whole:
             self.whole, self.why_not_whole = self._whole_text_engine(tokenizer, spec)
 
-    @staticmethod
-    def _whole_text_engine(tokenizer: Any, spec: dict) -> tuple[whole_text.WholeTextEngine | None, str]:
+    def _whole_text_engine(self, tokenizer: Any, spec: dict) -> tuple[whole_text.WholeTextEngine | None, str]:
         """The fastokens engine if it answers the probe texts exactly as HF does, else (None, why)."""
         try:
-            engine = whole_text.WholeTextEngine(tokenizer, spec)
+            engine = whole_text.WholeTextEngine(tokenizer, spec, self._nbytes)
             for text in (PROBE_TEXT, unicodedata.normalize("NFC", PROBE_TEXT)):
                 if engine.encode_with_offsets(text) not in (None, slow_encode_with_offsets(tokenizer, text)):
                     raise Unsupported("fastokens encodes the probe text differently from HF")
@@ -211,11 +212,7 @@ class FastEncoder:
         self.kind = VERIFIED_PATTERNS[pattern]
         self._enc = tiktoken.Encoding(f"bios-fast-{self.kind}", pat_str=pattern, mergeable_ranks=ranks,
                                       special_tokens={})
-        self._encode_ordinary = self._enc._core_bpe.encode_ordinary  # the str check is _check_text's job
-        nbytes = [0] * (max(ranks.values()) + 1)
-        for token_bytes, idx in ranks.items():
-            nbytes[idx] = len(token_bytes)
-        self._nbytes = nbytes
+        self._encode_ordinary = self._enc._core_bpe.encode_ordinary  # the str check is check_text's job
 
     def describe(self) -> str:
         pieces = (f"tiktoken ({self.kind}{', NFC' if self.nfc else ''})" if self._encode_ordinary is not None

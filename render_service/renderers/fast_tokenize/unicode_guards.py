@@ -47,9 +47,15 @@ def nfc_invariant(text: str) -> bool:
     return True
 
 
+def utf8_length(text: str) -> int:
+    """Bytes of `text` in UTF-8; lone surrogates (no UTF-8 form) raise SlowPath: whatever HF does, it does."""
+    if text.isascii():
+        return len(text)
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise SlowPath from None
+
+
 def check_text(text: str) -> None:
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: whatever HF does with them, it does it
-            raise SlowPath from None
+    utf8_length(text)

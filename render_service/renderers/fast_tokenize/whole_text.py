@@ -28,9 +28,8 @@ from render_service.renderers.fast_tokenize.checks import (
     check_common,
     check_piecewise,
     normalizer_kind,
-    token_byte_lengths,
 )
-from render_service.renderers.fast_tokenize.unicode_guards import check_text, nfc_invariant
+from render_service.renderers.fast_tokenize.unicode_guards import nfc_invariant, utf8_length
 
 _SWAP = sys.byteorder == "big"
 
@@ -42,7 +41,8 @@ def enabled() -> bool:
 class WholeTextEngine:
     """Exact ids and token starts of a whole text (None where the per-call guards say no)."""
 
-    def __init__(self, tokenizer: Any, spec: dict):
+    def __init__(self, tokenizer: Any, spec: dict, token_lengths: list[int]):
+        """`token_lengths`: the bytes each token id spells (checks.token_byte_lengths)."""
         try:
             import fastokens
         except ImportError:
@@ -59,11 +59,11 @@ class WholeTextEngine:
         self.nfc = normalizer == "NFC"
         backend = tokenizer.backend_tokenizer
         self._encode_flat = fastokens.Tokenizer.from_json_str(backend.to_str()).encode_batch_flat
-        self._lengths = token_byte_lengths(backend, backend.get_vocab(with_added_tokens=False))
+        self._lengths = token_lengths
 
     def _encode(self, text: str) -> tuple[list[int], list[int], int] | None:
         """(ids, byte end of each token, the text's length in bytes) or None if this text needs another path."""
-        check_text(text)
+        size = utf8_length(text)
         if self.nfc and not nfc_invariant(text):
             return None
         flat = array("I", self._encode_flat([text])[0])  # little-endian uint32
@@ -74,7 +74,6 @@ class WholeTextEngine:
             ends = list(accumulate(map(self._lengths.__getitem__, ids)))
         except IndexError:  # an id beyond the table: not a token this engine knows how to place
             return None
-        size = len(text) if text.isascii() else len(text.encode("utf-8"))
         if (ends[-1] if ends else 0) != size:  # the tokens must spell exactly the text's bytes
             return None
         return ids, ends, size
