@@ -65,6 +65,17 @@ def required_text(message: Mapping[str, Any], index: int, family: str) -> str:
     return text_of(message["content"])
 
 
+def call_name_and_arguments(index: int, k: int, call: Mapping[str, Any]) -> tuple[str, Any]:
+    """(name, arguments) of messages[index].tool_calls[k], OpenAI-shaped or flat; both are required."""
+    function = call.get("function") or call
+    name, arguments = function.get("name"), function.get("arguments")
+    if not isinstance(name, str) or not name:
+        raise RenderError(f"messages[{index}].tool_calls[{k}].function.name: missing")
+    if arguments is None:
+        raise RenderError(f"messages[{index}].tool_calls[{k}].function.arguments: missing (use {{}} for no arguments)")
+    return name, arguments
+
+
 def validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:
     if not isinstance(messages, (list, tuple)):
         raise RenderError(f"messages: expected a list of messages, got {type(messages).__name__}")

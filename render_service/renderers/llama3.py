@@ -50,7 +50,7 @@ from datetime import datetime
 from typing import Any, Sequence
 
 from render_service.renderers import tool_calls as tc
-from render_service.renderers.base import BaseRenderer, Message, RenderError, Segment, text_of
+from render_service.renderers.base import BaseRenderer, Message, RenderError, Segment, call_name_and_arguments, text_of
 from render_service.renderers.registry import register_renderer
 
 BOS, EOT, EOM, PYTHON_TAG = "<|begin_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"
@@ -94,12 +94,7 @@ def tool_calls_of(i: int, message: Message) -> list[dict]:
 
 def call_parts(i: int, call: dict) -> tuple[str, dict]:
     """(name, arguments as a dict) of messages[i].tool_calls[0]; JSON-string arguments are parsed."""
-    function = call.get("function") or call
-    name, arguments = function.get("name"), function.get("arguments")
-    if not isinstance(name, str) or not name:
-        raise RenderError(f"messages[{i}].tool_calls[0].function.name: missing")
-    if arguments is None:
-        raise RenderError(f"messages[{i}].tool_calls[0].function.arguments: missing (use {{}} for no arguments)")
+    name, arguments = call_name_and_arguments(i, 0, call)
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)

@@ -29,7 +29,7 @@ import json
 from typing import Any, Sequence
 
 from render_service.renderers import tool_calls as tc
-from render_service.renderers.base import BaseRenderer, Message, RenderError, Segment, text_of
+from render_service.renderers.base import BaseRenderer, Message, RenderError, Segment, call_name_and_arguments, text_of
 from render_service.renderers.registry import register_renderer
 
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -104,12 +104,7 @@ def tool_call_text(i: int, k: int, call: dict, raw_string_arguments: bool) -> st
 
     `raw_string_arguments`: Qwen3 writes string arguments verbatim; Qwen2.5 passes them through tojson too.
     """
-    function = call.get("function") or call
-    name, arguments = function.get("name"), function.get("arguments")
-    if not isinstance(name, str) or not name:
-        raise RenderError(f"messages[{i}].tool_calls[{k}].function.name: missing")
-    if arguments is None:
-        raise RenderError(f"messages[{i}].tool_calls[{k}].function.arguments: missing (use {{}} for no arguments)")
+    name, arguments = call_name_and_arguments(i, k, call)
     args = arguments if raw_string_arguments and isinstance(arguments, str) else tojson(arguments)
     return f'{TOOL_CALL_OPEN}\n{{"name": "{name}", "arguments": {args}}}\n{TOOL_CALL_CLOSE}'
 
