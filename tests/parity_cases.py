@@ -119,3 +119,15 @@ def assert_bodies_attributed(renderer: Any, tok: Any, messages: list[dict], tool
         if m["role"] != "assistant":
             got = decode(tok, [t for t, k, c in zip(r.token_ids, r.message_indices, r.is_content) if k == i and c])
             assert body_of(m) in got, (i, got)
+
+
+def assert_supervised_is_prompt_then_sample(renderer: Any, tok: Any, messages: list[dict], tools: Any,
+                                            sampled: Any) -> None:
+    """The unweighted head is the generation prompt of the messages before the last assistant message, and the
+    weighted tokens decode to `sampled(messages, last)`: what the model writes for that message."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    example = renderer.supervised_example(messages, tools=tools)
+    ids, weights = example.rendered.token_ids, example.weights
+    first = weights.index(1.0)
+    assert ids[:first] == renderer.build_generation_prompt(messages[:last], tools=tools).to_ints()
+    assert decode(tok, [t for t, w in zip(ids, weights) if w]) == sampled(messages, last)

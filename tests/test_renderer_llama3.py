@@ -10,7 +10,8 @@ from datetime import datetime
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from parity_cases import CASES, TOOLS, assert_bodies_attributed, assert_parity, call, decode, fixture_tokenizer, hf_ids
+from parity_cases import (CASES, TOOLS, assert_bodies_attributed, assert_parity, assert_supervised_is_prompt_then_sample,
+                          call, decode, fixture_tokenizer, hf_ids)
 
 from render_service.renderers import RenderError, get_renderer, renderer_for_model
 from render_service.renderers.registry import canonical_name
@@ -56,12 +57,7 @@ def check_attribution(renderer, tok, messages, tools) -> None:
 
 
 def check_supervised(renderer, tok, messages, tools) -> None:
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    example = renderer.supervised_example(messages, tools=tools)
-    ids, weights = example.rendered.token_ids, example.weights
-    first = weights.index(1.0)
-    assert ids[:first] == renderer.build_generation_prompt(messages[:last], tools=tools).to_ints()
-    assert decode(tok, [t for t, w in zip(ids, weights) if w]) == sampled_text(messages[last])
+    assert_supervised_is_prompt_then_sample(renderer, tok, messages, tools, lambda messages, last: sampled_text(messages[last]))
 
 
 def sampled_tokens(renderer, messages, j, tools) -> list[int]:
