@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from functools import lru_cache
 from typing import Any
 
@@ -22,6 +23,17 @@ _TRAIN_ON_WHAT = {render_pb2.TRAIN_ON_WHAT_UNSPECIFIED: "last_assistant_message"
 MAX_BYTES_PER_CONVERSATION = 4_000_000  # ~1M tokens; larger input is refused before any work is done
 CONVERSATIONS = Counter("bios_render_conversations", "Conversations rendered, by renderer.", ["renderer"])
 TOKENS = Counter("bios_render_tokens", "Tokens produced by rendering, by renderer.", ["renderer"])
+
+
+# One render thread per process. The GIL serializes rendering anyway, and fastokens' regex scratch space is
+# fast only in the thread that first used it: other threads share a locked pool (measured in
+# benchmarks/render_grpc_bench.py: three threads rendered ~3x slower than one).
+_RENDER_THREAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="render")
+
+
+async def in_render_thread(fn, *args):
+    """Run fn(*args) in the render thread: off the event loop, which keeps answering health checks."""
+    return await asyncio.get_running_loop().run_in_executor(_RENDER_THREAD, fn, *args)
 
 
 def count(renderer: BaseRenderer | str, n_tokens: int, conversations: int = 1) -> None:
@@ -85,35 +97,40 @@ def train_on_what(value: int) -> str:
     return _TRAIN_ON_WHAT[value]
 
 
-def supervised_to_pb(renderer: BaseRenderer, messages, tools, train_on: str, sft_roles) -> render_pb2.SupervisedExample:
+def supervised_to_pb(renderer: BaseRenderer, messages, tools, train_on: str, sft_roles,
+                     into: render_pb2.SupervisedExample | None = None) -> render_pb2.SupervisedExample:
     example = renderer.supervised_example(messages, train_on, tools, sft_roles)
-    return render_pb2.SupervisedExample(tokens=wire.rendered_to_pb(example.rendered), run_weights=example.run_weights)
+    pb = render_pb2.SupervisedExample() if into is None else into
+    wire.rendered_to_pb(example.rendered, into=pb.tokens)
+    pb.run_weights.extend(example.run_weights)
+    return pb
 
 
 def render_batch(request: render_pb2.RenderBatchRequest) -> render_pb2.RenderBatchResponse:
     renderer = renderer_for(request.renderer)
     train_on = train_on_what(request.train_on_what) if request.kind == render_pb2.SUPERVISED else None
     sft_roles = list(request.content_sft_roles)
-    out = []
+    response = render_pb2.RenderBatchResponse()
+    add = response.examples.add  # filled in place: a finished example given to a constructor is copied
     for i, conv in enumerate(request.conversations):
         try:
             messages, tools = conversation(conv)
             if train_on is not None:
-                out.append(supervised_to_pb(renderer, messages, tools, train_on, sft_roles))
+                supervised_to_pb(renderer, messages, tools, train_on, sft_roles, into=add())
                 continue
             if request.kind == render_pb2.GENERATION_PROMPT:
                 rendered = renderer.render_generation_prompt(messages, None, tools)
             else:
                 rendered = renderer.render(messages, tools, request.add_generation_prompt)
-            out.append(render_pb2.SupervisedExample(tokens=wire.rendered_to_pb(rendered)))
+            wire.rendered_to_pb(rendered, into=add().tokens)
         except renderers.RenderError as exc:
             raise renderers.RenderError(f"conversations[{request.first_index + i}].{exc}") from None
-    return render_pb2.RenderBatchResponse(examples=out)
+    return response
 
 
 class RenderServicer(render_pb2_grpc.RenderServiceServicer):
-    """Rendering is CPU work: it runs off the event loop so the loop keeps answering health checks, and a
-    RenderBatch goes to the worker processes when there are some."""
+    """Rendering is CPU work: it runs in the render thread so the event loop keeps answering health checks,
+    and a RenderBatch goes to the worker processes when there are some."""
 
     def __init__(self, render_workers: "workers.RenderWorkers | None" = None):
         self.workers = render_workers
@@ -130,7 +147,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             rendered = renderer.render(messages, tools, request.add_generation_prompt)
             return rendered_to_pb(rendered, renderer)
 
-        return await asyncio.to_thread(run)
+        return await in_render_thread(run)
 
     async def BuildGenerationPrompt(self, request, context):
         def run():
@@ -140,7 +157,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             rendered = renderer.render_generation_prompt(messages, prefill, tools)
             return rendered_to_pb(rendered, renderer)
 
-        return await asyncio.to_thread(run)
+        return await in_render_thread(run)
 
     async def BuildSupervisedExample(self, request, context):
         def run():
@@ -151,13 +168,13 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             count(renderer, len(example.tokens.token_ids))
             return example
 
-        return await asyncio.to_thread(run)
+        return await in_render_thread(run)
 
     async def RenderBatch(self, request, context):
         if self.workers is not None and len(request.conversations) >= 2 * workers.MIN_SLICE:
             response = await self.workers.render_batch(request)
         else:
-            response = await asyncio.to_thread(render_batch, request)
+            response = await in_render_thread(render_batch, request)
         count(renderer_label(request.renderer), sum(len(e.tokens.token_ids) for e in response.examples),
               conversations=len(response.examples))
         return response
@@ -172,11 +189,12 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             rendered, reason = bridge_to_next_turn(renderer, list(request.prev_prompt_ids),
                                                    list(request.prev_completion_ids), new_messages, tools,
                                                    history=history)
-            if rendered is None:
-                return render_pb2.BridgeToNextTurnResponse(ok=False, reason=reason)
-            return render_pb2.BridgeToNextTurnResponse(ok=True, reason=reason, tokens=wire.rendered_to_pb(rendered))
+            response = render_pb2.BridgeToNextTurnResponse(ok=rendered is not None, reason=reason)
+            if rendered is not None:
+                wire.rendered_to_pb(rendered, into=response.tokens)
+            return response
 
-        return await asyncio.to_thread(run)
+        return await in_render_thread(run)
 
     async def ConversationsToData(self, request_iterator, context):
         from render_service.datasets import data_from_lines
@@ -195,17 +213,26 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
                 count(renderer, sum(datum.model_input.length + 1 for datum in data), conversations=len(data))
                 return render_pb2.DataBatch(data=[wire.datum_to_pb(d) for d in data])
 
-            yield await asyncio.to_thread(run)
+            yield await in_render_thread(run)
 
     async def ParseResponse(self, request, context):
-        renderer = renderer_for(request.renderer)
-        tools = [wire.tool_from_pb(t) for t in request.tools] or None
-        message, ok = await asyncio.to_thread(renderer.parse_response, list(request.tokens), tools)
-        return render_pb2.ParseResponseResponse(message=wire.message_to_pb(message), ok=ok)
+        def run():  # in the render thread, like every renderer construction (see _RENDER_THREAD)
+            renderer = renderer_for(request.renderer)
+            tools = [wire.tool_from_pb(t) for t in request.tools] or None
+            message, ok = renderer.parse_response(list(request.tokens), tools)
+            response = render_pb2.ParseResponseResponse(ok=ok)
+            wire.message_to_pb(message, into=response.message)
+            return response
+
+        return await in_render_thread(run)
 
     async def GetStopSequences(self, request, context):
-        renderer = renderer_for(request.renderer)
-        return render_pb2.StopSequences(token_ids=renderer.get_stop_sequences(), strings=renderer.get_stop_strings())
+        def run():
+            renderer = renderer_for(request.renderer)
+            return render_pb2.StopSequences(token_ids=renderer.get_stop_sequences(),
+                                            strings=renderer.get_stop_strings())
+
+        return await in_render_thread(run)
 
 
 def add_to_server(server: Any, render_workers: "workers.RenderWorkers | None" = None) -> list[str]:

@@ -368,3 +368,6 @@ def test_whole_text_declines_what_it_cannot_place():
         assert encoder.whole.encode_with_offsets(text) is None
         assert encoder.encode_with_offsets(text) == ft.slow_encode_with_offsets(load("usf-mini"), text)
     assert encoder.whole.encode_segments(["<|im_start|>user\n", "café"]) is not None
+    assert encoder.whole.encode_segments(["ok \ud800"]) is None  # a lone surrogate has no UTF-8 bytes to count
+    for texts in (["", ""], ["", "a b", "", "<|im_end|>", ""], ["é", "", "日本"]):
+        assert encoder.whole.encode_segments(texts) == ft.slow_encode_segments(load("usf-mini"), texts), texts

@@ -41,14 +41,14 @@ class RenderClient:
         return list(self._call("ListRenderers", render_pb2.ListRenderersRequest()).renderers)
 
     def render(self, messages: Sequence[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False):
-        request = render_pb2.RenderRequest(renderer=self.spec, conversation=wire.conversation_to_pb(messages, tools),
-                                           add_generation_prompt=add_generation_prompt)
+        request = render_pb2.RenderRequest(renderer=self.spec, add_generation_prompt=add_generation_prompt)
+        wire.conversation_to_pb(messages, tools, into=request.conversation)
         return wire.rendered_from_pb(self._call("Render", request))
 
     def build_generation_prompt(self, messages: Sequence[dict], prefill: str | None = None,
                                 tools: list[dict] | None = None) -> types.ModelInput:
-        request = render_pb2.BuildGenerationPromptRequest(renderer=self.spec,
-                                                          conversation=wire.conversation_to_pb(messages, tools))
+        request = render_pb2.BuildGenerationPromptRequest(renderer=self.spec)
+        wire.conversation_to_pb(messages, tools, into=request.conversation)
         if prefill is not None:
             request.prefill = prefill
         return types.ModelInput.from_ints(self._call("BuildGenerationPrompt", request).token_ids)
@@ -56,8 +56,9 @@ class RenderClient:
     def build_supervised_example(self, messages: Sequence[dict], train_on_what: str = "last_assistant_message",
                                  tools: list[dict] | None = None, content_sft_roles: Iterable[str] = ()):
         request = render_pb2.BuildSupervisedExampleRequest(
-            renderer=self.spec, conversation=wire.conversation_to_pb(messages, tools),
-            train_on_what=self._train_on_what(train_on_what), content_sft_roles=list(content_sft_roles))
+            renderer=self.spec, train_on_what=self._train_on_what(train_on_what),
+            content_sft_roles=list(content_sft_roles))
+        wire.conversation_to_pb(messages, tools, into=request.conversation)
         example = self._call("BuildSupervisedExample", request)
         return wire.supervised_from_pb(example)
 
@@ -71,8 +72,13 @@ class RenderClient:
         try:
             for first in range(0, len(conversations), BATCH_CHUNK):
                 request = render_pb2.RenderBatchRequest(
-                    renderer=self.spec, kind=render_pb2.SUPERVISED, train_on_what=train_on, first_index=first,
-                    conversations=[wire.conversation_to_pb(c) for c in conversations[first:first + BATCH_CHUNK]])
+                    renderer=self.spec, kind=render_pb2.SUPERVISED, train_on_what=train_on, first_index=first)
+                add = request.conversations.add
+                for k, conversation in enumerate(conversations[first:first + BATCH_CHUNK]):
+                    try:
+                        wire.conversation_to_pb(conversation, into=add())
+                    except InvalidArgumentError as exc:
+                        raise InvalidArgumentError(f"conversations[{first + k}].{exc}") from None
                 pending.append(self._service._render_submit("RenderBatch", request))
                 if len(pending) >= BATCH_IN_FLIGHT:
                     out += map(wire.supervised_from_pb, pending.popleft().result().examples)

@@ -127,40 +127,48 @@ def lora_config_to_pb(config: types.LoraConfig) -> types_pb2.LoraConfig:
 
 # ---- chat messages -------------------------------------------------------------------------------
 
-def message_to_pb(message: Mapping[str, Any]) -> types_pb2.Message:
-    fields: dict[str, Any] = {"role": str(message.get("role", ""))}  # one constructor call: cheaper than setattrs
+# The builders below fill a message in place (`into`, e.g. `conversation.messages.add()`) rather than pass
+# finished messages to a parent's constructor: upb copies a nested message given to a constructor, and for a
+# batch of conversations those copies cost more than the building itself.
+
+def message_to_pb(message: Mapping[str, Any], into: types_pb2.Message | None = None) -> types_pb2.Message:
+    pb = types_pb2.Message() if into is None else into
+    pb.role = str(message.get("role", ""))
     content = message.get("content")
     if isinstance(content, str):
-        fields["content"] = content
+        pb.content = content
     elif isinstance(content, list):
         for j, part in enumerate(content):
             if not isinstance(part, Mapping) or not isinstance(part.get("text", ""), str):
                 raise WireError(f"content[{j}]: expected {{'type': 'text', 'text': str}}")
-        fields["parts"] = [types_pb2.ContentPart(type=p.get("type", "text"), text=p.get("text", "")) for p in content]
+            pb.parts.add(type=part.get("type", "text"), text=part.get("text", ""))
     elif content is not None:
         raise WireError(f"content: expected a string or a list of parts, got {type(content).__name__}")
-    for key in ("tool_call_id", "name"):
-        if message.get(key):
-            fields[key] = message[key]
+    if message.get("tool_call_id"):
+        pb.tool_call_id = message["tool_call_id"]
+    if message.get("name"):
+        pb.name = message["name"]
     if message.get("reasoning_content") is not None:
-        fields["reasoning_content"] = message["reasoning_content"]
+        pb.reasoning_content = message["reasoning_content"]
     if message.get("trainable") is not None:
-        fields["trainable"] = bool(message["trainable"])
-    if message.get("tool_calls"):
-        fields["tool_calls"] = [tool_call_to_pb(call) for call in message["tool_calls"]]
-    return types_pb2.Message(**fields)
+        pb.trainable = bool(message["trainable"])
+    for call in message.get("tool_calls") or ():
+        tool_call_to_pb(call, pb.tool_calls.add())
+    return pb
 
 
-def tool_call_to_pb(call: Mapping[str, Any]) -> types_pb2.ToolCall:
+def tool_call_to_pb(call: Mapping[str, Any], into: types_pb2.ToolCall | None = None) -> types_pb2.ToolCall:
+    pb = types_pb2.ToolCall() if into is None else into
     function = call.get("function", call)
     arguments = function.get("arguments", {})
-    as_text = isinstance(arguments, str)
-    status = call.get("status")
-    return types_pb2.ToolCall(
-        id=call.get("id") or "", name=function.get("name", ""), arguments_as_text=as_text,
-        arguments_json=arguments if as_text else json.dumps(arguments, ensure_ascii=False),
-        status=types_pb2.ToolCallStatus.Value(f"TOOL_CALL_STATUS_{status.upper()}") if status else 0,
-        raw_text=call.get("raw_text", ""))
+    pb.arguments_as_text = isinstance(arguments, str)
+    pb.arguments_json = arguments if pb.arguments_as_text else json.dumps(arguments, ensure_ascii=False)
+    pb.id = call.get("id") or ""
+    pb.name = function.get("name", "")
+    if status := call.get("status"):
+        pb.status = types_pb2.ToolCallStatus.Value(f"TOOL_CALL_STATUS_{status.upper()}")
+    pb.raw_text = call.get("raw_text", "")
+    return pb
 
 
 def tool_call_from_pb(call: types_pb2.ToolCall) -> dict[str, Any]:
@@ -215,16 +223,19 @@ def tool_from_pb(pb: types_pb2.ToolSpec) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-def conversation_to_pb(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping] | None = None):
-    pbs = []
+def conversation_to_pb(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping] | None = None,
+                       into: render_pb2.Conversation | None = None) -> render_pb2.Conversation:
+    pb = render_pb2.Conversation() if into is None else into
+    add = pb.messages.add
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise InvalidArgumentError(f"messages[{i}]: expected a mapping, got {type(message).__name__}")
         try:
-            pbs.append(message_to_pb(message))
+            message_to_pb(message, add())
         except WireError as exc:
             raise InvalidArgumentError(f"messages[{i}].{exc}") from None
-    return render_pb2.Conversation(messages=pbs, tools=[tool_to_pb(t) for t in tools or []])
+    pb.tools.extend(tool_to_pb(t) for t in tools or ())
+    return pb
 
 
 # ---- results --------------------------------------------------------------------------------------
@@ -257,15 +268,22 @@ def model_info_from_pb(pb: train_pb2.ModelInfo) -> types.ModelInfo:
 
 # ---- rendered tokens ------------------------------------------------------------------------------
 
-def rendered_to_pb(rendered: RenderedTokens) -> render_pb2.RenderedTokens:
+def rendered_to_pb(rendered: RenderedTokens, into: render_pb2.RenderedTokens | None = None) -> render_pb2.RenderedTokens:
+    pb = render_pb2.RenderedTokens() if into is None else into
     runs = rendered.runs
     roles = [""] * (max((run.message_index for run in runs), default=-1) + 1)
     for run in runs:
         if run.message_index >= 0:
             roles[run.message_index] = run.role or ""
-    lengths, indices, _roles, sampled, content = zip(*runs) if runs else ((),) * 5
-    return render_pb2.RenderedTokens(token_ids=rendered.token_ids, roles=roles, run_lengths=lengths,
-                                     run_message_indices=indices, run_sampled=sampled, run_is_content=content)
+    pb.token_ids.extend(rendered.token_ids)
+    pb.roles.extend(roles)
+    if runs:
+        lengths, indices, _roles, sampled, content = zip(*runs)
+        pb.run_lengths.extend(lengths)
+        pb.run_message_indices.extend(indices)
+        pb.run_sampled.extend(sampled)
+        pb.run_is_content.extend(content)
+    return pb
 
 
 def _runs_from_pb(pb: render_pb2.RenderedTokens) -> list[AttributionRun]:

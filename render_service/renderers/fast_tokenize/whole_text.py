@@ -17,11 +17,10 @@ segmentations, periodic multi-split strings) and by the golden digests. `BIOS_FA
 from __future__ import annotations
 
 import os
-import sys
-from array import array
-from bisect import bisect_left
 from itertools import accumulate
 from typing import Any, Sequence
+
+import numpy as np
 
 from render_service.renderers.fast_tokenize.checks import (
     Unsupported,
@@ -29,9 +28,9 @@ from render_service.renderers.fast_tokenize.checks import (
     check_piecewise,
     normalizer_kind,
 )
-from render_service.renderers.fast_tokenize.unicode_guards import nfc_invariant, utf8_length
+from render_service.renderers.fast_tokenize.unicode_guards import nfc_invariant
 
-_SWAP = sys.byteorder == "big"
+MAX_TOKENS = 1 << 22  # with token lengths below 2**40 (checks.token_byte_lengths), int64 sums cannot overflow
 
 
 def enabled() -> bool:
@@ -52,63 +51,74 @@ class WholeTextEngine:
         normalizer = normalizer_kind(spec)
         if normalizer not in ("identity", "NFC"):
             raise Unsupported(f"normalizer {normalizer}")
-        if array("I").itemsize != 4:
-            raise Unsupported("no 4-byte unsigned array type on this platform")
         if (spec.get("model") or {}).get("byte_fallback"):
             raise Unsupported("byte_fallback BPE")
         self.nfc = normalizer == "NFC"
         backend = tokenizer.backend_tokenizer
         self._encode_flat = fastokens.Tokenizer.from_json_str(backend.to_str()).encode_batch_flat
-        self._lengths = token_lengths
+        self._lengths = np.asarray(token_lengths, dtype=np.int64)
 
-    def _encode(self, text: str) -> tuple[list[int], list[int], int] | None:
-        """(ids, byte end of each token, the text's length in bytes) or None if this text needs another path."""
-        size = utf8_length(text)
-        if self.nfc and not nfc_invariant(text):
+    def _encode(self, text: str) -> tuple[np.ndarray, np.ndarray, bool] | None:
+        """(ids, byte end of each token, whether the text is ASCII) or None if this text needs another path.
+
+        Per-token work stays in numpy: a rendered chat has hundreds of tokens and tens of segments."""
+        if text.isascii():
+            size, ascii_ = len(text), True
+        else:
+            try:
+                size, ascii_ = len(text.encode("utf-8")), False
+            except UnicodeEncodeError:  # lone surrogates have no UTF-8 form: whatever HF does, it does
+                return None
+            if self.nfc and not nfc_invariant(text):
+                return None
+        ids = np.frombuffer(self._encode_flat([text])[0], dtype="<u4")
+        if ids.size > MAX_TOKENS:
             return None
-        flat = array("I", self._encode_flat([text])[0])  # little-endian uint32
-        if _SWAP:
-            flat.byteswap()
-        ids = flat.tolist()
         try:
-            ends = list(accumulate(map(self._lengths.__getitem__, ids)))
+            ends = self._lengths[ids].cumsum()
         except IndexError:  # an id beyond the table: not a token this engine knows how to place
             return None
-        if (ends[-1] if ends else 0) != size:  # the tokens must spell exactly the text's bytes
+        # The tokens must spell exactly the text's bytes (a NOT_BYTE_LEVEL token overshoots any text).
+        if (int(ends[-1]) if ids.size else 0) != size:
             return None
-        return ids, ends, size
+        return ids, ends, ascii_
 
     def encode(self, text: str) -> list[int] | None:
         found = self._encode(text)
-        return None if found is None else found[0]
+        return None if found is None else found[0].tolist()
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]] | None:
         """(ids, start character of each token), as HF's `offset_mapping` begins."""
         found = self._encode(text)
         if found is None:
             return None
-        ids, ends, size = found
-        starts = [0, *ends[:-1]] if ids else []
-        if size == len(text):  # ASCII: bytes are characters
-            return ids, starts
+        ids, ends, ascii_ = found
+        starts = [0, *ends[:-1].tolist()] if ids.size else []
+        if ascii_:  # bytes are characters
+            return ids.tolist(), starts
         char_of_byte = []
         for k, ch in enumerate(text):
             char_of_byte += [k] * len(ch.encode("utf-8"))
-        return ids, [char_of_byte[s] for s in starts]
+        return ids.tolist(), [char_of_byte[s] for s in starts]
 
     def encode_segments(self, texts: Sequence[str]) -> tuple[list[int], list[int]] | None:
         """Ids of "".join(texts) and, per text, how many tokens start in it."""
-        text = "".join(texts)
-        found = self._encode(text)
+        found = self._encode("".join(texts))
         if found is None:
             return None
-        ids, ends, size = found
-        n = len(ids)
-        if size == len(text):
-            cuts = accumulate(map(len, texts[:-1]))
+        ids, ends, ascii_ = found
+        n = ids.size
+        if ascii_:
+            cuts = list(accumulate(map(len, texts)))
         else:
-            cuts = accumulate(len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts[:-1])
-        # Tokens starting before byte c: the first one (if c > 0) and each later one whose predecessor ends before c.
-        before = [bisect_left(ends, c, 0, n - 1) + 1 if c > 0 and n else 0 for c in cuts]
-        before.append(n)
-        return ids, [b - a for a, b in zip([0, *before], before)]
+            cuts = list(accumulate(len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts))
+        # Tokens starting before byte c: the first one (if c > 0) and each later one whose predecessor ends
+        # before c. The last cut is the end of the text: all n tokens start before it.
+        before = (ends[:-1].searchsorted(cuts) + 1).tolist() if n else [0] * len(texts)
+        before[-1] = n
+        counts, last = [], 0
+        for c, b in zip(cuts, before):
+            b = b if c else 0
+            counts.append(b - last)
+            last = b
+        return ids.tolist(), counts
