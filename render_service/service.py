@@ -25,9 +25,9 @@ CONVERSATIONS = Counter("bios_render_conversations", "Conversations rendered, by
 TOKENS = Counter("bios_render_tokens", "Tokens produced by rendering, by renderer.", ["renderer"])
 
 
-# One render thread per process. The GIL serializes rendering anyway, and fastokens' regex scratch space is
-# fast only in the thread that first used it: other threads share a locked pool (measured in
-# benchmarks/render_grpc_bench.py: three threads rendered ~3x slower than one).
+# One render thread per process: the GIL serializes rendering anyway, and fastokens costs more from many
+# threads (measured here: tens of ms of set-up in each new thread, and three threads encoding at once ~3x
+# slower per text than one). Requests wait their turn; more cores mean more --workers or pods.
 _RENDER_THREAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="render")
 
 

@@ -50,6 +50,20 @@ def test_batched_render(remote, local):
     assert remote.build_supervised_examples(convs) == [local.build_supervised_example(c) for c in convs]
 
 
+def test_batched_render_takes_jsonl_records_with_tools(client, qwen3_tokenizer):
+    remote = client.render_client("qwen2.5", "ultrasafe/usf-mini")  # a family that renders tools
+    local = renderers.get_renderer("qwen2.5", qwen3_tokenizer)
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "Look a term up.",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    records = [{"messages": CONV, "tools": tools}, {"messages": CONV}, CONV]
+    assert remote.build_supervised_examples(records) == [
+        local.build_supervised_example(CONV, tools=tools), local.build_supervised_example(CONV),
+        local.build_supervised_example(CONV)]
+    assert remote.build_supervised_examples(records)[0] != remote.build_supervised_examples(records)[1]
+    with pytest.raises(InvalidArgumentError, match=r"conversations\[1\]\.messages: missing"):
+        remote.build_supervised_examples([CONV, {"tools": tools}])
+
+
 def varied(n: int) -> list[list[dict]]:
     return [[CONV[0], {"role": "user", "content": f"Question {k}: {'why ' * (k % 7)}über 数据 🙂?"},
              {"role": "assistant", "content": f"Answer {k}." + " more" * (k % 5)}] for k in range(n)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections import deque
+from collections.abc import Mapping
 from itertools import islice
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -62,10 +63,12 @@ class RenderClient:
         example = self._call("BuildSupervisedExample", request)
         return wire.supervised_from_pb(example)
 
-    def build_supervised_examples(self, conversations: Sequence[Sequence[dict]],
+    def build_supervised_examples(self, conversations: Sequence[Sequence[dict] | Mapping[str, Any]],
                                   train_on_what: str = "last_assistant_message") -> list[tuple[types.Tokens, list[float]]]:
         """Many conversations through the batched RPC: chunks of BATCH_CHUNK, up to BATCH_IN_FLIGHT at once, so
-        that building requests and reading replies here overlaps the rendering on the server."""
+        that building requests and reading replies here overlaps the rendering on the server.
+
+        A conversation is a list of messages, or a chat JSONL record `{"messages": [...], "tools": [...]}`."""
         train_on = self._train_on_what(train_on_what)
         pending: deque[concurrent.futures.Future] = deque()
         out: list[tuple[types.Tokens, list[float]]] = []
@@ -73,12 +76,17 @@ class RenderClient:
             for first in range(0, len(conversations), BATCH_CHUNK):
                 request = render_pb2.RenderBatchRequest(
                     renderer=self.spec, kind=render_pb2.SUPERVISED, train_on_what=train_on, first_index=first)
-                add = request.conversations.add
-                for k, conversation in enumerate(conversations[first:first + BATCH_CHUNK]):
+                add = request.conversations.add  # filled in place: nested constructors would copy each one
+                for k, conversation in enumerate(conversations[first:first + BATCH_CHUNK], first):
                     try:
-                        wire.conversation_to_pb(conversation, into=add())
+                        if isinstance(conversation, Mapping):
+                            if "messages" not in conversation:
+                                raise InvalidArgumentError("messages: missing (a record needs 'messages')")
+                            wire.conversation_to_pb(conversation["messages"], conversation.get("tools"), into=add())
+                        else:
+                            wire.conversation_to_pb(conversation, into=add())
                     except InvalidArgumentError as exc:
-                        raise InvalidArgumentError(f"conversations[{first + k}].{exc}") from None
+                        raise InvalidArgumentError(f"conversations[{k}].{exc}") from None
                 pending.append(self._service._render_submit("RenderBatch", request))
                 if len(pending) >= BATCH_IN_FLIGHT:
                     out += map(wire.supervised_from_pb, pending.popleft().result().examples)

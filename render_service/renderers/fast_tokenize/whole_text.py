@@ -78,7 +78,7 @@ class WholeTextEngine:
             ends = self._lengths[ids].cumsum()
         except IndexError:  # an id beyond the table: not a token this engine knows how to place
             return None
-        # The tokens must spell exactly the text's bytes (a NOT_BYTE_LEVEL token overshoots any text).
+        # The tokens must spell exactly the text's bytes (a token that is not byte-level counts 2**40: too many).
         if (int(ends[-1]) if ids.size else 0) != size:
             return None
         return ids, ends, ascii_
@@ -103,6 +103,8 @@ class WholeTextEngine:
 
     def encode_segments(self, texts: Sequence[str]) -> tuple[list[int], list[int]] | None:
         """Ids of "".join(texts) and, per text, how many tokens start in it."""
+        if not texts:
+            return [], []
         found = self._encode("".join(texts))
         if found is None:
             return None
