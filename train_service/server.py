@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from bios import placement
 from bios.server.auth import ApiKeys
 from bios.server.grpc import (add_health_port_argument, add_port, build_server, mark_not_serving, mark_serving,
                               start_health_server, wait_for_signal)
@@ -48,10 +49,11 @@ class TrainServer:
 
 
 async def start(host: str = "127.0.0.1", port: int = 0, checkpoint_dir: str | None = None,
-                api_keys: ApiKeys | None = None, health_port: int | None = None) -> TrainServer:
-    """A started server on `port` (0 = pick a free port); `health_port` adds a plaintext health-only port."""
+                api_keys: ApiKeys | None = None, health_port: int | None = None, pod: int | None = None) -> TrainServer:
+    """A started server on `port` (0 = pick a free port); `health_port` adds a plaintext health-only port;
+    `pod`: this replica's ordinal, put in the ids it issues so clients find their session's pod (bios.placement)."""
     engine = Engine()
-    sessions = SessionManager(CheckpointStore(checkpoint_dir or default_checkpoint_dir()))
+    sessions = SessionManager(CheckpointStore(checkpoint_dir or default_checkpoint_dir()), pod=pod)
     metrics.bind(sessions, engine)
     server, health_servicer, names = build_server("train", [service.add_to_server(sessions, engine)], api_keys)
     bound = add_port(server, f"{host}:{port}")
@@ -62,11 +64,13 @@ async def start(host: str = "127.0.0.1", port: int = 0, checkpoint_dir: str | No
     return TrainServer(server, bound, engine, sessions, health_servicer, names, health_server, bound_health)
 
 
-async def serve(host: str, port: int, checkpoint_dir: str | None, metrics_port: int, health_port: int) -> None:
-    running = await start(host, port, checkpoint_dir, ApiKeys.from_env(), health_port or None)
+async def serve(host: str, port: int, checkpoint_dir: str | None, metrics_port: int, health_port: int,
+                pod: int | None) -> None:
+    running = await start(host, port, checkpoint_dir, ApiKeys.from_env(), health_port or None, pod)
     if metrics_port:
         serve_metrics(metrics_port)
-    logging.info("train service listening on %s:%d (metrics on :%d)", host, running.port, metrics_port)
+    logging.info("train service listening on %s:%d (metrics on :%d, pod ordinal %s)", host, running.port,
+                 metrics_port, pod)
     await wait_for_signal(lambda: running.stop(grace=float(os.environ.get("BIOS_DRAIN_SECONDS", "60"))))
 
 
@@ -76,7 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=50052)
     parser.add_argument("--checkpoint-dir", default=None)
     parser.add_argument("--metrics-port", type=int, default=9091, help="Prometheus /metrics port (0 = off)")
+    parser.add_argument("--pod-ordinal", type=int, default=placement.pod_ordinal(os.environ.get("BIOS_POD_NAME")),
+                        help="this replica's ordinal, written into the ids it issues (default: from $BIOS_POD_NAME, "
+                             "e.g. bios-train-3 -> 3; none outside a StatefulSet)")
     add_health_port_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.host, args.port, args.checkpoint_dir, args.metrics_port, args.health_port))
+    asyncio.run(serve(args.host, args.port, args.checkpoint_dir, args.metrics_port, args.health_port, args.pod_ordinal))

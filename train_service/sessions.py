@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from bios import types, wire
+from bios import placement, types, wire
 from bios.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from bios.v1 import train_pb2
 from render_service.model_registry import ModelEntry, resolve
@@ -30,10 +29,6 @@ from train_service.metrics import CHECKPOINT_BYTES
 from train_service.models import BaseModel, BaseModelPool
 
 RESULT_WINDOW = 4096  # answered operations remembered per model, for resubmitted sequence numbers
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
 @dataclass
@@ -156,17 +151,22 @@ class SessionManager:
     """All sessions, models and samplers of this process. Mutations happen on the engine thread or
     under the lock, so the gRPC handlers and the engine see a consistent picture."""
 
-    def __init__(self, store: CheckpointStore, pool: BaseModelPool | None = None):
+    def __init__(self, store: CheckpointStore, pool: BaseModelPool | None = None, pod: int | None = None):
+        """`pod`: this replica's StatefulSet ordinal, written into every id it issues (bios.placement)."""
         self.store = store
+        self.pod = pod
         self.pool = pool or BaseModelPool()
         self.sessions: dict[str, Session] = {}
         self.models: dict[str, TrainingModel] = {}
         self.samplers: dict[str, Sampler] = {}
         self.lock = threading.Lock()
 
+    def _new_id(self, prefix: str) -> str:
+        return placement.new_id(prefix, self.pod)
+
     # Lookups answer NOT_FOUND for another tenant's objects too, so nothing about them leaks.
     def create_session(self, tags: dict[str, str], tenant: str) -> Session:
-        session = Session(_new_id("session"), tenant, dict(tags))
+        session = Session(self._new_id("session"), tenant, dict(tags))
         with self.lock:
             self.sessions[session.session_id] = session
         return session
@@ -206,7 +206,7 @@ class SessionManager:
             base_model = base_model or meta["base_model"]
             lora = types.LoraConfig(**meta.get("lora", {}))
         base = self.pool.get(self.entry(base_model))
-        model = TrainingModel(_new_id("model"), session_id, tenant, base, lora, self.store)
+        model = TrainingModel(self._new_id("model"), session_id, tenant, base, lora, self.store)
         base.add_adapter(model.adapter, lora)
         try:
             model.make_optimizer()
@@ -226,7 +226,7 @@ class SessionManager:
         if model_path:
             directory, meta = self.store.locate(model_path, tenant, "model_path")
             base = self.pool.get(self.entry(meta["base_model"]))
-            sampler_id = _new_id("sampler")
+            sampler_id = self._new_id("sampler")
             adapter = sampler_id.replace("-", "_")
             config = PeftLoraConfig.from_pretrained(str(directory))
             base.add_adapter_config(adapter, config)
@@ -234,7 +234,7 @@ class SessionManager:
                                       adapter_name=adapter)
         else:
             base = self.pool.get(self.entry(base_model))
-            sampler_id = _new_id("sampler")
+            sampler_id = self._new_id("sampler")
         sampler = Sampler(sampler_id, session_id, tenant, base, adapter, model_path)
         with self.lock:
             self.samplers[sampler_id] = sampler

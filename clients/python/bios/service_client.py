@@ -11,8 +11,8 @@ from typing import Any
 
 import grpc
 
-from bios import embedded, types, wire
-from bios.errors import InvalidArgumentError, NotFoundError, from_status
+from bios import embedded, placement, types, wire
+from bios.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, from_status
 from bios.futures import LoopThread
 from bios.channel import open_channel
 from bios.v1 import render_pb2_grpc, train_pb2, train_pb2_grpc
@@ -24,10 +24,16 @@ UNARY_RETRIES = 12  # backoff 0.1 s doubling, capped at 2 s: about 17 s in all
 class ServiceClient:
     """`bios.ServiceClient()` talks to $BIOS_RENDER_ADDRESS / $BIOS_TRAIN_ADDRESS, or to services it starts
     in this process when no address is set (the embedded default). Nothing is contacted or started until a
-    call needs it, so a bad address or API key shows at the first call."""
+    call needs it, so a bad address or API key shows at the first call.
+
+    With several train replicas, `train_address` is the placement address (any pod) and `train_pod_address`
+    ($BIOS_TRAIN_POD_ADDRESS) a template naming one pod by `{pod}`: the session opens on whichever pod answers,
+    or on the pod of the checkpoint it resumes from, and every later train call goes to that pod
+    (bios.placement)."""
 
     def __init__(self, train_address: str | None = None, render_address: str | None = None,
-                 api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT, tls_ca: str | None = None):
+                 api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT, tls_ca: str | None = None,
+                 train_pod_address: str | None = None):
         # None: the embedded service, started when first needed (a client that only renders never starts the
         # train service and its torch models; one that only trains never starts a render service).
         self._addresses = {"train": train_address or os.environ.get("BIOS_TRAIN_ADDRESS"),
@@ -41,6 +47,10 @@ class ServiceClient:
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: dict[str, Any] = {}
         self._session_id: str | None = None
+        self._pod_template = train_pod_address or os.environ.get("BIOS_TRAIN_POD_ADDRESS")
+        if self._pod_template:
+            placement.pod_address(self._pod_template, 0)  # a template without {pod} fails here, not later
+        self._pod: int | None = None  # the train pod this client is pinned to
 
     @property
     def train_address(self) -> str:
@@ -93,7 +103,32 @@ class ServiceClient:
             with self._lock:
                 if self._session_id is None:
                     self._session_id = session.session_id
+            self._pin(placement.pod_of(self._session_id))
         return self._session_id
+
+    def _pin(self, pod: int | None) -> None:
+        """Send every later train call to this pod (with a pod address template and a placed id)."""
+        if pod is None or not self._pod_template:
+            return
+        with self._lock:
+            if self._pod is None:
+                self._pod = pod
+                address = placement.pod_address(self._pod_template, pod)
+                if address != self._addresses["train"]:
+                    self._addresses["train"] = address
+                    self._stubs.pop("train", None)  # the placement channel stays open until close()
+
+    def _place_for(self, path: str, field: str) -> None:
+        """Before a call that loads a checkpoint: the session must live on the checkpoint's pod."""
+        pod = placement.pod_of(path)
+        if pod is None or not self._pod_template:
+            return
+        if self._session_id is None:
+            self._pin(pod)  # the session will open on the pod that holds the checkpoint
+        if self._pod is not None and self._pod != pod:
+            raise FailedPreconditionError(
+                f"{field}: {path!r} is on train pod {pod}, and this client's session is on pod {self._pod}; "
+                f"open another ServiceClient to load it")
 
     # ---- unary calls with retries on UNAVAILABLE --------------------------------------------------
 
@@ -137,6 +172,7 @@ class ServiceClient:
     def create_training_client_from_state(self, path: str, with_optimizer: bool = False):
         from bios.training_client import TrainingClient
 
+        self._place_for(path, "path")
         info = self._unary("CreateModel", train_pb2.CreateModelRequest(
             session_id=self.session_id, from_state=path, load_optimizer=with_optimizer))
         return TrainingClient(self, wire.model_info_from_pb(info))
@@ -154,6 +190,8 @@ class ServiceClient:
 
         if bool(base_model) == bool(model_path):
             raise InvalidArgumentError("create_sampling_client: give exactly one of base_model or model_path")
+        if model_path:
+            self._place_for(model_path, "model_path")
         request = train_pb2.CreateSamplerRequest(session_id=self.session_id)
         if base_model:
             request.base_model = base_model
