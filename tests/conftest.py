@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -14,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures"
 SEEDS = SHARED / "seeds"
+NODE_DIR = REPO / "clients" / "node"
 
 
 def need_fixtures() -> Path:
@@ -57,3 +60,21 @@ def qwen3_tokenizer():
     from bios_cookbook import tokenizer_utils
 
     return tokenizer_utils.get_tokenizer("ultrasafe/usf-mini")
+
+
+@pytest.fixture(scope="session")
+def node_client() -> str:
+    """The node executable, with clients/node/node_modules installed (npm ci from the lock when present)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        pytest.skip("node and npm are needed on PATH for the Node.js client test")
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        command = [npm, "ci" if (NODE_DIR / "package-lock.json").exists() else "install", "--no-audit", "--no-fund"]
+        try:
+            done = subprocess.run(command, cwd=NODE_DIR, capture_output=True, text=True, timeout=180)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"`{' '.join(command[1:])}` in {NODE_DIR} timed out after 180 s: is the npm registry reachable?")
+        if done.returncode != 0:
+            pytest.skip(f"`{' '.join(command[1:])}` in {NODE_DIR} failed (npm registry unreachable?):\n"
+                        f"{done.stderr[-2000:]}")
+    return node

@@ -4,33 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 
 import pytest
 
-from conftest import REPO
+from conftest import NODE_DIR
 
-NODE_DIR = REPO / "clients" / "node"
 CONV = [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}]
-
-
-@pytest.fixture(scope="module")
-def node_client() -> str:
-    """The node executable, with clients/node/node_modules installed (npm ci from the lock when present)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if not node or not npm:
-        pytest.skip("node and npm are needed on PATH for the Node.js client test")
-    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        command = [npm, "ci" if (NODE_DIR / "package-lock.json").exists() else "install", "--no-audit", "--no-fund"]
-        try:
-            done = subprocess.run(command, cwd=NODE_DIR, capture_output=True, text=True, timeout=180)
-        except subprocess.TimeoutExpired:
-            pytest.skip(f"`{' '.join(command[1:])}` in {NODE_DIR} timed out after 180 s: is the npm registry reachable?")
-        if done.returncode != 0:
-            pytest.skip(f"`{' '.join(command[1:])}` in {NODE_DIR} failed (npm registry unreachable?):\n"
-                        f"{done.stderr[-2000:]}")
-    return node
 
 
 def run_demo(node: str, services, *extra: str) -> dict:

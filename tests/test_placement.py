@@ -6,12 +6,15 @@ on Linux) at one port, so the pod address template is `127.0.0.{pod}:<port>`.
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
 
 import pytest
 
 from bios import placement
 from bios.errors import FailedPreconditionError
+from conftest import NODE_DIR
 
 
 def test_ids_and_paths_name_their_pod():
@@ -82,3 +85,34 @@ def test_a_pod_address_template_needs_the_placeholder():
 
     with pytest.raises(ValueError, match=r"train_pod_address: .* no \{pod\}"):
         bios.ServiceClient(train_address="127.0.0.1:1", train_pod_address="bios-train:50052")
+
+
+NODE_ROUTING = """
+const { BiosClient, podOf } = require(process.argv[1]);
+const [placementPod2, placementPod1, template] = process.argv.slice(2);
+(async () => {
+  const first = new BiosClient({ train: placementPod2, trainPod: template });
+  const session = await first.createSession(); // opened by whichever pod the placement address reaches: pod 2
+  // A second client whose placement address reaches pod 1 still finds the session, by its id.
+  const second = new BiosClient({ train: placementPod1, trainPod: template });
+  const model = await second.createModel(session, 'ultrasafe/usf-mini', { rank: 4, train_attn: true, train_mlp: true });
+  const stream = second.operate(model.model_id);
+  const saved = await stream.saveState('node');
+  await stream.close();
+  await second.closeSession(session);
+  first.close(); second.close();
+  console.log(JSON.stringify({ session, model: model.model_id, path: saved.path, pod: podOf(saved.path) }));
+})().catch((err) => { console.error(err); process.exit(1); });
+"""
+
+
+def test_the_node_client_routes_calls_by_id(two_pods, node_client):
+    pods, port = two_pods
+    done = subprocess.run([node_client, "-e", NODE_ROUTING, str(NODE_DIR / "bios.js"), f"127.0.0.2:{port}",
+                           f"127.0.0.1:{port}", f"127.0.0.{{pod}}:{port}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr + done.stdout
+    result = json.loads(done.stdout)
+    # Pod 2 issued the model id: createModel reached it although this client's placement address is pod 1's.
+    assert placement.pod_of(result["session"]) == placement.pod_of(result["model"]) == result["pod"] == 2
+    assert result["session"] not in pods[2].sessions.sessions  # closeSession was routed there too
+    assert not pods[1].sessions.models and not pods[1].sessions.sessions

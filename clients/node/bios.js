@@ -98,14 +98,40 @@ function perToken(rendered, values) {
 const renderClient = (address, options = {}) => new pb.RenderService(address, credentials(options));
 const trainClient = (address, options = {}) => new pb.TrainService(address, credentials(options));
 
+/** The train pod that issued an id or holds a bios:// checkpoint path (session-p3-… -> 3), or null: see
+ * clients/python/bios/placement.py and docs/deployment.md. */
+function podOf(idOrPath) {
+  const found = /(?:^|\/)(?:session|model|sampler)-p(\d+)-[0-9a-f]+/.exec(idOrPath ?? '');
+  return found ? Number(found[1]) : null;
+}
+
 /** Both services behind one object with Promise-returning helpers. */
 class BiosClient {
-  /** @param {{render?: string, train?: string, apiKey?: string, credentials?: grpc.ChannelCredentials}} options */
-  constructor({ render, train, apiKey = process.env.BIOS_API_KEY, ...options } = {}) {
+  /**
+   * @param {{render?: string, train?: string, trainPod?: string, apiKey?: string,
+   *          credentials?: grpc.ChannelCredentials}} options
+   * `train` is the placement address (any train pod); `trainPod` (default $BIOS_TRAIN_POD_ADDRESS) names one pod
+   * by `{pod}`, e.g. 'bios-train-{pod}.bios-train-headless.bios.svc:50052': a call that carries a session, model
+   * or checkpoint id goes to the pod the id names.
+   */
+  constructor({ render, train, trainPod = process.env.BIOS_TRAIN_POD_ADDRESS, apiKey = process.env.BIOS_API_KEY,
+    ...options } = {}) {
+    if (trainPod && !trainPod.includes('{pod}')) throw new Error(`trainPod: ${trainPod} has no {pod} placeholder`);
     this.renderStub = render ? renderClient(render, options) : null;
     this.trainStub = train ? trainClient(train, options) : null;
+    this.trainPod = trainPod;
+    this.podStubs = new Map(); // pod ordinal -> TrainService client, opened on first use
+    this.options = options;
     this.metadata = new grpc.Metadata();
     if (apiKey) this.metadata.set('authorization', `Bearer ${apiKey}`);
+  }
+
+  /** The train stub for calls about this id: its pod's, or the placement address's. */
+  trainFor(id) {
+    const pod = podOf(id);
+    if (!this.trainPod || pod === null) return this.trainStub;
+    if (!this.podStubs.has(pod)) this.podStubs.set(pod, trainClient(this.trainPod.replace('{pod}', pod), this.options));
+    return this.podStubs.get(pod);
   }
 
   /** One unary call as a Promise; rejects with the grpc-js error ({code, details}). */
@@ -131,22 +157,23 @@ class BiosClient {
   }
 
   closeSession(sessionId) {
-    return this.call(this.trainStub, 'CloseSession', { session_id: sessionId });
+    return this.call(this.trainFor(sessionId), 'CloseSession', { session_id: sessionId });
   }
 
   /** CreateModel -> ModelInfo; lora = {rank, alpha?, seed?, train_attn, train_mlp, train_unembed}. */
   createModel(sessionId, baseModel, lora = {}) {
-    return this.call(this.trainStub, 'CreateModel', { session_id: sessionId, base_model: baseModel, lora });
+    return this.call(this.trainFor(sessionId), 'CreateModel', { session_id: sessionId, base_model: baseModel, lora });
   }
 
   /** The ordered operation stream of one model. */
   operate(modelId) {
-    return new OperationStream(this.trainStub, modelId, this.metadata);
+    return new OperationStream(this.trainFor(modelId), modelId, this.metadata);
   }
 
   close() {
     this.renderStub?.close();
     this.trainStub?.close();
+    for (const stub of this.podStubs.values()) stub.close();
   }
 }
 
@@ -227,4 +254,4 @@ class OperationStream {
   }
 }
 
-module.exports = { BiosClient, OperationStream, renderClient, trainClient, tensor, fromTensor, toStruct, perToken, int64, pb, grpc };
+module.exports = { BiosClient, OperationStream, renderClient, trainClient, tensor, fromTensor, toStruct, perToken, int64, podOf, pb, grpc };
