@@ -76,6 +76,8 @@ class Family:
         """BATCH conversations the HF template accepts (render_bench leaves the others out too), and their ids."""
         batch, ids, k = [], [], 0
         while len(batch) < BATCH:
+            if k == 20:
+                raise RuntimeError(f"{self.name}: HF's template rejected too many conversations ({len(batch)} kept)")
             for messages, tools in conversations(self.spec, BATCH, seed=1000 * seed + k):
                 try:
                     ids += self.hf([{"messages": messages, "tools": tools}])
