@@ -353,6 +353,22 @@ def test_train_statefulset_keeps_checkpoints_and_drains(overlay):
         assert train["spec"]["replicas"] == 1
 
 
+def test_train_pods_know_their_ordinal_and_the_documented_pod_address_resolves(overlay):
+    """Ids carry the issuing pod's ordinal (bios.placement): each pod reads its name from the downward API, and
+    the pod address template of docs/deployment.md is this StatefulSet's per-pod DNS name."""
+    from bios import placement
+
+    name, docs = overlay
+    train = one(docs, "StatefulSet", "bios-train")
+    entry = next(e for e in container(train)["env"] if e["name"] == "BIOS_POD_NAME")
+    assert entry["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert placement.pod_ordinal(f"{train['metadata']['name']}-3") == 3  # a StatefulSet names pods <set>-<k>
+    if name == "prod":  # the namespace the document's example uses
+        template = (f"{train['metadata']['name']}-{{pod}}.{train['spec']['serviceName']}."
+                    f"{train['metadata']['namespace']}.svc:{named_ports(train)['grpc']}")
+        assert f"BIOS_TRAIN_POD_ADDRESS={template}" in (REPO / "docs" / "deployment.md").read_text()
+
+
 def test_model_registry_and_api_keys_are_mounted_where_the_env_points(overlay):
     from render_service.model_registry import ModelEntry
 
