@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -188,19 +188,27 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench_family(name: str, spec: dict, repeats: int = REPEATS) -> dict:
-    from render_service.renderers import fast_tokenize, get_renderer
-
+def hf_baseline(spec: dict) -> tuple[Any, Callable[[list[dict], list | None], Any]]:
+    """A family's HF tokenizer and the baseline call, `hf(messages, tools)`: apply_chat_template(tokenize=True)
+    with the template options, and the date pinned where the template reads today's."""
     tokenizer = _load_tokenizer(spec)
     if spec.get("pin_date"):
         _pin_date(tokenizer, spec["pin_date"])
     options = dict(spec.get("options", {}))
-    renderer = get_renderer(name, tokenizer, **options, **spec.get("renderer_options", {}))
-    status = fast_tokenize.fast_path_status(tokenizer)
 
     def hf(messages, tools):
         return tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=False,
                                              add_generation_prompt=False, **options)
+
+    return tokenizer, hf
+
+
+def bench_family(name: str, spec: dict, repeats: int = REPEATS) -> dict:
+    from render_service.renderers import fast_tokenize, get_renderer
+
+    tokenizer, hf = hf_baseline(spec)
+    renderer = get_renderer(name, tokenizer, **spec.get("options", {}), **spec.get("renderer_options", {}))
+    status = fast_tokenize.fast_path_status(tokenizer)
 
     convs, rejected, identical, same_attribution, tokens = [], 0, 0, 0, 0
     for messages, tools in conversations(spec):

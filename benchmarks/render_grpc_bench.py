@@ -3,8 +3,8 @@
 The workload is render_bench's: its seeded, varied conversations for each family (tool calls and reasoning
 where the family has them), the ones the family's HF template accepts. Each pass builds supervised examples
 (ids + weights + attribution) for a batch of 256 of them in one `build_supervised_examples` call, through a
-render server started as its own process on loopback (as deployed), against `apply_chat_template` + encode
-on the same conversations in this process, one at a time (one core). Ids are checked equal to HF's.
+render server started as its own process on loopback (as deployed), against render_bench's HF baseline
+(`apply_chat_template(tokenize=True)`) on the same conversations in this process, one at a time (one core). Ids are checked equal to HF's.
 
 Measured for a server rendering in its own process (--workers 1: one core) and with one render worker per
 core of this machine (--workers N); each for first-time conversations (never rendered before) and a second
@@ -20,9 +20,10 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 from benchmarks import print_ratios
-from benchmarks.render_bench import FAMILIES, FIXTURES, _load_tokenizer, _pin_date, conversations
+from benchmarks.render_bench import FAMILIES, FIXTURES, conversations, hf_baseline
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -60,17 +61,13 @@ class Family:
 
     def __init__(self, name: str, spec: dict):
         self.name, self.spec = name, spec
-        self.tokenizer = _load_tokenizer(spec)
-        if spec.get("pin_date"):
-            _pin_date(self.tokenizer, spec["pin_date"])
-        self.options = dict(spec.get("options", {}))
+        self._hf = hf_baseline(spec)[1]
         self.source = spec.get("builtin") or str(FIXTURES / spec["fixture"])
         # Batch 0 warms up; the timed pass on batch k follows untimed ones on batch k - 1.
         self.batches = [self._accepted(seed) for seed in range(REPEATS + 1)]
 
-    def hf(self, batch: list[dict]) -> list[list[int]]:
-        return [list(self.tokenizer.apply_chat_template(c["messages"], tools=c["tools"], tokenize=True,
-                                                        return_dict=False, **self.options)) for c in batch]
+    def hf(self, batch: list[dict]) -> list[Any]:
+        return [self._hf(c["messages"], c["tools"]) for c in batch]
 
     def _accepted(self, seed: int) -> tuple[list[dict], list[list[int]]]:
         """BATCH conversations the HF template accepts (render_bench leaves the others out too), and their ids."""
@@ -80,7 +77,7 @@ class Family:
                 raise RuntimeError(f"{self.name}: HF's template rejected too many conversations ({len(batch)} kept)")
             for messages, tools in conversations(self.spec, BATCH, seed=1000 * seed + k):
                 try:
-                    ids += self.hf([{"messages": messages, "tools": tools}])
+                    ids.append(list(self._hf(messages, tools)))
                 except Exception:
                     continue
                 batch.append({"messages": messages, "tools": tools})
@@ -89,7 +86,7 @@ class Family:
 
 
 def measure(client, family: Family, workers: int, cores: int) -> list[dict]:
-    remote = client.render_client(family.name, family.source, **family.options,
+    remote = client.render_client(family.name, family.source, **family.spec.get("options", {}),
                                   **family.spec.get("renderer_options", {}))
     for _ in range(3):  # every worker process loads the tokenizer and builds its encoders
         remote.build_supervised_examples(family.batches[0][0])
