@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def discover() -> list[str]:
     here = str(Path(__file__).resolve().parent)
-    return sorted(m.name for m in pkgutil.iter_modules([here]) if not m.name.startswith("_"))
+    return sorted(m.name for m in pkgutil.iter_modules([here]) if m.name.endswith("_bench"))
 
 
 def main(argv: list[str]) -> int:

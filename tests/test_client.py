@@ -56,7 +56,7 @@ def test_back_to_back_operations_run_in_submission_order(client, data):
     tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4)
     futures = []
     for _ in range(5):  # nothing waits between submissions
-        futures.append(tc.forward(data))
+        futures.append(tc.forward_backward(data))
         futures.append(tc.optim_step(types.AdamParams(learning_rate=1e-3)))
     steps = [f.result().step for f in futures[1::2]]
     assert steps == [1, 2, 3, 4, 5]
@@ -102,12 +102,12 @@ def test_stream_reconnects_and_nothing_runs_twice(services, data):
     proxy = FlakyProxy(int(train_address.rsplit(":", 1)[1]))
     client = bios.ServiceClient(train_address=f"127.0.0.1:{proxy.port}", render_address=render_address)
     tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4)
-    futures = [tc.optim_step(types.AdamParams(learning_rate=1e-3)) for _ in range(3)]
-    assert [f.result().step for f in futures] == [1, 2, 3]
-    futures = [tc.forward_backward(data * 4) for _ in range(3)] + [tc.optim_step() for _ in range(3)]
+    futures = [f for _ in range(3) for f in (tc.forward_backward(data), tc.optim_step(types.AdamParams()))]
+    assert [f.result().step for f in futures[1::2]] == [1, 2, 3]
+    futures = [f for _ in range(3) for f in (tc.forward_backward(data * 4), tc.optim_step())]
     time.sleep(0.05)
     proxy.cut()  # mid-flight: the client reconnects and resends what is unanswered
-    assert [f.result(timeout=120).step for f in futures[3:]] == [4, 5, 6]  # each step ran exactly once
+    assert [f.result(timeout=120).step for f in futures[1::2]] == [4, 5, 6]  # each step ran exactly once
     assert tc.get_info().step == 6
     client.close()
 

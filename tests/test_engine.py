@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from bios.errors import UnavailableError
 from train_service.engine import Engine
 
 
@@ -69,6 +70,6 @@ def test_stop_finishes_queued_work_and_refuses_new(engine):
     gate.set()
     engine.stop(10)
     assert [f.result(1) for f in queued] == [0, 1, 2]
-    with pytest.raises(RuntimeError, match="shutting down"):
+    with pytest.raises(UnavailableError, match="shutting down"):
         engine.submit("a", lambda: 1).result(1)
     assert engine.queue_depth() == 0

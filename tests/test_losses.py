@@ -10,20 +10,43 @@ from bios import types, wire
 from bios.v1 import types_pb2
 from render_service.model_registry import resolve
 from train_service import compute
+from train_service.losses import get_loss
 from train_service.models import BaseModelPool
 
 
 @pytest.fixture(scope="module")
 def base():
-    pool = BaseModelPool()
-    model = pool.get(resolve("ultrasafe/usf-mini"))
-    model.add_adapter("ref", types.LoraConfig(rank=4, seed=3))
+    return BaseModelPool().get(resolve("ultrasafe/usf-mini"))
+
+
+@pytest.fixture(scope="module")
+def adapter(base):
+    adapter = base.new_adapter("ref", base.peft_config(types.LoraConfig(rank=4, seed=3)), seed=3)
     # Move the adapter away from its zero init so gradients flow through A and B.
     with torch.no_grad():
-        for p in model.adapter_parameters("ref"):
+        for p in adapter.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
-    model.activate("ref")
-    return model
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def peft_reference(adapter, tmp_path_factory):
+    """The same adapter loaded by peft into a fresh copy of the base: an independent implementation of LoRA."""
+    from peft import PeftModel
+
+    from train_service.checkpoints import write_adapter
+    from train_service.tiny_model import build_tiny_qwen3
+
+    directory = tmp_path_factory.mktemp("ref-adapter")
+    write_adapter(directory, adapter.config, adapter.state_dict())
+    return PeftModel.from_pretrained(build_tiny_qwen3(), str(directory), is_trainable=True).eval()
+
+
+def run(base, adapter, data, loss_fn, config, backward=False):
+    """One pass of the service's chunked path over `data`, all rows on `adapter`."""
+    fn, needed = get_loss(loss_fn, config)
+    rows = compute.decode_data(data, base.vocab_size, needed, base.max_context, compute.Limits())
+    return compute.run_pass(base, [compute.Part(adapter, rows, 0, len(rows), fn, config)], backward)[0]
 
 
 def make_batch(base, rng, lengths=(9, 14)):
@@ -37,14 +60,14 @@ def make_batch(base, rng, lengths=(9, 14)):
     return data
 
 
-def reference(base, data, loss_fn, config):
-    """Full logits, a plain log_softmax, each formula written out per token."""
+def reference(model, data, loss_fn, config):
+    """peft's LoRA, full logits, a plain log_softmax, each formula written out per token."""
     total = torch.zeros(())
     for pb in data:
         ids = torch.tensor([list(pb.model_input.chunks[0].encoded_text.tokens)])
         inputs = {k: torch.from_numpy(wire.tensor_to_array(v).astype(np.float64)).float()
                   for k, v in pb.loss_fn_inputs.items()}
-        logits = base.causal_lm(input_ids=ids).logits[0].float()
+        logits = model(input_ids=ids).logits[0].float()
         logp = torch.log_softmax(logits, -1).gather(-1, inputs["target_tokens"].long()[:, None])[:, 0]
         q, adv, w = inputs["logprobs"], inputs["advantages"], inputs["weights"]
         ratio = torch.exp(logp - q)
@@ -70,54 +93,50 @@ def reference(base, data, loss_fn, config):
                                                                           "clip_epsilon_high": 0.3}),
     ("cispo", {}), ("dro", {"beta": 0.2}),
 ])
-def test_loss_matches_reference(base, loss_fn, config, monkeypatch):
+def test_loss_matches_reference(base, adapter, peft_reference, loss_fn, config, monkeypatch):
     monkeypatch.setattr(compute, "LOGITS_CHUNK_BYTES", 4 * base.vocab_size * 5)  # 5-token chunks: exercise chunking
     rng = np.random.default_rng(0)
     data = make_batch(base, rng)
-    needed = {"cross_entropy": ("weights",)}.get(loss_fn, ("logprobs", "advantages"))
-    params = base.adapter_parameters("ref")
+    params = adapter.parameters()
 
     for p in params:
         p.grad = None
-    result = compute.forward_backward(base.causal_lm, compute.decode_batch(data, base.vocab_size, needed), loss_fn,
-                                      config, backward=True)
+    result = run(base, adapter, data, loss_fn, config, backward=True)
     ours = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
 
-    for p in params:
-        p.grad = None
-    expected = reference(base, data, loss_fn, config)
+    peft_params = dict(peft_reference.named_parameters())
+    peft_reference.zero_grad(set_to_none=True)
+    expected = reference(peft_reference, data, loss_fn, config)
     expected.backward()
-    theirs = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
+    # our adapter's tensors in PEFT key order: ...<module>.lora_A.weight -> ...<module>.lora_A.default.weight
+    theirs = [peft_params[k.replace(".weight", ".default.weight")].grad.clone() for k in adapter.state_dict()]
 
     assert result.loss == pytest.approx(expected.item(), rel=1e-4, abs=1e-4)
+    assert len(ours) == len(theirs)
     for a, b in zip(ours, theirs):
         # float32 sums in a different order (batched, chunked): tolerance relative to the gradient scale
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
 
 
-def test_padding_does_not_leak_between_data(base):
+def test_padding_does_not_leak_between_data(base, adapter):
     """A datum's logprobs are the same alone and in a batch with a longer one."""
     rng = np.random.default_rng(5)
     data = make_batch(base, rng, lengths=(6, 30))
-    with torch.no_grad():
-        both = compute.forward_backward(base.causal_lm, compute.decode_batch(data, base.vocab_size, ("weights",)),
-                                        "cross_entropy", {}, backward=False)
-        alone = compute.forward_backward(base.causal_lm, compute.decode_batch(data[:1], base.vocab_size, ("weights",)),
-                                         "cross_entropy", {}, backward=False)
+    both = run(base, adapter, data, "cross_entropy", {})
+    alone = run(base, adapter, data[:1], "cross_entropy", {})
     np.testing.assert_allclose(both.logprobs[0], alone.logprobs[0], rtol=1e-5, atol=1e-5)
 
 
-def test_bad_loss_config_is_refused(base):
+def test_bad_loss_config_is_refused(base, adapter):
     from bios.errors import InvalidArgumentError
 
     data = make_batch(base, np.random.default_rng(1))
     with pytest.raises(InvalidArgumentError, match="loss_fn_config: ppo does not take gamma"):
-        compute.forward_backward(base.causal_lm, compute.decode_batch(data, base.vocab_size, ()), "ppo",
-                                 {"gamma": 1.0}, backward=False)
+        run(base, adapter, data, "ppo", {"gamma": 1.0})
     with pytest.raises(InvalidArgumentError, match=r"data\[0\].loss_fn_inputs: missing 'advantages'"):
         pb = types_pb2.Datum()
         pb.CopyFrom(data[0])
         del pb.loss_fn_inputs["advantages"]
-        compute.decode_batch([pb], base.vocab_size, ("logprobs", "advantages"))
+        compute.decode_data([pb], base.vocab_size, ("logprobs", "advantages"), base.max_context, compute.Limits())

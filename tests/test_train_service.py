@@ -177,15 +177,25 @@ def test_resubmitted_sequence_number_returns_the_original_result(client, service
     """Two requests with the same seq on the stream: one optimizer step, answered twice identically."""
     from bios.v1 import train_pb2, train_pb2_grpc
 
+    from bios import wire
+
     tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4)
     step = train_pb2.OptimStepRequest(adam_params=types_adam())
+    fb = train_pb2.ForwardBackwardInput(data=[wire.datum_to_pb(to_datum([1, 2, 3, 4], [0.0, 1.0, 1.0, 1.0]))])
     with grpc.insecure_channel(services[1]) as channel:
         stub = train_pb2_grpc.TrainServiceStub(channel)
-        requests = [train_pb2.OperationRequest(seq=0, model_id=tc.model_id, optim_step=step),
-                    train_pb2.OperationRequest(seq=0, optim_step=step),
-                    train_pb2.OperationRequest(seq=1, optim_step=step)]
+        requests = [train_pb2.OperationRequest(seq=0, model_id=tc.model_id, forward_backward=fb),
+                    train_pb2.OperationRequest(seq=1, optim_step=step),
+                    train_pb2.OperationRequest(seq=1, optim_step=step),
+                    train_pb2.OperationRequest(seq=2, forward_backward=fb),
+                    train_pb2.OperationRequest(seq=3, optim_step=step),
+                    train_pb2.OperationRequest(seq=4, optim_step=step)]
         events = list(stub.Operate(iter(requests)))
-    assert [(e.seq, e.optim_step.step) for e in events] == [(0, 1), (0, 1), (1, 2)]
+    assert [(e.seq, e.optim_step.step) for e in events if e.HasField("optim_step")] == [(1, 1), (1, 1), (3, 2)]
+    # The last step had no gradient since the one before: refused, and the step count is unchanged.
+    assert events[-1].seq == 4 and events[-1].error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "no gradient since the last step" in events[-1].error.message
+    assert tc.get_info().step == 2
     with grpc.insecure_channel(services[1]) as channel:
         stub = train_pb2_grpc.TrainServiceStub(channel)
         with pytest.raises(grpc.RpcError) as err:

@@ -105,11 +105,15 @@ def test_two_sessions_train_concurrently_as_if_alone(client, services, data):
         t.start()
     for t in threads:
         t.join()
-    assert together == alone
+    # Equal up to float32 summation order: the two sessions' rows may share a pass over the base.
+    for i in range(2):
+        assert together[i] == pytest.approx(alone[i], rel=1e-6)
     # usf-mini and usf-conversation name the same stand-in weights: one copy serves every adapter.
-    bases = [b for b in running.sessions.pool.loaded() if b.entry.weights == "tiny:qwen3"]
+    bases = [b for b in running.sessions.pool.loaded() if b.weights == "tiny:qwen3"]
     assert len(bases) == 1
-    assert {running.sessions.models[c.model_id].base.model for c in clients} == {bases[0].model}
+    assert {running.sessions.models[c.model_id].base.causal_lm for c in clients} == {bases[0].causal_lm}
+    # ... and each model keeps its own name.
+    assert [c.get_info().base_model for c in clients] == ["ultrasafe/usf-conversation", "ultrasafe/usf-mini"]
     other.close()
 
 
@@ -154,7 +158,7 @@ def test_lora_layer_selection(client, data, services):
                                                          "down_proj", "lm_head"})]:
         tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4, **kwargs)
         model = running.sessions.models[tc.model_id]
-        assert set(model.base.model.peft_config[model.adapter].target_modules) == expected
+        assert set(model.adapter.config.target_modules) == expected
         losses = steps(tc, data, 3, lr=1e-2)
         assert losses[-1] < losses[0]
     with pytest.raises(bios.InvalidArgumentError, match="select no layer"):

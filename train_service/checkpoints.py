@@ -18,10 +18,19 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from bios.errors import InvalidArgumentError, NotFoundError
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from safetensors.torch import load_file, save_file
+
+from bios.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from bios.v1 import train_pb2
 
 KINDS = ("state", "sampler")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+OPTIMIZER = "optimizer.pt"
+META = "meta.json"
+NOT_EXPORTED = (OPTIMIZER, META)  # the service's own files; an export is the plain PEFT adapter
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PATH = re.compile(r"^bios://([A-Za-z0-9-]+)/(state|sampler)/(.+)$")
 
@@ -52,7 +61,7 @@ class CheckpointStore:
     def locate(self, path: str, tenant: str, field: str = "path") -> tuple[Path, dict[str, Any]]:
         """The directory and metadata of an existing checkpoint of `tenant` (others' are invisible)."""
         directory = self.directory(*self.parse(path, field))
-        meta_file = directory / "meta.json"
+        meta_file = directory / META
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
         if meta is None or meta.get("tenant") != tenant:
             raise NotFoundError(f"{field}: no checkpoint at {path}")
@@ -70,7 +79,7 @@ class CheckpointStore:
             meta = {**meta, "id": path, "path": path, "kind": kind, "name": name, "model_id": model_id, "tenant": tenant,
                     "created_unix_ms": int(time.time() * 1000)}
             meta["size_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
-            (tmp / "meta.json").write_text(json.dumps(meta))
+            (tmp / META).write_text(json.dumps(meta))
             for f in tmp.iterdir():  # durable before it becomes visible
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -88,7 +97,7 @@ class CheckpointStore:
 
     def list(self, tenant: str, model_ids: set[str] | None = None) -> list[train_pb2.Checkpoint]:
         out = []
-        for meta_file in sorted(self.root.glob("*/*/*/meta.json")):
+        for meta_file in sorted(self.root.glob(f"*/*/*/{META}")):
             if meta_file.parent.name.startswith("."):
                 continue
             meta = json.loads(meta_file.read_text())
@@ -109,3 +118,33 @@ def to_pb(meta: dict[str, Any]) -> train_pb2.Checkpoint:
         base_model=meta.get("base_model", ""), step=meta.get("step", 0),
         metadata_json=json.dumps(meta.get("metadata", {})), size_bytes=meta.get("size_bytes", 0),
         created_unix_ms=meta.get("created_unix_ms", 0))
+
+
+# ---- the files inside a checkpoint directory ----------------------------------------------------------
+
+def write_adapter(directory: Path, config: PeftLoraConfig, state: dict[str, torch.Tensor]) -> None:
+    """PEFT format: `PeftModel.from_pretrained(base, directory)` loads it."""
+    save_file(state, str(directory / ADAPTER_WEIGHTS))
+    config.save_pretrained(str(directory))
+
+
+def read_adapter(directory: Path, field: str) -> tuple[PeftLoraConfig, dict[str, torch.Tensor]]:
+    try:
+        config = PeftLoraConfig.from_pretrained(str(directory))
+        return config, load_file(str(directory / ADAPTER_WEIGHTS), device="cpu")
+    except (OSError, ValueError, TypeError) as exc:
+        raise FailedPreconditionError(f"{field}: the checkpoint's adapter files cannot be read: {exc}") from None
+
+
+def write_optimizer(directory: Path, optimizer: torch.optim.Optimizer, step: int) -> None:
+    state = optimizer.state_dict()
+    cpu = {k: {n: v.detach().cpu() if torch.is_tensor(v) else v for n, v in s.items()}
+           for k, s in state["state"].items()}
+    torch.save({"optimizer": {"state": cpu, "param_groups": state["param_groups"]}, "step": step},
+               directory / OPTIMIZER)
+
+
+def read_optimizer(directory: Path, field: str) -> dict:
+    if not (directory / OPTIMIZER).is_file():
+        raise FailedPreconditionError(f"{field}: the checkpoint holds no optimizer state (a sampler checkpoint?)")
+    return torch.load(directory / OPTIMIZER, map_location="cpu", weights_only=True)

@@ -1,115 +1,110 @@
-"""The engine: one thread that runs all torch work, fairly across models.
+"""The engine: one thread that runs all torch work, in the order the scheduler gives it.
 
-Each model (training model or sampler) has a FIFO queue, so its operations run in submission
-order. The thread takes one unit of work from each queue with work in turn (round robin), so a busy
-session cannot starve another. A job that is a generator (sampling) runs one step per turn.
+The scheduler (train_service.scheduler) decides what runs next and coalesces requests; the worker
+(train_service.worker) runs passes and decode steps on the device; this loop ties them together and
+owns the futures. Work of one key runs in submission order; keys take turns.
 """
 
 from __future__ import annotations
 
-import collections
-import inspect
 import logging
 import threading
 from concurrent.futures import Future
 from typing import Any, Callable
 
+from bios.errors import UnavailableError
+from train_service import worker
+from train_service.compute import Limits
+from train_service.sampler import DecodeGroup
+from train_service.scheduler import Call, PassPlan, Scheduler, Work
+
 log = logging.getLogger("bios.engine")
 
 
-class _Job:
-    def __init__(self, fn: Callable[[], Any]):
-        self.fn = fn
-        self.future: Future = Future()
-        self.steps = None  # the running generator of a generator job
-
-
 class Engine:
-    def __init__(self, name: str = "bios-engine"):
-        self._queues: dict[str, collections.deque[_Job]] = {}
-        self._ready: collections.deque[str] = collections.deque()  # keys with queued work, in turn order
+    def __init__(self, limits: Limits | None = None, name: str = "bios-engine"):
+        self.limits = limits or Limits()
+        self._scheduler = Scheduler(self.limits)
         self._cond = threading.Condition()
         self._stopping = False
-        self._busy = False
+        self._busy = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, key: str, fn: Callable[[], Any]) -> Future:
-        """Queue `fn` behind everything already queued under `key`; the future holds its result."""
-        job = _Job(fn)
+    def submit(self, key: str, work: Work | Callable[[], Any]) -> Future:
+        """Queue `work` (or a function, run as a Call) behind everything queued under `key`."""
+        if not isinstance(work, Work):
+            work = Call(work)
         with self._cond:
             if self._stopping:
-                job.future.set_exception(RuntimeError("engine: shutting down"))
-                return job.future
-            queue = self._queues.setdefault(key, collections.deque())
-            if not queue:
-                self._ready.append(key)
-            queue.append(job)
+                work.future.set_exception(UnavailableError("train engine: shutting down"))
+                return work.future
+            self._scheduler.add(key, work)
             self._cond.notify()
-        return job.future
+        return work.future
 
     def queue_depth(self) -> int:
         with self._cond:
-            return sum(len(q) for q in self._queues.values()) + int(self._busy)
+            return self._scheduler.pending()
 
-    def drop(self, key: str) -> None:
-        """Forget a key's queue (its model is gone); queued jobs fail."""
+    def drop(self, key: str, exc: BaseException | None = None) -> None:
+        """Forget a key's queue (its model is gone): waiting work fails, samples in progress stop."""
+        exc = exc or UnavailableError(f"{key}: closed")
         with self._cond:
-            for job in self._queues.pop(key, ()):
-                job.future.set_exception(RuntimeError(f"{key}: closed"))
-            if key in self._ready:
-                self._ready.remove(key)
+            for work in self._scheduler.drop(key):
+                if not work.future.done():
+                    work.future.set_exception(exc)
+            for unit in self._scheduler.ring:
+                if isinstance(unit, DecodeGroup):
+                    unit.cancel(key, exc)
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish queued work, then stop the thread."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish queued work, then stop the thread; False if it was still running after `timeout`."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
-    def _next(self) -> tuple[str, _Job] | None:
+    def _next(self) -> Any | None:
         with self._cond:
-            while not self._ready:
+            while True:
+                unit = self._scheduler.next()
+                if unit is not None:
+                    self._busy += 1
+                    return unit
                 if self._stopping:
                     return None
                 self._cond.wait()
-            key = self._ready.popleft()
-            self._busy = True
-            return key, self._queues[key][0]
 
     def _run(self) -> None:
-        while (item := self._next()) is not None:
-            key, job = item
-            finished = self._step(job)
-            with self._cond:
-                self._busy = False
-                queue = self._queues.get(key)
-                if queue is not None:
-                    if finished:
-                        queue.popleft()
-                    if queue:
-                        self._ready.append(key)
-                    else:
-                        del self._queues[key]
+        while (unit := self._next()) is not None:
+            try:
+                self._run_unit(unit)
+            except BaseException:  # noqa: BLE001 - a bug here must not kill the engine thread
+                log.exception("engine: unexpected failure running %r", unit)
+            finally:
+                with self._cond:
+                    self._busy -= 1
 
-    @staticmethod
-    def _step(job: _Job) -> bool:
-        """Run one unit of `job`; True when it is finished."""
-        if job.future.done():  # cancelled while queued
-            return True
-        try:
-            if job.steps is None:
-                if not job.future.set_running_or_notify_cancel():
-                    return True
-                result = job.fn()
-                if not inspect.isgenerator(result):
-                    job.future.set_result(result)
-                    return True
-                job.steps = result
-            next(job.steps)
-            return False
-        except StopIteration as stop:
-            job.future.set_result(stop.value)
-        except BaseException as exc:  # noqa: BLE001 - the failure belongs to this job only
-            job.future.set_exception(exc)
-        return True
+    def _run_unit(self, unit: Any) -> None:
+        if isinstance(unit, Call):
+            finished = unit.step()
+            with self._cond:
+                self._scheduler.finished(unit) if finished else self._scheduler.release(unit.key)
+        elif isinstance(unit, PassPlan):
+            answered = worker.run_plan(unit)
+            with self._cond:
+                for work in answered:
+                    self._scheduler.finished(work)
+                for work, _, _ in unit.parts:
+                    if work not in answered:
+                        self._scheduler.release(work.key)
+        elif isinstance(unit, (list, DecodeGroup)):
+            group = unit if isinstance(unit, DecodeGroup) else DecodeGroup(unit[0].base, unit)
+            answered = worker.step_group(group)
+            with self._cond:
+                for work in answered:
+                    self._scheduler.finished(work)
+                if group.active:
+                    self._scheduler.requeue(group)

@@ -1,12 +1,15 @@
-"""Loss functions over per-token target logprobs. Each returns the summed loss of one datum.
+"""Loss functions over target logprobs. Each returns one loss per token; a datum's loss is their sum.
 
-`logp` are the model's logprobs of the target tokens; `inputs` are that datum's loss_fn_inputs as
-tensors (logprobs `q` from the sampler, advantages `A`, weights `w`):
-    cross_entropy        -sum w * logp
-    importance_sampling  -sum exp(logp - q) * A
-    ppo                  -sum min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A),  r = exp(logp - q)
-    cispo                -sum sg(clip(r)) * logp * A
-    dro                  -sum (logp * A - beta / 2 * (logp - q) ** 2)
+`logp` are the model's logprobs of the target tokens (the tokens of every datum of a request part,
+concatenated); `inputs` are their loss_fn_inputs as tensors of the same length (logprobs `q` from the
+sampler, advantages `A`, weights `w`):
+    cross_entropy        -w * logp
+    importance_sampling  -exp(logp - q) * A
+    ppo                  -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A),  r = exp(logp - q)
+    cispo                -sg(clip(r)) * logp * A
+    dro                  -(logp * A - beta / 2 * (logp - q) ** 2)
+Every loss is a sum over tokens, so a request's loss, and its gradient, is the same split over passes
+or batched with other requests.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ Inputs = dict[str, torch.Tensor]
 
 
 def cross_entropy(logp: torch.Tensor, inputs: Inputs, config: dict[str, float]) -> torch.Tensor:
-    return -(inputs["weights"] * logp).sum()
+    return -(inputs["weights"] * logp)
 
 
 def _ratio(logp: torch.Tensor, inputs: Inputs) -> torch.Tensor:
@@ -35,22 +38,22 @@ def _clipped(ratio: torch.Tensor, config: dict[str, float]) -> torch.Tensor:
 
 
 def importance_sampling(logp: torch.Tensor, inputs: Inputs, config: dict[str, float]) -> torch.Tensor:
-    return -(_ratio(logp, inputs) * inputs["advantages"]).sum()
+    return -(_ratio(logp, inputs) * inputs["advantages"])
 
 
 def ppo(logp: torch.Tensor, inputs: Inputs, config: dict[str, float]) -> torch.Tensor:
     ratio, adv = _ratio(logp, inputs), inputs["advantages"]
-    return -torch.minimum(ratio * adv, _clipped(ratio, config) * adv).sum()
+    return -torch.minimum(ratio * adv, _clipped(ratio, config) * adv)
 
 
 def cispo(logp: torch.Tensor, inputs: Inputs, config: dict[str, float]) -> torch.Tensor:
     weight = _clipped(_ratio(logp, inputs), config).detach()
-    return -(weight * logp * inputs["advantages"]).sum()
+    return -(weight * logp * inputs["advantages"])
 
 
 def dro(logp: torch.Tensor, inputs: Inputs, config: dict[str, float]) -> torch.Tensor:
     beta = config.get("beta", 0.05)
-    return -(logp * inputs["advantages"] - 0.5 * beta * (logp - inputs["logprobs"]) ** 2).sum()
+    return -(logp * inputs["advantages"] - 0.5 * beta * (logp - inputs["logprobs"]) ** 2)
 
 
 LossFn = Callable[[torch.Tensor, Inputs, dict[str, float]], torch.Tensor]

@@ -1,139 +1,161 @@
-"""Base models, loaded once per weights source and shared by every LoRA adapter trained on them.
+"""Base models: loaded once per weights source, frozen, shared by every adapter trained or sampled on them.
 
-Each training model or sampler is one named peft adapter on the shared base; `activate` switches the
-adapter before each unit of work (work from all adapters of a base runs on one engine thread).
+The target Linear layers of a base are wrapped in `lora.LoraLinear` the first time an adapter targets
+them; adapters themselves live in the training models and samplers that own them (train_service.lora).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
+from torch.utils.checkpoint import checkpoint
 
 from bios import types
 from bios.errors import InvalidArgumentError
 from render_service.model_registry import ModelEntry
 from render_service.tokenizers import load_tokenizer
+from train_service import lora as lora_layers
+from train_service.device import DeviceConfig
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "c_proj")
 MLP = ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "w1", "w2", "w3")
 UNEMBED = ("lm_head",)
 
 
-def load_weights(source: str) -> torch.nn.Module:
-    """A registry `weights` value -> a causal LM: a tiny random stand-in ("tiny:qwen3") or an HF directory."""
+def load_weights(source: str, device: DeviceConfig | None = None) -> torch.nn.Module:
+    """A registry `weights` value -> a causal LM on `device` in its base dtype: a tiny random stand-in
+    ("tiny:qwen3") or an HF directory (SDPA attention)."""
+    device = device or DeviceConfig.resolve("cpu")
     if source.startswith("tiny:"):
         from train_service.tiny_model import TINY_BUILDERS
 
         if source not in TINY_BUILDERS:
             raise InvalidArgumentError(f"weights: unknown stand-in {source!r}; known: {', '.join(TINY_BUILDERS)}")
-        return TINY_BUILDERS[source]()
-    from transformers import AutoModelForCausalLM
+        model = TINY_BUILDERS[source]()
+    else:
+        from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=device.dtype,
+                                                     attn_implementation="sdpa")
+    return model.to(device=device.device, dtype=device.dtype)
 
 
-@dataclass
 class BaseModel:
-    """One loaded copy of a base model's weights plus the adapters living on it."""
+    """One loaded copy of a base model's weights, frozen, with LoRA-ready layers and a per-pass router."""
 
-    entry: ModelEntry
-    model: Any  # a transformers causal LM, wrapped as a PeftModel once the first adapter exists
-    tokenizer: Any
-
-    def __post_init__(self) -> None:
-        self.model.eval()  # no dropout: same inputs -> same results
-        for p in self.model.parameters():
+    def __init__(self, weights: str, model: Any, tokenizer: Any, device: DeviceConfig):
+        self.weights = weights
+        self.causal_lm = model.eval()  # eval: no dropout, the same inputs give the same results
+        for p in self.causal_lm.parameters():
             p.requires_grad_(False)
-        self.adapters: set[str] = set()
-        self.vocab_size = self.model.config.vocab_size
-        self._active: object = _UNSET  # the adapter `activate` last applied; skips repeated switches
+        self.tokenizer = tokenizer
+        self.device = device
+        self.router = lora_layers.Router()
+        self.lora_layers: dict[str, lora_layers.LoraLinear] = {}
+        self.vocab_size = int(self.causal_lm.config.vocab_size)
+        self.max_context = int(getattr(self.causal_lm.config, "max_position_embeddings", None) or 1 << 30)
+        self.adapter_count = 0
+        self._decoder_layers = list(getattr(self.decoder, "layers", []))
+        if device.activation_checkpointing:
+            for layer in self._decoder_layers:
+                layer.gradient_checkpointing = True
+                layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
 
     @property
-    def causal_lm(self) -> Any:
-        """The transformers model with LoRA layers injected (the PeftModel's inner model)."""
-        return self.model.base_model.model if isinstance(self.model, PeftModel) else self.model
+    def decoder(self) -> torch.nn.Module:
+        lm = self.causal_lm
+        return lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
 
-    def target_modules(self, lora: types.LoraConfig) -> list[str]:
-        if self.entry.lora_target_modules:
-            return list(self.entry.lora_target_modules)
+    @property
+    def head(self) -> torch.nn.Module:
+        return self.causal_lm.get_output_embeddings()
+
+    @contextlib.contextmanager
+    def training_pass(self, enabled: bool) -> Iterator[None]:
+        """Activation checkpointing of decoder layers, when configured, for passes with a backward.
+
+        transformers checkpoints a layer whose own `training` flag is set; only that flag is set (children
+        stay in eval mode, so dropout stays off), and only for the pass, since checkpointing drops KV caches."""
+        flip = enabled and self.device.activation_checkpointing
+        for layer in self._decoder_layers if flip else ():
+            layer.training = True
+        try:
+            yield
+        finally:
+            for layer in self._decoder_layers if flip else ():
+                layer.training = False
+
+    # ---- adapters ----------------------------------------------------------------------------------
+
+    def target_modules(self, lora: types.LoraConfig, configured: list[str] | None) -> list[str]:
+        if configured:
+            return list(configured)
         wanted = (ATTENTION if lora.train_attn else ()) + (MLP if lora.train_mlp else ()) + (
             UNEMBED if lora.train_unembed else ())
-        # Linear layers, or LoRA-wrapped ones once another adapter lives on this base.
         present = {name.rsplit(".", 1)[-1] for name, m in self.causal_lm.named_modules()
-                   if isinstance(m, torch.nn.Linear) or hasattr(m, "base_layer")}
+                   if isinstance(m, (torch.nn.Linear, lora_layers.LoraLinear))}
         targets = sorted(present.intersection(wanted))
         if not targets:
             raise InvalidArgumentError("lora: train_attn, train_mlp and train_unembed select no layer of this model")
         return targets
 
-    def add_adapter(self, name: str, lora: types.LoraConfig) -> None:
-        if lora.rank < 1 or lora.rank > 1024:
+    def peft_config(self, lora: types.LoraConfig, configured: list[str] | None = None) -> PeftLoraConfig:
+        import math
+
+        if not 1 <= lora.rank <= 1024:
             raise InvalidArgumentError(f"lora.rank: must be in 1..1024, got {lora.rank}")
-        config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha if lora.alpha is not None else 2 * lora.rank,
-                                target_modules=self.target_modules(lora), lora_dropout=0.0, bias="none",
-                                task_type="CAUSAL_LM")
-        self.add_adapter_config(name, config, seed=lora.seed)
+        alpha = float(lora.alpha) if lora.alpha is not None else 2.0 * lora.rank
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise InvalidArgumentError(f"lora.alpha: must be a finite number > 0, got {lora.alpha}")
+        return PeftLoraConfig(r=lora.rank, lora_alpha=alpha, target_modules=self.target_modules(lora, configured),
+                              lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
 
-    def add_adapter_config(self, name: str, config: PeftLoraConfig, seed: int = 0) -> None:
-        # LoRA A is drawn from the global RNG: fork it so the adapter depends on its seed only.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if isinstance(self.model, PeftModel):
-                self.model.add_adapter(name, config)
-            else:
-                self.model = get_peft_model(self.model, config, adapter_name=name)
-        self.adapters.add(name)
-        self._active = _UNSET
+    def _wrap(self, targets: list[str]) -> list[lora_layers.LoraLinear]:
+        """The LoRA layers for these target names, wrapping base Linears on first use (stable order)."""
+        for path, module in list(self.causal_lm.named_modules()):
+            if isinstance(module, torch.nn.Linear) and lora_layers.matches(path, targets) and path not in self.lora_layers:
+                parent_path, _, child = path.rpartition(".")
+                parent = self.causal_lm.get_submodule(parent_path) if parent_path else self.causal_lm
+                wrapped = lora_layers.LoraLinear(module, path, self.router)
+                setattr(parent, child, wrapped)
+                self.lora_layers[path] = wrapped
+        chosen = [layer for path, layer in self.lora_layers.items() if lora_layers.matches(path, targets)]
+        if not chosen:
+            raise InvalidArgumentError(f"lora.target_modules: {targets} match no Linear layer of this model")
+        return sorted(chosen, key=lambda layer: layer.path)
 
-    def remove_adapter(self, name: str) -> None:
-        if name in self.adapters:
-            self.adapters.discard(name)
-            if self.adapters:
-                self.model.delete_adapter(name)
-            else:  # the last adapter: go back to the plain base model
-                self.model = self.model.unload()
-            self._active = _UNSET
+    def new_adapter(self, name: str, config: PeftLoraConfig, seed: int = 0, field: str = "lora") -> lora_layers.Adapter:
+        """A fresh adapter (A random from `seed`, B zero) on this base; nothing global changes."""
+        lora_layers.check_supported(config, field)
+        generator = torch.Generator().manual_seed(int(seed))
+        scale = lora_layers.scale_of(config)
+        layers = {layer.path: lora_layers.new_weights(layer, config.r, scale, generator)
+                  for layer in self._wrap(list(config.target_modules))}
+        return lora_layers.Adapter(name, config, layers)
 
-    def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
-        return [p for n, p in self.model.named_parameters() if f".{name}." in n]
-
-    def activate(self, name: str | None) -> None:
-        """Make `name` the adapter in use (None: the plain base model)."""
-        if not isinstance(self.model, PeftModel) or self._active == name:
-            return
-        self._active = name
-        if name is None:
-            self.model.base_model.disable_adapter_layers()
-            return
-        self.model.base_model.enable_adapter_layers()
-        if self.model.active_adapter != name:
-            self.model.base_model.set_adapter(name)
-        # set_adapter also marks the active adapter trainable; keep every other adapter frozen
-        # and this one trainable so each session's gradients stay its own.
-        for n, p in self.model.named_parameters():
-            p.requires_grad_(f".{name}." in n)
-
-
-_UNSET = object()
+    def memory(self) -> dict[str, int]:
+        return self.device.memory()
 
 
 class BaseModelPool:
-    """Loads each weights source once; every model name with the same source shares it."""
+    """Loads each weights source once; every model name with the same source shares the weights (each
+    training model and sampler keeps its own entry: its name, tokenizer and renderer)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: DeviceConfig | None = None) -> None:
+        self.device = device or DeviceConfig.resolve("cpu")
         self._models: dict[str, BaseModel] = {}
         self._lock = threading.Lock()
 
     def get(self, entry: ModelEntry) -> BaseModel:
         with self._lock:
             if entry.weights not in self._models:
-                self._models[entry.weights] = BaseModel(entry, load_weights(entry.weights),
-                                                        load_tokenizer(entry.tokenizer))
+                self._models[entry.weights] = BaseModel(entry.weights, load_weights(entry.weights, self.device),
+                                                        load_tokenizer(entry.tokenizer), self.device)
             return self._models[entry.weights]
 
     def loaded(self) -> list[BaseModel]:

@@ -1,20 +1,29 @@
-"""Autoregressive sampling with a KV cache: all num_samples sequences decode as one batch.
+"""Autoregressive sampling with a KV cache; sample requests on one base decode together as a group.
 
-`sample_steps` is a generator: the engine runs it one decode step per turn, so sampling interleaves
-fairly with other sessions' work, and it reports each step's new tokens through `emit`.
+A group is formed by the scheduler from the sample requests waiting on one base model, whatever their
+samplers or adapters: prompts are left-padded and prefilled together (one row per request), each
+request's cache rows are repeated for its num_samples, and every decode step then runs all rows at once,
+each row routed to its own adapter (train_service.lora). Each request keeps its own parameters and seeded
+generator, so what it samples does not depend on its neighbours. The group takes one turn of the engine
+per decode step; a finished or cancelled request leaves the group (its cache rows are dropped) and is
+answered at once.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
+from transformers import DynamicCache
 
 from bios.errors import InvalidArgumentError
 from bios.v1 import train_pb2, types_pb2
+from train_service.compute import head_logprobs
+from train_service.lora import Adapter, Segment
 
 
 @dataclass
@@ -25,12 +34,32 @@ class Sequence:
     done: bool = False
 
 
+@dataclass
+class SampleRequest:
+    prompt: list[int]
+    params: types_pb2.SamplingParams
+    num_samples: int
+    adapter: Adapter | None
+    tokenizer: Any
+    include_prompt_logprobs: bool = False
+    emit: Callable[[list[tuple[int, int, float]]], None] = lambda step: None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class SampleResult:
+    sequences: list[Sequence]
+    prompt_logprobs: list[float]
+
+
 def validate(prompt: list[int], params: types_pb2.SamplingParams, num_samples: int, vocab_size: int,
-             max_context: int) -> None:
+             max_context: int, max_prompt_tokens: int) -> None:
     if not prompt:
         raise InvalidArgumentError("prompt: no tokens")
     if min(prompt) < 0 or max(prompt) >= vocab_size:
         raise InvalidArgumentError(f"prompt: token id outside the vocabulary [0, {vocab_size})")
+    if len(prompt) > max_prompt_tokens:
+        raise InvalidArgumentError(f"prompt: {len(prompt)} tokens exceed max_pass_tokens ({max_prompt_tokens})")
     if params.max_tokens <= 0:
         raise InvalidArgumentError(f"sampling_params.max_tokens: must be > 0, got {params.max_tokens}")
     if len(prompt) + params.max_tokens > max_context:
@@ -47,6 +76,8 @@ def validate(prompt: list[int], params: types_pb2.SamplingParams, num_samples: i
     for t in params.stop_token_ids:
         if not 0 <= t < vocab_size:
             raise InvalidArgumentError(f"sampling_params.stop_token_ids: {t} is outside the vocabulary")
+    if any(s == "" for s in params.stop_strings):
+        raise InvalidArgumentError("sampling_params.stop_strings: an empty stop string would stop at once")
 
 
 def _choose(logits: torch.Tensor, params: types_pb2.SamplingParams, generator: torch.Generator) -> torch.Tensor:
@@ -63,62 +94,21 @@ def _choose(logits: torch.Tensor, params: types_pb2.SamplingParams, generator: t
         cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
         drop = cumulative - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    # Inverse-CDF draw, one row at a time: a uniform in (0, total] against the row's cumulative sum. Zero-
-    # probability tokens have zero-width intervals, so they are never chosen. Measured on CPU over a 150k
-    # vocabulary (benchmarks/): ~0.25 ms a row, where torch.multinomial takes ~20 ms and a batched cumsum
-    # or an exponential race several ms a row. float32 sums move probabilities by ~1e-7 at most.
+    # Inverse-CDF draw: a uniform in (0, total] against the row's cumulative sum; zero-probability tokens have
+    # zero-width intervals, so they are never chosen. On CPU one row at a time: measured over a 150k vocabulary
+    # (benchmarks/) ~0.25 ms a row, where torch.multinomial takes ~20 ms and a batched cumsum several ms a
+    # row. On a GPU the batched form is one kernel. float32 sums move probabilities by ~1e-7 at most.
     probs = torch.softmax(logits, -1)
-    uniforms = 1.0 - torch.rand(probs.shape[0], generator=generator)
+    uniforms = 1.0 - torch.rand(probs.shape[0], generator=generator, device=generator.device)
+    if probs.device.type != "cpu":
+        cdf = probs.cumsum(-1)
+        picks = torch.searchsorted(cdf, (uniforms.to(probs.device) * cdf[:, -1])[:, None]).squeeze(-1)
+        return picks.clamp(max=probs.shape[-1] - 1)
     picks = []
     for row, u in zip(probs, uniforms):
         cdf = row.cumsum(0)
         picks.append(torch.searchsorted(cdf, (u * cdf[-1]).reshape(1)))
     return torch.cat(picks).clamp(max=probs.shape[-1] - 1)
-
-
-def sample_steps(
-    causal_lm: Any,
-    tokenizer: Any,
-    prompt: list[int],
-    params: types_pb2.SamplingParams,
-    num_samples: int,
-    emit: Callable[[list[tuple[int, int, float]]], None],
-    cancelled: threading.Event,
-    prepare: Callable[[], None] = lambda: None,
-) -> Iterator[None]:
-    """Yields after each decode step; returns the finished sequences (StopIteration.value)."""
-    generator = torch.Generator().manual_seed(params.seed if params.HasField("seed") else torch.seed())
-    stop_ids = set(params.stop_token_ids)
-    stop_strings = list(params.stop_strings)
-    seqs = [Sequence() for _ in range(num_samples)]
-    with torch.no_grad():
-        prepare()
-        out = causal_lm(input_ids=torch.tensor([prompt]), use_cache=True)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(num_samples)
-        logits = out.logits[:, -1, :].float().expand(num_samples, -1)
-        for _ in range(params.max_tokens):
-            chosen = _choose(logits, params, generator)
-            logprobs = torch.log_softmax(logits, -1).gather(-1, chosen[:, None]).squeeze(-1)
-            step = []  # (sequence index, token, logprob) of this step, reported together
-            for i, (token, logprob) in enumerate(zip(chosen.tolist(), logprobs.tolist())):
-                seq = seqs[i]
-                if seq.done:
-                    continue
-                seq.tokens.append(token)
-                seq.logprobs.append(logprob)
-                step.append((i, token, logprob))
-                if token in stop_ids or (stop_strings and _ends_with_stop(tokenizer, seq.tokens, stop_strings)):
-                    seq.done, seq.stop_reason = True, train_pb2.STOP_REASON_STOP
-            emit(step)
-            if all(s.done for s in seqs) or cancelled.is_set():
-                break
-            yield  # let other work run; the adapter is re-activated by `prepare` on resume
-            prepare()
-            out = causal_lm(input_ids=chosen[:, None], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :].float()
-    return seqs
 
 
 def _ends_with_stop(tokenizer: Any, tokens: list[int], stop_strings: list[str]) -> bool:
@@ -129,11 +119,162 @@ def _ends_with_stop(tokenizer: Any, tokens: list[int], stop_strings: list[str]) 
     return any(s in tail and s not in previous for s in stop_strings)
 
 
-def prompt_logprobs(causal_lm: Any, prompt: list[int]) -> list[float]:
-    """logprob of each prompt token given the ones before it; the first has no context (NaN)."""
-    from train_service.compute import target_logprobs
+class _Member:
+    """One request's state inside a decode group."""
 
-    with torch.no_grad():
-        ids = torch.tensor([prompt])
-        logp = target_logprobs(causal_lm, ids[:, :-1], torch.ones_like(ids[:, :-1]), ids[:, 1:])
-    return [float("nan")] + logp[0].tolist()
+    def __init__(self, work: Any, device: torch.device):
+        self.work = work
+        request: SampleRequest = work.request
+        self.request = request
+        seed = request.params.seed if request.params.HasField("seed") else secrets.randbits(63)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.sequences = [Sequence() for _ in range(request.num_samples)]
+        self.prompt_logprobs: list[float] = []
+        self.stop_ids = set(request.params.stop_token_ids)
+        self.stop_strings = list(request.params.stop_strings)
+        self.produced = 0
+
+    def record(self, chosen: list[int], logprobs: list[float]) -> None:
+        step = []
+        for i, (token, logprob) in enumerate(zip(chosen, logprobs)):
+            seq = self.sequences[i]
+            if seq.done:
+                continue
+            seq.tokens.append(token)
+            seq.logprobs.append(logprob)
+            step.append((i, token, logprob))
+            if token in self.stop_ids or (self.stop_strings and _ends_with_stop(
+                    self.request.tokenizer, seq.tokens, self.stop_strings)):
+                seq.done, seq.stop_reason = True, train_pb2.STOP_REASON_STOP
+        self.produced += 1
+        self.request.emit(step)
+
+    @property
+    def finished(self) -> bool:
+        return (all(s.done for s in self.sequences) or self.produced >= self.request.params.max_tokens
+                or self.request.cancelled.is_set())
+
+
+class DecodeGroup:
+    """Sample requests on one base decoding together; `step()` runs one decode step for all of them."""
+
+    def __init__(self, base: Any, works: list[Any]):
+        self.base = base
+        self.members = [_Member(w, base.device.device) for w in works]
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (rows, cache length) 1 = a real token; None = no padding
+        self.positions: torch.Tensor | None = None  # (rows,) position of each row's last token
+        self.chosen: torch.Tensor | None = None  # (rows,) the tokens chosen at the last step
+
+    @property
+    def active(self) -> bool:
+        return bool(self.members)
+
+    def _segments(self, counts: list[int]) -> list[Segment]:
+        segments, row = [], 0
+        for member, n in zip(self.members, counts):
+            segments.append(Segment(member.request.adapter, row, row + n))
+            row += n
+        return segments
+
+    def step(self) -> list[Any]:
+        """One decode step (the first one prefills). Returns the works answered in this step."""
+        with torch.inference_mode(), self.base.device.autocast():
+            logits = self._prefill() if self.cache is None else self._decode()
+            start = 0
+            chosen_rows = []
+            for member in self.members:
+                n = member.request.num_samples
+                rows = logits[start : start + n].float()
+                chosen = _choose(rows, member.request.params, member.generator)
+                logprobs = torch.log_softmax(rows, -1).gather(-1, chosen[:, None]).squeeze(-1)
+                member.record(chosen.tolist(), logprobs.tolist())
+                chosen_rows.append(chosen)
+                start += n
+            self.chosen = torch.cat(chosen_rows)
+        return self._retire()
+
+    def _prefill(self) -> torch.Tensor:
+        base, device = self.base, self.base.device.device
+        prompts = [m.request.prompt for m in self.members]
+        width = max(len(p) for p in prompts)
+        padded = any(len(p) != width for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every row's last token is at the end
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache = DynamicCache(config=base.causal_lm.config)
+        segments = self._segments([1] * len(prompts))
+        with base.router.route(segments):
+            hidden = base.decoder(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
+                                  past_key_values=self.cache, use_cache=True).last_hidden_state
+            logits = base.head(hidden[:, -1])
+        for i, member in enumerate(self.members):
+            if member.request.include_prompt_logprobs:
+                p = member.request.prompt
+                h = hidden[i, width - len(p) : width - 1]
+                logp = head_logprobs(base.head, h, torch.tensor(p[1:], device=device), member.request.adapter)
+                member.prompt_logprobs = [float("nan")] + logp.float().cpu().tolist()
+        counts = torch.tensor([m.request.num_samples for m in self.members], device=device)
+        expand = torch.repeat_interleave(torch.arange(len(prompts), device=device), counts)
+        self.cache.batch_select_indices(expand)
+        self.mask = mask[expand] if padded else None
+        self.positions = positions[:, -1][expand]
+        return logits[expand]
+
+    def _decode(self) -> torch.Tensor:
+        base = self.base
+        self.positions = self.positions + 1
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        segments = self._segments([m.request.num_samples for m in self.members])
+        with base.router.route(segments):
+            hidden = base.decoder(input_ids=self.chosen[:, None], attention_mask=self.mask,
+                                  position_ids=self.positions[:, None], past_key_values=self.cache,
+                                  use_cache=True).last_hidden_state
+            return base.head(hidden[:, -1])
+
+    def _retire(self) -> list[Any]:
+        """Answer the members that are done and drop their cache rows."""
+        done = [m for m in self.members if m.finished]
+        if not done:
+            return []
+        keep, row = [], 0
+        for member in self.members:
+            n = member.request.num_samples
+            if not member.finished:
+                keep.extend(range(row, row + n))
+            row += n
+        self.members = [m for m in self.members if not m.finished]
+        if self.members:
+            index = torch.tensor(keep, device=self.chosen.device)
+            self.cache.batch_select_indices(index)
+            self.chosen, self.positions = self.chosen[index], self.positions[index]
+            if self.mask is not None:
+                self.mask = self.mask[index]
+        else:
+            self.cache = None
+        for member in done:
+            if not member.work.future.done():
+                member.work.future.set_result(SampleResult(member.sequences, member.prompt_logprobs))
+        return [m.work for m in done]
+
+    def fail(self, exc: BaseException) -> list[Any]:
+        """The group's computation failed: every member answers with the error."""
+        works = [m.work for m in self.members]
+        for work in works:
+            if not work.future.done():
+                work.future.set_exception(exc)
+        self.members, self.cache = [], None
+        return works
+
+    def cancel(self, key: str, exc: BaseException) -> None:
+        """Members queued under `key` (a deleted model) answer with `exc` and leave at the next step."""
+        for member in self.members:
+            if member.work.key == key:
+                member.request.cancelled.set()
+                if not member.work.future.done():
+                    member.work.future.set_exception(exc)

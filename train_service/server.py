@@ -17,7 +17,10 @@ from bios.server.grpc import (add_health_port_argument, add_port, build_server, 
 from bios.server.metrics import serve_metrics
 from train_service import metrics, service
 from train_service.checkpoints import CheckpointStore
+from train_service.compute import Limits
+from train_service.device import DeviceConfig
 from train_service.engine import Engine
+from train_service.models import BaseModelPool
 from train_service.sessions import SessionManager
 
 
@@ -49,12 +52,16 @@ class TrainServer:
 
 
 async def start(host: str = "127.0.0.1", port: int = 0, checkpoint_dir: str | None = None,
-                api_keys: ApiKeys | None = None, health_port: int | None = None, pod: int | None = None) -> TrainServer:
+                api_keys: ApiKeys | None = None, health_port: int | None = None, pod: int | None = None,
+                device: str | DeviceConfig = "auto", limits: Limits | None = None) -> TrainServer:
     """A started server on `port` (0 = pick a free port); `health_port` adds a plaintext health-only port;
-    `pod`: this replica's ordinal, put in the ids it issues so clients find their session's pod (bios.placement)."""
-    engine = Engine()
-    sessions = SessionManager(CheckpointStore(checkpoint_dir or default_checkpoint_dir()), pod=pod)
-    metrics.bind(sessions, engine)
+    `pod`: this replica's ordinal, put in the ids it issues so clients find their session's pod (bios.placement);
+    `device`: auto (CUDA when available), cpu, cuda or cuda:N, or a DeviceConfig; `limits`: the engine's."""
+    device = device if isinstance(device, DeviceConfig) else DeviceConfig.resolve(device)
+    engine = Engine(limits)
+    sessions = SessionManager(CheckpointStore(checkpoint_dir or default_checkpoint_dir()), BaseModelPool(device),
+                              pod=pod)
+    metrics.bind(sessions, engine, device)
     server, health_servicer, names = build_server("train", [service.add_to_server(sessions, engine)], api_keys)
     bound = add_port(server, f"{host}:{port}")
     await server.start()
@@ -65,12 +72,12 @@ async def start(host: str = "127.0.0.1", port: int = 0, checkpoint_dir: str | No
 
 
 async def serve(host: str, port: int, checkpoint_dir: str | None, metrics_port: int, health_port: int,
-                pod: int | None) -> None:
-    running = await start(host, port, checkpoint_dir, ApiKeys.from_env(), health_port or None, pod)
+                pod: int | None, device: DeviceConfig, limits: Limits) -> None:
+    running = await start(host, port, checkpoint_dir, ApiKeys.from_env(), health_port or None, pod, device, limits)
     if metrics_port:
         serve_metrics(metrics_port)
-    logging.info("train service listening on %s:%d (metrics on :%d, pod ordinal %s)", host, running.port,
-                 metrics_port, pod)
+    logging.info("train service listening on %s:%d (metrics on :%d, pod ordinal %s, device %s, %s base weights)",
+                 host, running.port, metrics_port, pod, device.describe(), device.dtype_name)
     await wait_for_signal(lambda: running.stop(grace=float(os.environ.get("BIOS_DRAIN_SECONDS", "60"))))
 
 
@@ -84,6 +91,37 @@ def main(argv: list[str] | None = None) -> None:
                         help="this replica's ordinal, written into the ids it issues (default: from $BIOS_POD_NAME, "
                              "e.g. bios-train-3 -> 3; none outside a StatefulSet)")
     add_health_port_argument(parser)
+    add_engine_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.host, args.port, args.checkpoint_dir, args.metrics_port, args.health_port, args.pod_ordinal))
+    try:
+        device, limits = engine_options(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    asyncio.run(serve(args.host, args.port, args.checkpoint_dir, args.metrics_port, args.health_port, args.pod_ordinal,
+                      device, limits))
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine's device and limits (shared by `python -m train_service` and `bios serve`)."""
+    defaults = Limits()
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N "
+                        "(default: %(default)s)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute decoder layers in backward instead of keeping their activations")
+    parser.add_argument("--max-request-tokens", type=int, default=defaults.max_request_tokens,
+                        help="tokens in one forward / forward_backward request (default: %(default)s)")
+    parser.add_argument("--max-pass-tokens", type=int, default=defaults.max_pass_tokens,
+                        help="padded tokens in one pass over a base model; also the longest datum or prompt "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-pass-requests", type=int, default=defaults.max_pass_ops,
+                        help="requests of different models coalesced into one pass; 1 turns coalescing off "
+                             "(default: %(default)s)")
+
+
+def engine_options(args: argparse.Namespace) -> tuple[DeviceConfig, Limits]:
+    for name in ("max_request_tokens", "max_pass_tokens", "max_pass_requests"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    limits = Limits(args.max_request_tokens, args.max_pass_tokens, args.max_pass_requests)
+    return DeviceConfig.resolve(args.device, args.activation_checkpointing), limits

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-import threading
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import grpc
 
 from bios import types
-from bios.errors import FailedPreconditionError, InvalidArgumentError, status_of
+from bios.errors import InvalidArgumentError, NotFoundError, status_of
 from bios.server.auth import current_tenant
 from bios.v1 import train_pb2, train_pb2_grpc
 from render_service.tokenizers import get_tokenizer
-from train_service import sampler as sampling
 from train_service import metrics
+from train_service import sampler as sampling
+from train_service.checkpoints import NOT_EXPORTED
+from train_service.compute import Limits
 from train_service.engine import Engine
-from train_service.sessions import RESULT_WINDOW, SessionManager, TrainingModel
+from train_service.scheduler import SampleWork
+from train_service.sessions import SessionManager, TrainingModel
 
 _DONE = object()
 EXPORT_CHUNK_BYTES = 1 << 20
@@ -29,11 +32,16 @@ def _lora(pb) -> types.LoraConfig:
                             train_attn=pb.train_attn, train_mlp=pb.train_mlp, train_unembed=pb.train_unembed)
 
 
-def _model_info(model: TrainingModel) -> train_pb2.ModelInfo:
-    entry = model.base.entry
-    return train_pb2.ModelInfo(model_id=model.model_id, base_model=entry.name, lora_rank=model.lora.rank,
-                               step=model.step, tokenizer=entry.name, renderer=entry.renderer,
-                               vocab_size=model.base.vocab_size)
+def _model_info(model: TrainingModel, limits: Limits) -> train_pb2.ModelInfo:
+    entry, base = model.entry, model.base
+    memory = base.memory()
+    return train_pb2.ModelInfo(
+        model_id=model.model_id, base_model=entry.name, lora_rank=model.lora.rank, step=model.step,
+        tokenizer=entry.name, renderer=entry.renderer, vocab_size=base.vocab_size, device=base.device.describe(),
+        dtype=base.device.dtype_name, max_request_tokens=limits.max_request_tokens,
+        max_pass_tokens=limits.max_pass_tokens, max_context=min(base.max_context, 2**31 - 1),
+        device_memory_allocated_bytes=memory["allocated"], device_memory_peak_bytes=memory["peak"],
+        lora_parameters=model.adapter.num_parameters())
 
 
 class TrainServicer(train_pb2_grpc.TrainServiceServicer):
@@ -51,30 +59,38 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
         return train_pb2.CreateSessionResponse(session_id=session.session_id)
 
     async def CloseSession(self, request, context):
-        tenant = current_tenant()
-        self.sessions.session(request.session_id, tenant)
-        await self._run("control", lambda: self.sessions.close_session(request.session_id, tenant))
+        for key in self.sessions.close_session(request.session_id, current_tenant()):
+            self.engine.drop(key, NotFoundError(f"{key}: its session {request.session_id} was closed"))
         return train_pb2.CloseSessionResponse()
 
     async def CreateModel(self, request, context):
         lora, tenant = _lora(request.lora), current_tenant()
+        # Loading weights can take minutes for a real model: off the engine, which keeps serving others.
+        entry, base, lora = await asyncio.to_thread(self.sessions.prepare_model, request.session_id, tenant,
+                                                    request.base_model, lora, request.from_state)
         model = await self._run("control", lambda: self.sessions.create_model(
-            request.session_id, tenant, request.base_model, lora, request.from_state, request.load_optimizer))
-        return _model_info(model)
+            request.session_id, tenant, entry, base, lora, request.from_state, request.load_optimizer))
+        return _model_info(model, self.engine.limits)
+
+    async def DeleteModel(self, request, context):
+        model = self.sessions.delete_model(request.model_id, current_tenant())
+        self.engine.drop(model.model_id, NotFoundError(f"model_id: model {model.model_id} was deleted"))
+        return train_pb2.DeleteModelResponse()
 
     async def CreateSampler(self, request, context):
         source = request.WhichOneof("source")
         if source is None:
             raise InvalidArgumentError("source: give base_model or model_path")
         tenant = current_tenant()
+        entry, base, saved = await asyncio.to_thread(self.sessions.prepare_sampler, request.session_id, tenant,
+                                                     request.base_model, request.model_path)
         sampler = await self._run("control", lambda: self.sessions.create_sampler(
-            request.session_id, tenant, request.base_model, request.model_path))
-        return train_pb2.SamplerInfo(sampler_id=sampler.sampler_id, base_model=sampler.base.entry.name,
-                                     model_path=sampler.model_path, tokenizer=sampler.base.entry.name,
-                                     renderer=sampler.base.entry.renderer)
+            request.session_id, tenant, entry, base, saved, request.model_path))
+        return train_pb2.SamplerInfo(sampler_id=sampler.sampler_id, base_model=entry.name,
+                                     model_path=sampler.model_path, tokenizer=entry.name, renderer=entry.renderer)
 
     async def GetInfo(self, request, context):
-        return _model_info(self.sessions.model(request.model_id, current_tenant()))
+        return _model_info(self.sessions.model(request.model_id, current_tenant()), self.engine.limits)
 
     async def ListCheckpoints(self, request, context):
         ids = {request.model_id} if request.model_id else None
@@ -91,7 +107,7 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
                 await asyncio.to_thread(self.sessions.export_merged, directory, meta, Path(tmp))
                 directory = Path(tmp)
             for path in sorted(directory.iterdir()):
-                if path.name in ("optimizer.pt", "meta.json") or not path.is_file():
+                if path.name in NOT_EXPORTED or not path.is_file():
                     continue
                 with open(path, "rb") as f:
                     offset = 0
@@ -110,13 +126,44 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
 
     # ---- the ordered operation stream -------------------------------------------------------------
 
-    def _operation(self, model: TrainingModel, request: train_pb2.OperationRequest) -> Callable[[], Any]:
+    async def _submit(self, model: TrainingModel, request: train_pb2.OperationRequest) -> asyncio.Future:
+        """The future of this sequence number's event (the original one when the number was seen before)."""
+        loop = asyncio.get_running_loop()
         kind = request.WhichOneof("op")
+        started = time.perf_counter()
+
+        def failed(exc: Exception) -> asyncio.Future:
+            future = loop.create_future()
+            future.set_exception(exc)
+            return future
+
+        prepared: Any = None
+        if kind in ("forward", "forward_backward") and request.seq not in model.results and request.seq > model.max_seq:
+            try:  # validation and decoding off the event loop: a request may hold 10^5 datums
+                prepared = await asyncio.to_thread(model.forward_work, getattr(request, kind),
+                                                   kind == "forward_backward", self.engine.limits)
+            except Exception as exc:  # noqa: BLE001 - answered as this operation's error
+                prepared = exc
+
+        def submit() -> asyncio.Future:
+            if isinstance(prepared, Exception):
+                raise prepared
+            if prepared is not None:
+                output = prepared.finish
+                prepared.finish = lambda work: train_pb2.OperationEvent(seq=request.seq,
+                                                                        forward_backward=output(work))
+                work = prepared
+            else:
+                work = self._operation(model, request, kind)
+            future = asyncio.wrap_future(self.engine.submit(model.model_id, work))
+            future.add_done_callback(lambda f: _record(kind, started, f))
+            return future
+
+        return model.submit_once(request.seq, submit, failed)
+
+    def _operation(self, model: TrainingModel, request: train_pb2.OperationRequest, kind: str | None) -> Callable:
         event = lambda **kw: train_pb2.OperationEvent(seq=request.seq, **kw)  # noqa: E731
         ops = {
-            "forward": lambda: event(forward_backward=model.forward_backward(request.forward, backward=False)),
-            "forward_backward": lambda: event(
-                forward_backward=model.forward_backward(request.forward_backward, backward=True)),
             "optim_step": lambda: event(optim_step=model.optim_step(request.optim_step)),
             "save_state": lambda: event(checkpoint=model.save_state(request.save_state)),
             "save_weights_for_sampler": lambda: event(
@@ -126,7 +173,7 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
         }
         if kind not in ops:
             raise InvalidArgumentError(f"op: request seq {request.seq} names no operation")
-        return metrics_wrapped(kind, request, ops[kind])
+        return ops[kind]
 
     async def _answer(self, seq: int, future: asyncio.Future) -> train_pb2.OperationEvent:
         try:
@@ -136,31 +183,8 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
             code, message = status_of(exc)
             return train_pb2.OperationEvent(seq=seq, error=train_pb2.OperationError(code=code.value[0], message=message))
 
-    def _submit(self, model: TrainingModel, request: train_pb2.OperationRequest) -> asyncio.Future:
-        """The future of this sequence number's event: the original one when the number was seen before."""
-        if request.seq in model.results:
-            return model.results[request.seq]
-        loop = asyncio.get_running_loop()
-        if request.seq <= model.max_seq:
-            future = loop.create_future()
-            future.set_exception(FailedPreconditionError(
-                f"seq: {request.seq} is not after {model.max_seq} and is no longer remembered"))
-            return future
-        try:
-            work = self._operation(model, request)
-            future = asyncio.wrap_future(self.engine.submit(model.model_id, work))
-        except Exception as exc:  # noqa: BLE001
-            future = loop.create_future()
-            future.set_exception(exc)
-        model.max_seq = request.seq
-        model.results[request.seq] = future
-        while len(model.results) > RESULT_WINDOW:
-            model.results.popitem(last=False)
-        return future
-
     async def Operate(self, request_iterator, context) -> AsyncIterator[train_pb2.OperationEvent]:
         pending: asyncio.Queue = asyncio.Queue()
-
         tenant = current_tenant()
 
         async def read() -> None:
@@ -171,7 +195,7 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
                         model = self.sessions.model(request.model_id, tenant)
                     elif request.model_id and request.model_id != model.model_id:
                         raise InvalidArgumentError(f"model_id: this stream is for {model.model_id}")
-                    await pending.put((request.seq, self._submit(model, request)))
+                    await pending.put((request.seq, await self._submit(model, request)))
                 await pending.put(_DONE)
             except Exception as exc:  # noqa: BLE001 - ends the stream with a status
                 await pending.put(exc)
@@ -192,30 +216,28 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
         target, tenant = request.WhichOneof("target"), current_tenant()
         if target == "model_id":
             model = self.sessions.model(request.model_id, tenant)
-            base, adapter, key = model.base, model.adapter, model.model_id
+            base, adapter, key, entry = model.base, model.adapter, model.model_id, model.entry
         elif target == "sampler_id":
             sampler = self.sessions.sampler(request.sampler_id, tenant)
-            base, adapter, key = sampler.base, sampler.adapter, sampler.sampler_id
+            base, adapter, key, entry = sampler.base, sampler.adapter, sampler.sampler_id, sampler.entry
         else:
             raise InvalidArgumentError("target: give sampler_id or model_id")
-        prompt = [t for c in request.prompt.chunks for t in c.encoded_text.tokens]
+        prompt = []
+        for chunk in request.prompt.chunks:
+            if not chunk.HasField("encoded_text"):
+                raise InvalidArgumentError("prompt: image chunks are not supported by this model")
+            prompt += chunk.encoded_text.tokens
         params = request.sampling_params
         num_samples = request.num_samples or 1
-        max_context = getattr(base.model.config, "max_position_embeddings", 1 << 30)
-        sampling.validate(prompt, params, num_samples, base.vocab_size, max_context)
+        sampling.validate(prompt, params, num_samples, base.vocab_size, base.max_context,
+                          self.engine.limits.max_pass_tokens)
 
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def emit(step: list[tuple[int, int, float]]) -> None:
-            loop.call_soon_threadsafe(deltas.put_nowait, step)
-
-        def job():
-            return sampling.sample_steps(base.causal_lm, base.tokenizer, prompt, params, num_samples, emit,
-                                         cancelled, prepare=lambda: base.activate(adapter))
-
-        future = self.engine.submit(key, job)
+        job = sampling.SampleRequest(prompt, params, num_samples, adapter, self.sessions.tokenizer(entry),
+                                     request.include_prompt_logprobs,
+                                     emit=lambda step: loop.call_soon_threadsafe(deltas.put_nowait, step))
+        future = self.engine.submit(key, SampleWork(base, job))
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(deltas.put_nowait, _DONE))
         try:
             finished = False
@@ -229,20 +251,14 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
                 event = _coalesce([s for s in steps if s is not _DONE])
                 if event.deltas:
                     yield train_pb2.SampleEvent(deltas=event)
-            seqs = future.result()
-            metrics.TOKENS.labels("sample").inc(sum(len(s.tokens) for s in seqs))
+            result: sampling.SampleResult = future.result()
+            metrics.TOKENS.labels("sample").inc(sum(len(s.tokens) for s in result.sequences))
             response = train_pb2.SampleResponse(sequences=[
                 train_pb2.SampledSequence(tokens=s.tokens, logprobs=s.logprobs, stop_reason=s.stop_reason)
-                for s in seqs])
-            if request.include_prompt_logprobs:
-                def score():
-                    base.activate(adapter)
-                    return sampling.prompt_logprobs(base.causal_lm, prompt)
-
-                response.prompt_logprobs.extend(await self._run(key, score))
+                for s in result.sequences], prompt_logprobs=result.prompt_logprobs)
             yield train_pb2.SampleEvent(result=response)
         finally:
-            cancelled.set()
+            job.cancelled.set()
 
 
 def _coalesce(steps: list[list[tuple[int, int, float]]]) -> train_pb2.SampleDeltas:
@@ -255,19 +271,16 @@ def _coalesce(steps: list[list[tuple[int, int, float]]]) -> train_pb2.SampleDelt
     return train_pb2.SampleDeltas(deltas=[merged[i] for i in sorted(merged)])
 
 
-def metrics_wrapped(kind: str, request: train_pb2.OperationRequest, work: Callable[[], Any]) -> Callable[[], Any]:
-    """Time the operation on the engine and count what it processed."""
-
-    def run() -> Any:
-        with metrics.OPERATION_SECONDS.labels(kind).time():
-            result = work()
-        if kind in ("forward", "forward_backward"):
-            metrics.TOKENS.labels(kind).inc(result.forward_backward.metrics["tokens:sum"])
-        elif kind == "optim_step":
-            metrics.OPTIMIZER_STEPS.inc()
-        return result
-
-    return run
+def _record(kind: str | None, started: float, future: asyncio.Future) -> None:
+    """Latency of each operation from submission to answer, and what it processed."""
+    metrics.OPERATION_SECONDS.labels(kind or "none").observe(time.perf_counter() - started)
+    if future.cancelled() or future.exception() is not None:
+        return
+    event = future.result()
+    if kind in ("forward", "forward_backward"):
+        metrics.TOKENS.labels(kind).inc(event.forward_backward.metrics["tokens:sum"])
+    elif kind == "optim_step":
+        metrics.OPTIMIZER_STEPS.inc()
 
 
 def add_to_server(sessions: SessionManager, engine: Engine) -> Callable[[grpc.aio.Server], list[str]]:

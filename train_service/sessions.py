@@ -1,8 +1,9 @@
 """Sessions, training models and samplers: the train service's state, and the operations on it.
 
-Operation methods run on the engine thread (never two at once); everything else runs on the event
-loop. A failed operation raises before touching state where it can (validation first), so a bad
-request never corrupts a session.
+A training model owns its adapter (train_service.lora), its optimizer and its gradient; the base model
+it runs on is shared and never changes. Operation methods run on the engine thread; everything else
+runs on the event loop. A failed operation raises before touching state where it can (validation
+first), so a bad request never corrupts a session.
 """
 
 from __future__ import annotations
@@ -12,21 +13,23 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
 
 from bios import placement, types, wire
 from bios.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from bios.v1 import train_pb2
 from render_service.model_registry import ModelEntry, resolve
-from train_service import compute
+from render_service.tokenizers import load_tokenizer
+from train_service import checkpoints, compute
 from train_service.checkpoints import CheckpointStore, validate_name
+from train_service.lora import Adapter
+from train_service.losses import get_loss
 from train_service.metrics import CHECKPOINT_BYTES
 from train_service.models import BaseModel, BaseModelPool
+from train_service.scheduler import ForwardWork
 
 RESULT_WINDOW = 4096  # answered operations remembered per model, for resubmitted sequence numbers
 
@@ -36,56 +39,71 @@ class TrainingModel:
     model_id: str
     session_id: str
     tenant: str
+    entry: ModelEntry  # this model's own name, tokenizer and renderer (the base weights may be shared)
     base: BaseModel
     lora: types.LoraConfig
+    adapter: Adapter
     store: CheckpointStore
     step: int = 0
+    has_gradient: bool = False  # a forward_backward since the last optim_step
     optimizer: torch.optim.AdamW | None = None
     results: OrderedDict[int, Any] = field(default_factory=OrderedDict)  # seq -> asyncio future of the event
     max_seq: int = -1
 
-    @property
-    def adapter(self) -> str:
-        return self.model_id.replace("-", "_")
+    def __post_init__(self) -> None:
+        self._params = self.adapter.parameters()
+        self.optimizer = compute.new_optimizer(self._params)
 
-    def params(self) -> list[torch.nn.Parameter]:
-        return self.base.adapter_parameters(self.adapter)
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self._params
 
-    def make_optimizer(self) -> None:
-        self.optimizer = torch.optim.AdamW(self.params(), lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+    # ---- sequence numbers: a resubmitted number answers with its original result ----------------------
 
-    # ---- operations (engine thread) ---------------------------------------------------------------
+    def submit_once(self, seq: int, submit: Callable[[], Any], failed: Callable[[Exception], Any]) -> Any:
+        """The future of `seq`'s event: the original one when the number was seen before."""
+        if seq in self.results:
+            return self.results[seq]
+        if seq <= self.max_seq:
+            return failed(FailedPreconditionError(f"seq: {seq} is not after {self.max_seq} and is no longer "
+                                                  "remembered"))
+        try:
+            future = submit()
+        except Exception as exc:  # noqa: BLE001 - answered as this operation's error
+            future = failed(exc)
+        self.max_seq = seq
+        self.results[seq] = future
+        while len(self.results) > RESULT_WINDOW:
+            self.results.popitem(last=False)
+        return future
 
-    def forward_backward(self, request: train_pb2.ForwardBackwardInput, backward: bool) -> train_pb2.ForwardBackwardOutput:
-        from train_service.losses import get_loss
+    # ---- forward / forward_backward: validated here, computed in passes by the engine -----------------
 
+    def forward_work(self, request: train_pb2.ForwardBackwardInput, backward: bool,
+                     limits: compute.Limits) -> ForwardWork:
+        name = request.loss_fn or "cross_entropy"
         config = dict(request.loss_fn_config)
-        _, needed = get_loss(request.loss_fn or "cross_entropy", config)
-        batch = compute.decode_batch(list(request.data), self.base.vocab_size, needed)
-        self.base.activate(self.adapter)
-        result = compute.forward_backward(self.base.causal_lm, batch, request.loss_fn or "cross_entropy", config,
-                                          backward)
-        outputs = [train_pb2.LossFnOutput(tensors={"logprobs": wire.array_to_tensor(lp),
-                                                   "elementwise_loss": wire.array_to_tensor(el)})
-                   for lp, el in zip(result.logprobs, result.losses)]
-        tokens = float(sum(batch.lengths))
-        return train_pb2.ForwardBackwardOutput(loss_fn_outputs=outputs,
-                                               metrics={"loss:sum": result.loss, "tokens:sum": tokens})
+        loss, needed = get_loss(name, config)
+        rows = compute.decode_data(list(request.data), self.base.vocab_size, needed, self.base.max_context, limits)
+        return ForwardWork(self, rows, loss, config, backward, _forward_output)
+
+    # ---- operations (engine thread) -------------------------------------------------------------------
 
     def optim_step(self, request: train_pb2.OptimStepRequest) -> train_pb2.OptimStepResponse:
-        metrics = compute.adam_step(self.optimizer, self.params(), request.adam_params)
+        compute.validate_adam(request.adam_params)
+        if not self.has_gradient:
+            raise FailedPreconditionError("optim_step: no gradient since the last step (call forward_backward "
+                                          "first)")
+        self.has_gradient = False  # consumed whether the step is taken or refused
+        metrics = compute.adam_step(self.optimizer, self._params, request.adam_params)
         self.step += 1
         return train_pb2.OptimStepResponse(metrics={**metrics, "step": float(self.step)}, step=self.step)
 
-    def _adapter_files(self, directory: Path) -> None:
-        state = get_peft_model_state_dict(self.base.model, adapter_name=self.adapter)
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, directory / "adapter_model.safetensors")
-        config = self.base.model.peft_config[self.adapter]
-        config.save_pretrained(str(directory))
-
     def _meta(self, metadata: dict[str, Any]) -> dict[str, Any]:
-        return {"base_model": self.base.entry.name, "step": self.step, "metadata": metadata,
+        return {"base_model": self.entry.name, "step": self.step, "metadata": metadata,
                 "lora": self.lora.model_dump()}
+
+    def _write_adapter(self, directory: Path) -> None:
+        checkpoints.write_adapter(directory, self.adapter.config, self.adapter.state_dict())
 
     def save_state(self, request: train_pb2.SaveStateRequest) -> train_pb2.Checkpoint:
         validate_name(request.name, "save_state.name")
@@ -95,8 +113,8 @@ class TrainingModel:
             raise InvalidArgumentError(f"save_state.metadata_json: not JSON: {exc}") from None
 
         def fill(directory: Path) -> None:
-            self._adapter_files(directory)
-            torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step}, directory / "optimizer.pt")
+            self._write_adapter(directory)
+            checkpoints.write_optimizer(directory, self.optimizer, self.step)
 
         checkpoint = self.store.write(self.model_id, self.tenant, "state", request.name, self._meta(metadata), fill)
         CHECKPOINT_BYTES.inc(checkpoint.size_bytes)
@@ -105,27 +123,53 @@ class TrainingModel:
     def save_weights_for_sampler(self, request: train_pb2.SaveWeightsForSamplerRequest) -> train_pb2.Checkpoint:
         validate_name(request.name, "save_weights_for_sampler.name")
         checkpoint = self.store.write(self.model_id, self.tenant, "sampler", request.name, self._meta({}),
-                                      self._adapter_files)
+                                      self._write_adapter)
         CHECKPOINT_BYTES.inc(checkpoint.size_bytes)
         return checkpoint
 
     def load_state(self, path: str, load_optimizer: bool, field_name: str = "load_state.path") -> int:
         directory, meta = self.store.locate(path, self.tenant, field_name)
-        if meta.get("base_model") != self.base.entry.name and resolve(meta["base_model"]).weights != self.base.entry.weights:
-            raise FailedPreconditionError(f"{field_name}: checkpoint is for base model {meta.get('base_model')!r}, "
-                                          f"this model is {self.base.entry.name!r}")
-        if load_optimizer and not (directory / "optimizer.pt").is_file():
-            raise FailedPreconditionError(f"{field_name}: {path} holds no optimizer state (a sampler checkpoint?)")
-        weights = load_file(str(directory / "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(self.base.model, weights, adapter_name=self.adapter)
-        if getattr(result, "unexpected_keys", None):
-            raise FailedPreconditionError(f"{field_name}: adapter shapes do not match this model's LoRA config")
-        self.make_optimizer()
-        if load_optimizer:
-            saved = torch.load(directory / "optimizer.pt", weights_only=True)
-            self.optimizer.load_state_dict(saved["optimizer"])
-            self.step = int(saved["step"])
+        saved_base = meta.get("base_model")
+        if saved_base != self.entry.name and _weights_of(saved_base) != self.base.weights:
+            raise FailedPreconditionError(f"{field_name}: checkpoint is for base model {saved_base!r}, "
+                                          f"this model is {self.entry.name!r}")
+        config, state = checkpoints.read_adapter(directory, field_name)
+        mine = self.adapter.config
+        theirs = (config.r, float(config.lora_alpha), sorted(config.target_modules or []))
+        ours = (mine.r, float(mine.lora_alpha), sorted(mine.target_modules))
+        if theirs != ours:
+            raise InvalidArgumentError(
+                f"{field_name}: the checkpoint's LoRA (rank {theirs[0]}, alpha {theirs[1]:g}, target modules "
+                f"{theirs[2]}) differs from this model's (rank {ours[0]}, alpha {ours[1]:g}, target modules {ours[2]})")
+        saved_optimizer = checkpoints.read_optimizer(directory, field_name) if load_optimizer else None
+        self.adapter.load_state_dict(state, field_name)  # validates every tensor before copying any
+        self.optimizer = compute.new_optimizer(self._params)
+        if saved_optimizer is not None:
+            self.optimizer.load_state_dict(saved_optimizer["optimizer"])
+            self.step = int(saved_optimizer["step"])
+        for p in self._params:
+            p.grad = None
+        self.has_gradient = False
         return self.step
+
+
+def _weights_of(name: str | None) -> str | None:
+    try:
+        return resolve(name).weights if name else None
+    except Exception:  # noqa: BLE001 - a name that no longer resolves matches nothing
+        return None
+
+
+def _forward_output(work: ForwardWork) -> train_pb2.ForwardBackwardOutput:
+    """The answer of a forward / forward_backward, from the parts computed in one or more passes."""
+    logprobs = [lp for r in work.results for lp in r.logprobs]
+    losses = [el for r in work.results for el in r.losses]
+    outputs = [train_pb2.LossFnOutput(tensors={"logprobs": wire.array_to_tensor(lp),
+                                               "elementwise_loss": wire.array_to_tensor(el)})
+               for lp, el in zip(logprobs, losses)]
+    total = float(np.sum([r.loss for r in work.results]))
+    return train_pb2.ForwardBackwardOutput(loss_fn_outputs=outputs,
+                                           metrics={"loss:sum": total, "tokens:sum": float(work.rows.tokens)})
 
 
 @dataclass
@@ -133,8 +177,9 @@ class Sampler:
     sampler_id: str
     session_id: str
     tenant: str
+    entry: ModelEntry
     base: BaseModel
-    adapter: str | None  # None: the plain base model
+    adapter: Adapter | None  # None: the plain base model
     model_path: str = ""
 
 
@@ -148,8 +193,7 @@ class Session:
 
 
 class SessionManager:
-    """All sessions, models and samplers of this process. Mutations happen on the engine thread or
-    under the lock, so the gRPC handlers and the engine see a consistent picture."""
+    """All sessions, models and samplers of this process, under one lock."""
 
     def __init__(self, store: CheckpointStore, pool: BaseModelPool | None = None, pod: int | None = None):
         """`pod`: this replica's StatefulSet ordinal, written into every id it issues (bios.placement)."""
@@ -197,49 +241,61 @@ class SessionManager:
         except Exception as exc:  # a malformed registry file, a bad path
             raise InvalidArgumentError(f"base_model: {exc}") from None
 
-    # engine thread: these load weights and change the shared peft model
-    def create_model(self, session_id: str, tenant: str, base_model: str, lora: types.LoraConfig, from_state: str,
-                     load_optimizer: bool) -> TrainingModel:
-        session = self.session(session_id, tenant)
+    # ---- creation: `prepare_*` loads weights (any thread), `create_*` adds the adapter (engine thread) ----
+
+    def prepare_model(self, session_id: str, tenant: str, base_model: str, lora: types.LoraConfig,
+                      from_state: str) -> tuple[ModelEntry, BaseModel, types.LoraConfig]:
+        self.session(session_id, tenant)
         if from_state:
             _, meta = self.store.locate(from_state, tenant, "from_state")
             base_model = base_model or meta["base_model"]
             lora = types.LoraConfig(**meta.get("lora", {}))
-        base = self.pool.get(self.entry(base_model))
-        model = TrainingModel(self._new_id("model"), session_id, tenant, base, lora, self.store)
-        base.add_adapter(model.adapter, lora)
-        try:
-            model.make_optimizer()
-            if from_state:
-                model.load_state(from_state, load_optimizer, "from_state")
-        except BaseException:
-            base.remove_adapter(model.adapter)
-            raise
+        entry = self.entry(base_model)
+        return entry, self.pool.get(entry), lora
+
+    def create_model(self, session_id: str, tenant: str, entry: ModelEntry, base: BaseModel, lora: types.LoraConfig,
+                     from_state: str, load_optimizer: bool) -> TrainingModel:
+        session = self.session(session_id, tenant)
+        model_id = self._new_id("model")
+        adapter = base.new_adapter(model_id, base.peft_config(lora, entry.lora_target_modules), lora.seed)
+        model = TrainingModel(model_id, session_id, tenant, entry, base, lora, adapter, self.store)
+        if from_state:
+            model.load_state(from_state, load_optimizer, "from_state")
         with self.lock:
             self.models[model.model_id] = model
             session.model_ids.add(model.model_id)
         return model
 
-    def create_sampler(self, session_id: str, tenant: str, base_model: str, model_path: str) -> Sampler:
-        session = self.session(session_id, tenant)
-        adapter = None
+    def prepare_sampler(self, session_id: str, tenant: str, base_model: str,
+                        model_path: str) -> tuple[ModelEntry, BaseModel, Any]:
+        self.session(session_id, tenant)
+        saved = None
         if model_path:
             directory, meta = self.store.locate(model_path, tenant, "model_path")
-            base = self.pool.get(self.entry(meta["base_model"]))
-            sampler_id = self._new_id("sampler")
-            adapter = sampler_id.replace("-", "_")
-            config = PeftLoraConfig.from_pretrained(str(directory))
-            base.add_adapter_config(adapter, config)
-            set_peft_model_state_dict(base.model, load_file(str(directory / "adapter_model.safetensors")),
-                                      adapter_name=adapter)
-        else:
-            base = self.pool.get(self.entry(base_model))
-            sampler_id = self._new_id("sampler")
-        sampler = Sampler(sampler_id, session_id, tenant, base, adapter, model_path)
+            base_model = meta["base_model"]
+            saved = checkpoints.read_adapter(directory, "model_path")
+        entry = self.entry(base_model)
+        return entry, self.pool.get(entry), saved
+
+    def create_sampler(self, session_id: str, tenant: str, entry: ModelEntry, base: BaseModel, saved: Any,
+                       model_path: str) -> Sampler:
+        session = self.session(session_id, tenant)
+        sampler_id = self._new_id("sampler")
+        adapter = None
+        if saved is not None:
+            config, state = saved
+            adapter = base.new_adapter(sampler_id, config, field="model_path")
+            adapter.load_state_dict(state, "model_path")
+            for p in adapter.parameters():
+                p.requires_grad_(False)
+        sampler = Sampler(sampler_id, session_id, tenant, entry, base, adapter, model_path)
         with self.lock:
             self.samplers[sampler_id] = sampler
             session.sampler_ids.add(sampler_id)
         return sampler
+
+    def tokenizer(self, entry: ModelEntry) -> Any:
+        return load_tokenizer(entry.tokenizer)
 
     def checkpoint_all(self) -> list[str]:
         """Save every open model's state as `drain-step<N>` (engine thread; used by graceful shutdown)."""
@@ -253,7 +309,7 @@ class SessionManager:
     def export_merged(self, directory: Path, meta: dict[str, Any], out: Path) -> None:
         """The base model with a checkpoint's adapter merged in, as a complete HF model directory.
 
-        Works on a fresh copy of the base weights: the shared copy keeps serving other sessions."""
+        Works on a fresh fp32 CPU copy of the base weights: the shared copy keeps serving other sessions."""
         from peft import PeftModel
 
         from train_service.models import load_weights
@@ -261,16 +317,26 @@ class SessionManager:
         entry = self.entry(meta["base_model"])
         merged = PeftModel.from_pretrained(load_weights(entry.weights), str(directory)).merge_and_unload()
         merged.save_pretrained(str(out))
-        self.pool.get(entry).tokenizer.save_pretrained(str(out))
+        self.tokenizer(entry).save_pretrained(str(out))
 
-    def close_session(self, session_id: str, tenant: str) -> None:
+    # ---- removal: nothing on the shared base changes, so this needs no engine turn ----------------------
+
+    def delete_model(self, model_id: str, tenant: str) -> TrainingModel:
+        model = self.model(model_id, tenant)
+        with self.lock:
+            self.models.pop(model_id, None)
+            session = self.sessions.get(model.session_id)
+            if session is not None:
+                session.model_ids.discard(model_id)
+        return model
+
+    def close_session(self, session_id: str, tenant: str) -> list[str]:
+        """Forget a session and everything in it; returns the ids of its models and samplers."""
         session = self.session(session_id, tenant)
         with self.lock:
             del self.sessions[session_id]
-        for model_id in session.model_ids:
-            model = self.models.pop(model_id)
-            model.base.remove_adapter(model.adapter)
-        for sampler_id in session.sampler_ids:
-            sampler = self.samplers.pop(sampler_id)
-            if sampler.adapter:
-                sampler.base.remove_adapter(sampler.adapter)
+            for model_id in session.model_ids:
+                self.models.pop(model_id, None)
+            for sampler_id in session.sampler_ids:
+                self.samplers.pop(sampler_id, None)
+        return [*session.model_ids, *session.sampler_ids]

@@ -148,6 +148,12 @@ class TrainingClient:
     def close(self) -> None:
         self._ops.close()
 
+    def delete(self) -> None:
+        """Free this model on the train service (adapter, gradient, optimizer state); its checkpoints stay.
+        Operations still queued for it fail with NOT_FOUND."""
+        self._ops.close()
+        self._service._unary("DeleteModel", train_pb2.DeleteModelRequest(model_id=self.model_id))
+
     # ---- async variants: return once submitted, with a future to await ----------------------------
 
     async def forward_async(self, *args: Any, **kwargs: Any) -> APIFuture[types.ForwardBackwardOutput]:

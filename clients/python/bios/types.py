@@ -244,3 +244,11 @@ class ModelInfo(_Base):
     tokenizer: str
     renderer: str
     vocab_size: int
+    device: str = ""
+    dtype: str = ""
+    max_request_tokens: int = 0
+    max_pass_tokens: int = 0
+    max_context: int = 0
+    device_memory_allocated_bytes: int = 0
+    device_memory_peak_bytes: int = 0
+    lora_parameters: int = 0

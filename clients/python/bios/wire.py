@@ -263,8 +263,8 @@ def forward_backward_from_pb(pb: train_pb2.ForwardBackwardOutput) -> types.Forwa
 
 
 def model_info_from_pb(pb: train_pb2.ModelInfo) -> types.ModelInfo:
-    return types.ModelInfo(model_id=pb.model_id, base_model=pb.base_model, lora_rank=pb.lora_rank, step=pb.step,
-                           tokenizer=pb.tokenizer, renderer=pb.renderer, vocab_size=pb.vocab_size)
+    return types.ModelInfo(**{f.name: getattr(pb, f.name) for f in pb.DESCRIPTOR.fields
+                              if f.name in types.ModelInfo.model_fields})
 
 
 # ---- rendered tokens ------------------------------------------------------------------------------
