@@ -247,7 +247,8 @@ def new_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
     if not tensors:
         return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+    # Per element, not through a norm: a norm of finite values above ~1e19 overflows float32.
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def adam_step(optimizer: torch.optim.AdamW, params: list[torch.nn.Parameter], adam: types_pb2.AdamParams) -> dict:
@@ -261,7 +262,7 @@ def adam_step(optimizer: torch.optim.AdamW, params: list[torch.nn.Parameter], ad
         norms = torch.stack(torch._foreach_norm(grads))
         grad_norm = float(torch.linalg.vector_norm(norms))
         if not math.isfinite(grad_norm):
-            raise InvalidArgumentError("optim_step: the gradient is not finite; step refused, weights unchanged")
+            raise InvalidArgumentError("optim_step: the gradient norm is not finite; step refused, weights unchanged")
         if adam.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm)
         for group in optimizer.param_groups:
@@ -270,8 +271,12 @@ def adam_step(optimizer: torch.optim.AdamW, params: list[torch.nn.Parameter], ad
         saved_params = [p.detach().clone() for p in params]
         saved_state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
                        for p in params if p in optimizer.state}
-        optimizer.step()
-        if not _all_finite([p.detach() for p in params]):
+        try:
+            optimizer.step()
+            finite = _all_finite([p.detach() for p in params])
+        except RuntimeError:  # e.g. "value cannot be converted to type float without overflow", mid-update
+            finite = False
+        if not finite:
             with torch.no_grad():
                 for p, old in zip(params, saved_params):
                     p.copy_(old)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache
 
-from bios.errors import InvalidArgumentError
+from bios.errors import FailedPreconditionError, InvalidArgumentError
 from bios.v1 import train_pb2, types_pb2
 from train_service.compute import head_logprobs
 from train_service.lora import Adapter, Segment
@@ -133,6 +133,12 @@ class _Member:
         self.stop_ids = set(request.params.stop_token_ids)
         self.stop_strings = list(request.params.stop_strings)
         self.produced = 0
+        self.failed = False
+
+    def fail(self, exc: BaseException) -> None:
+        self.failed = True
+        if not self.work.future.done():
+            self.work.future.set_exception(exc)
 
     def record(self, chosen: list[int], logprobs: list[float]) -> None:
         step = []
@@ -151,7 +157,7 @@ class _Member:
 
     @property
     def finished(self) -> bool:
-        return (all(s.done for s in self.sequences) or self.produced >= self.request.params.max_tokens
+        return (self.failed or all(s.done for s in self.sequences) or self.produced >= self.request.params.max_tokens
                 or self.request.cancelled.is_set())
 
 
@@ -186,7 +192,10 @@ class DecodeGroup:
             for member in self.members:
                 n = member.request.num_samples
                 rows = logits[start : start + n].float()
-                chosen = _choose(rows, member.request.params, member.generator)
+                if not bool(torch.isfinite(rows).all()):
+                    member.fail(FailedPreconditionError("the model's logits are not finite (its weights were driven "
+                                                        "to overflow?); nothing to sample from"))
+                chosen = _choose(rows.nan_to_num(0.0, 0.0, 0.0), member.request.params, member.generator)
                 logprobs = torch.log_softmax(rows, -1).gather(-1, chosen[:, None]).squeeze(-1)
                 member.record(chosen.tolist(), logprobs.tolist())
                 chosen_rows.append(chosen)

@@ -148,11 +148,12 @@ class TrainingClient:
     def close(self) -> None:
         self._ops.close()
 
-    def delete(self) -> None:
+    def delete(self, timeout: float = 60.0) -> None:
         """Free this model on the train service (adapter, gradient, optimizer state); its checkpoints stay.
-        Operations still queued for it fail with NOT_FOUND."""
-        self._ops.close()
+        Operations still queued for it fail with NOT_FOUND; this returns once each has its answer."""
         self._service._unary("DeleteModel", train_pb2.DeleteModelRequest(model_id=self.model_id))
+        concurrent.futures.wait(self._ops.pending(), timeout)
+        self._ops.close()
 
     # ---- async variants: return once submitted, with a future to await ----------------------------
 
