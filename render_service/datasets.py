@@ -6,7 +6,8 @@ renderer's `build_supervised_example`, then one Datum for next-token prediction:
     model_input = tokens[:-1], loss_fn_inputs = {"target_tokens": tokens[1:], "weights": weights[1:]}
 
 `iter_jsonl_data` is a generator reading one line at a time, so files larger than memory stream in constant
-memory. A bad line raises ValueError naming the source, the line number and the field.
+memory. A bad line raises RenderError (a ValueError; INVALID_ARGUMENT over gRPC) naming the source, the
+line number and the field.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from itertools import islice
 from typing import IO, Iterable, Iterator, Sequence, TypeVar
 
 from bios.types import Datum, ModelInput
+from bios.wire import MAX_JSON_DEPTH, WireError, check_depth
 from render_service.renderers.base import TRAIN_ON_WHAT, BaseRenderer, Message, RenderError
 
 T = TypeVar("T")
@@ -59,7 +61,7 @@ def _lines_of(name: str, handle: IO) -> Iterator[tuple[str, int, str]]:
         try:
             line = handle.readline()
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{name}, line {number + 1}: not valid UTF-8 ({exc.reason})") from None
+            raise RenderError(f"{name}, line {number + 1}: not valid UTF-8 ({exc.reason})") from None
         if not line:
             return
         number += 1
@@ -67,7 +69,7 @@ def _lines_of(name: str, handle: IO) -> Iterator[tuple[str, int, str]]:
             try:
                 line = line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise ValueError(f"{name}, line {number}: not valid UTF-8 ({exc.reason})") from None
+                raise RenderError(f"{name}, line {number}: not valid UTF-8 ({exc.reason})") from None
         yield name, number, line
 
 
@@ -75,16 +77,22 @@ def _parse_line(where: str, line: str) -> tuple[list[Message], list[dict] | None
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: invalid JSON at column {exc.colno}: {exc.msg}") from None
+        raise RenderError(f"{where}: invalid JSON at column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise RenderError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    try:
+        check_depth(record, where)
+    except WireError as exc:
+        raise RenderError(str(exc)) from None
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object with a 'messages' field, got {type(record).__name__}")
+        raise RenderError(f"{where}: expected a JSON object with a 'messages' field, got {type(record).__name__}")
     if "messages" not in record:
-        raise ValueError(f"{where}: field 'messages' is missing")
+        raise RenderError(f"{where}: field 'messages' is missing")
     messages, tools = record["messages"], record.get("tools")
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: field 'messages' must be a non-empty list of messages")
+        raise RenderError(f"{where}: field 'messages' must be a non-empty list of messages")
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
-        raise ValueError(f"{where}: field 'tools' must be a list of tool objects")
+        raise RenderError(f"{where}: field 'tools' must be a list of tool objects")
     return messages, tools or None
 
 
@@ -108,7 +116,7 @@ def data_from_lines(
 ) -> Iterator[Datum]:
     """(source name, line number, text) triples -> Datums; what both the file reader and the RPC use."""
     if train_on_what not in TRAIN_ON_WHAT:
-        raise ValueError(f"train_on_what: unknown value {train_on_what!r}; expected one of {TRAIN_ON_WHAT}")
+        raise RenderError(f"train_on_what: unknown value {train_on_what!r}; expected one of {TRAIN_ON_WHAT}")
     for name, number, line in lines:
         if not line.strip():
             continue
@@ -118,9 +126,7 @@ def data_from_lines(
             datum = datum_from_conversation(renderer, messages, tools, train_on_what, max_length, content_sft_roles)
         except RenderError as exc:  # its message names the field, e.g. "messages[2].content: ..."
             detail = str(exc) if str(exc).startswith(("messages", "tools")) else f"messages: {exc}"
-            raise ValueError(f"{where}: field {detail}") from None
-        except Exception as exc:  # a renderer tripping over an odd message shape: still name the line
-            raise ValueError(f"{where}: field messages: {type(exc).__name__}: {exc}") from exc
+            raise RenderError(f"{where}: field {detail}") from None
         yield datum
 
 

@@ -3,19 +3,24 @@
 The embedded default maps the seeds' `ultrasafe/usf-*` names to a tiny random Qwen3-architecture model
 with the real Qwen3 tokenizer: development stand-ins that run anywhere, not real models. A JSON file
 named by $BIOS_MODEL_REGISTRY adds or overrides entries. Any other name resolves to a local HF
-directory: a path, $BIOS_MODELS_DIR/<org>--<name>, or the local HF cache.
+directory: $BIOS_MODELS_DIR/<org>--<name>, the local HF cache, or (only where local paths are allowed) a path.
+
+Over gRPC a name is a caller's input, so the services resolve names with local paths refused unless the
+operator allows them (`--allow-local-paths`; on for the embedded default, whose caller owns the machine). A
+refused path gets exactly the answer of a name that does not exist, so callers cannot probe the filesystem.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from functools import cache
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from bios.errors import NotFoundError
+from bios.errors import InvalidArgumentError, NotFoundError
 
 
 class ModelEntry(BaseModel):
@@ -51,9 +56,15 @@ def registered() -> dict[str, ModelEntry]:
     return entries
 
 
-def _local_dir(name: str) -> Path | None:
-    if Path(name).is_dir():
+# A hub repo id, `name` or `org/name`: no path separators beyond the one, no `..`, nothing absolute.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+
+
+def _local_dir(name: str, allow_local_paths: bool) -> Path | None:
+    if allow_local_paths and Path(name).is_dir():
         return Path(name).resolve()
+    if not _REPO_ID.match(name) or ".." in name:
+        return None
     if (models_dir := os.environ.get("BIOS_MODELS_DIR")) and (Path(models_dir) / name.replace("/", "--")).is_dir():
         return (Path(models_dir) / name.replace("/", "--")).resolve()
     try:
@@ -64,18 +75,22 @@ def _local_dir(name: str) -> Path | None:
         return None
 
 
-def resolve(name: str) -> ModelEntry:
-    """The entry for a model name; NotFoundError naming what was tried."""
+def resolve(name: str, allow_local_paths: bool = True, field: str = "base_model") -> ModelEntry:
+    """The entry for a model name; NotFoundError naming the field and what was tried.
+
+    `allow_local_paths`: may the name be a directory path? In-process callers may; the services decide per server.
+    """
     if not name:
-        raise NotFoundError("base_model: empty model name")
+        raise InvalidArgumentError(f"{field}: required (a model name)")
     if entry := registered().get(name):
         return entry
-    if directory := _local_dir(name):
+    if directory := _local_dir(name, allow_local_paths):
         from render_service.renderers import renderer_for_model
 
         return ModelEntry(name=name, weights=str(directory), tokenizer=str(directory),
                           renderer=renderer_for_model(name) or "chat_template")
+    tried = "not a directory, " if allow_local_paths else ""
     raise NotFoundError(
-        f"base_model: unknown model {name!r}: not in the registry ({', '.join(sorted(registered()))}), "
-        "not a directory, not under $BIOS_MODELS_DIR as <org>--<name>, not in the local HF cache"
+        f"{field}: unknown model {name!r}: not in the registry ({', '.join(sorted(registered()))}), {tried}"
+        "not under $BIOS_MODELS_DIR as <org>--<name>, not in the local HF cache"
     )

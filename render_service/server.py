@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import grpc
 
 from bios.server.auth import ApiKeys
-from bios.server.grpc import (add_health_port_argument, add_port, build_server, mark_not_serving, mark_serving,
-                              start_health_server, wait_for_signal)
+from bios.server.grpc import (add_allow_local_paths_argument, add_health_port_argument, add_port, build_server,
+                              mark_not_serving, mark_serving, start_health_server, wait_for_signal)
 from bios.server.metrics import serve_metrics
 from render_service import service
 from render_service.workers import RenderWorkers
@@ -40,12 +40,14 @@ class RenderServer:
 
 
 async def start(host: str = "127.0.0.1", port: int = 0, api_keys: ApiKeys | None = None,
-                workers: int = 1, health_port: int | None = None) -> RenderServer:
+                workers: int = 1, health_port: int | None = None, allow_local_paths: bool = False) -> RenderServer:
     """A started server on `port` (0 = pick a free port); `workers` > 1 renders batches in that many processes;
-    `health_port` adds a plaintext health-only port (for kubelet probes when the main port uses TLS)."""
+    `health_port` adds a plaintext health-only port (for kubelet probes when the main port uses TLS);
+    `allow_local_paths`: may callers name tokenizers by server directory and send their own chat templates?"""
     pool = RenderWorkers(workers) if workers > 1 else None
     server, health_servicer, names = build_server(
-        "render", [functools.partial(service.add_to_server, render_workers=pool)], api_keys)
+        "render", [functools.partial(service.add_to_server, render_workers=pool, allow_local_paths=allow_local_paths)],
+        api_keys)
     bound = add_port(server, f"{host}:{port}")
     await server.start()
     health_server, bound_health = (await start_health_server(health_servicer, host, health_port)
@@ -54,8 +56,9 @@ async def start(host: str = "127.0.0.1", port: int = 0, api_keys: ApiKeys | None
     return RenderServer(server, bound, health_servicer, names, pool, health_server, bound_health)
 
 
-async def serve(host: str, port: int, metrics_port: int, workers: int, health_port: int) -> None:
-    running = await start(host, port, ApiKeys.from_env(), workers, health_port or None)
+async def serve(host: str, port: int, metrics_port: int, workers: int, health_port: int,
+                allow_local_paths: bool = False) -> None:
+    running = await start(host, port, ApiKeys.from_env(), workers, health_port or None, allow_local_paths)
     if metrics_port:
         serve_metrics(metrics_port)
     logging.info("render service listening on %s:%d (metrics on :%d)", host, running.port, metrics_port)
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="processes rendering RenderBatch slices in parallel (1 = the server process; "
                              "set to the pod's CPU count; env BIOS_RENDER_WORKERS)")
     add_health_port_argument(parser)
+    add_allow_local_paths_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.host, args.port, args.metrics_port, args.workers, args.health_port))
+    asyncio.run(serve(args.host, args.port, args.metrics_port, args.workers, args.health_port, args.allow_local_paths))

@@ -13,15 +13,16 @@ import concurrent.futures
 import logging
 import multiprocessing
 
+from bios.errors import UnavailableError
 from bios.v1 import render_pb2
 
 MIN_SLICE = 16  # conversations: smaller slices cost more in IPC than they gain
 
 
-def _render_slice(data: bytes) -> bytes:
+def _render_slice(data: bytes, allow_local_paths: bool) -> bytes:
     from render_service.service import render_batch  # imported in the worker
 
-    return render_batch(render_pb2.RenderBatchRequest.FromString(data)).SerializeToString()
+    return render_batch(render_pb2.RenderBatchRequest.FromString(data), allow_local_paths).SerializeToString()
 
 
 def _warm_up() -> None:
@@ -41,7 +42,8 @@ class RenderWorkers:
         return concurrent.futures.ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_warm_up)
 
-    async def render_batch(self, request: render_pb2.RenderBatchRequest) -> render_pb2.RenderBatchResponse:
+    async def render_batch(self, request: render_pb2.RenderBatchRequest,
+                           allow_local_paths: bool) -> render_pb2.RenderBatchResponse:
         n = len(request.conversations)
         parts = max(1, min(self.workers, n // MIN_SLICE))
         bounds = [n * k // parts for k in range(parts + 1)]
@@ -52,13 +54,14 @@ class RenderWorkers:
                 renderer=request.renderer, kind=request.kind, add_generation_prompt=request.add_generation_prompt,
                 train_on_what=request.train_on_what, content_sft_roles=request.content_sft_roles,
                 first_index=request.first_index + a, conversations=request.conversations[a:b])
-            slices.append(loop.run_in_executor(self._pool, _render_slice, part.SerializeToString()))
+            slices.append(loop.run_in_executor(self._pool, _render_slice, part.SerializeToString(), allow_local_paths))
         try:
             results = await asyncio.gather(*slices)
         except concurrent.futures.process.BrokenProcessPool:
             logging.exception("a render worker died; starting a new pool")
             self._pool = self._new_pool()
-            raise RuntimeError("a render worker process died while rendering this batch") from None
+            # UNAVAILABLE: the request was fine and a retry (which the client makes) meets the new pool.
+            raise UnavailableError("a render worker process died while rendering this batch; retry") from None
         response = render_pb2.RenderBatchResponse()
         for data in results:
             response.MergeFromString(data)  # repeated fields append: the slices' examples, in order

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bios import types
-from bios.errors import InvalidArgumentError, NotFoundError
+from bios.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from bios_cookbook import renderers
 
 CONV = [
@@ -166,7 +166,7 @@ def test_oversized_conversation_is_refused(remote):
     from render_service.service import MAX_BYTES_PER_CONVERSATION
 
     huge = [{"role": "user", "content": "x" * (MAX_BYTES_PER_CONVERSATION + 1)}]
-    with pytest.raises(InvalidArgumentError, match="messages: .* over the limit"):
+    with pytest.raises(ResourceExhaustedError, match="messages: .* over the limit"):
         remote.render(huge)
     assert remote.get_stop_sequences() == [151645]
 

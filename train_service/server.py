@@ -12,8 +12,8 @@ import grpc
 
 from bios import placement
 from bios.server.auth import ApiKeys
-from bios.server.grpc import (add_health_port_argument, add_port, build_server, mark_not_serving, mark_serving,
-                              start_health_server, wait_for_signal)
+from bios.server.grpc import (add_allow_local_paths_argument, add_health_port_argument, add_port, build_server,
+                              mark_not_serving, mark_serving, start_health_server, wait_for_signal)
 from bios.server.metrics import serve_metrics
 from train_service import metrics, service
 from train_service.checkpoints import CheckpointStore
@@ -39,28 +39,34 @@ class TrainServer:
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
 
-    async def stop(self, grace: float | None = 5.0) -> None:
+    async def stop(self, grace: float | None = 5.0, checkpoint: bool = True) -> bool:
         """Graceful drain: report NOT_SERVING, refuse new RPCs, let queued operations finish, checkpoint
-        every open model (so its session can be recreated from state after a restart), stop."""
+        every open model (so its session can be recreated from state after a restart; `checkpoint=False`
+        when the sessions end with the process, as in the embedded default), stop the engine. False if the
+        engine was still running after `grace` seconds."""
         await mark_not_serving(self.health, self.names)
         await self.server.stop(grace)
-        saved = await asyncio.wrap_future(self.engine.submit("control", self.sessions.checkpoint_all))
-        logging.info("drained: checkpointed %d open models", len(saved))
-        await asyncio.to_thread(self.engine.stop, grace)
+        if checkpoint:
+            saved = await asyncio.wrap_future(self.engine.submit("control", self.sessions.checkpoint_all))
+            logging.info("drained: checkpointed %d open models", len(saved))
+        stopped = await asyncio.to_thread(self.engine.stop, grace)
         if self.health_server is not None:
             await self.health_server.stop(None)
+        return stopped
 
 
 async def start(host: str = "127.0.0.1", port: int = 0, checkpoint_dir: str | None = None,
                 api_keys: ApiKeys | None = None, health_port: int | None = None, pod: int | None = None,
-                device: str | DeviceConfig = "auto", limits: Limits | None = None) -> TrainServer:
+                device: str | DeviceConfig = "auto", limits: Limits | None = None,
+                allow_local_paths: bool = False) -> TrainServer:
     """A started server on `port` (0 = pick a free port); `health_port` adds a plaintext health-only port;
     `pod`: this replica's ordinal, put in the ids it issues so clients find their session's pod (bios.placement);
-    `device`: auto (CUDA when available), cpu, cuda or cuda:N, or a DeviceConfig; `limits`: the engine's."""
+    `device`: auto (CUDA when available), cpu, cuda or cuda:N, or a DeviceConfig; `limits`: the engine's;
+    `allow_local_paths`: may callers name base models and tokenizers by server directory?"""
     device = device if isinstance(device, DeviceConfig) else DeviceConfig.resolve(device)
     engine = Engine(limits)
     sessions = SessionManager(CheckpointStore(checkpoint_dir or default_checkpoint_dir()), BaseModelPool(device),
-                              pod=pod)
+                              pod=pod, allow_local_paths=allow_local_paths)
     metrics.bind(sessions, engine, device)
     server, health_servicer, names = build_server("train", [service.add_to_server(sessions, engine)], api_keys)
     bound = add_port(server, f"{host}:{port}")
@@ -72,8 +78,9 @@ async def start(host: str = "127.0.0.1", port: int = 0, checkpoint_dir: str | No
 
 
 async def serve(host: str, port: int, checkpoint_dir: str | None, metrics_port: int, health_port: int,
-                pod: int | None, device: DeviceConfig, limits: Limits) -> None:
-    running = await start(host, port, checkpoint_dir, ApiKeys.from_env(), health_port or None, pod, device, limits)
+                pod: int | None, device: DeviceConfig, limits: Limits, allow_local_paths: bool = False) -> None:
+    running = await start(host, port, checkpoint_dir, ApiKeys.from_env(), health_port or None, pod, device, limits,
+                          allow_local_paths)
     if metrics_port:
         serve_metrics(metrics_port)
     logging.info("train service listening on %s:%d (metrics on :%d, pod ordinal %s, device %s, %s base weights)",
@@ -91,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="this replica's ordinal, written into the ids it issues (default: from $BIOS_POD_NAME, "
                              "e.g. bios-train-3 -> 3; none outside a StatefulSet)")
     add_health_port_argument(parser)
+    add_allow_local_paths_argument(parser)
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         parser.error(str(exc))
     asyncio.run(serve(args.host, args.port, args.checkpoint_dir, args.metrics_port, args.health_port, args.pod_ordinal,
-                      device, limits))
+                      device, limits, args.allow_local_paths))
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

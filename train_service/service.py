@@ -117,7 +117,7 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
 
     async def GetTokenizer(self, request, context):
         def files() -> dict[str, bytes]:
-            tokenizer = get_tokenizer(request.name)
+            tokenizer = get_tokenizer(request.name, self.sessions.allow_local_paths, "name")
             with tempfile.TemporaryDirectory() as tmp:
                 tokenizer.save_pretrained(tmp)
                 return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from bios import placement, types, wire
-from bios.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from bios.errors import BiosError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from bios.v1 import train_pb2
 from render_service.model_registry import ModelEntry, resolve
 from render_service.tokenizers import load_tokenizer
@@ -107,10 +107,7 @@ class TrainingModel:
 
     def save_state(self, request: train_pb2.SaveStateRequest) -> train_pb2.Checkpoint:
         validate_name(request.name, "save_state.name")
-        try:
-            metadata = json.loads(request.metadata_json) if request.metadata_json else {}
-        except json.JSONDecodeError as exc:
-            raise InvalidArgumentError(f"save_state.metadata_json: not JSON: {exc}") from None
+        metadata = wire.json_object(request.metadata_json, "save_state.metadata_json") if request.metadata_json else {}
 
         def fill(directory: Path) -> None:
             self._write_adapter(directory)
@@ -195,10 +192,13 @@ class Session:
 class SessionManager:
     """All sessions, models and samplers of this process, under one lock."""
 
-    def __init__(self, store: CheckpointStore, pool: BaseModelPool | None = None, pod: int | None = None):
-        """`pod`: this replica's StatefulSet ordinal, written into every id it issues (bios.placement)."""
+    def __init__(self, store: CheckpointStore, pool: BaseModelPool | None = None, pod: int | None = None,
+                 allow_local_paths: bool = True):
+        """`pod`: this replica's StatefulSet ordinal, written into every id it issues (bios.placement);
+        `allow_local_paths`: may callers name base models by server directory (model_registry.resolve)?"""
         self.store = store
         self.pod = pod
+        self.allow_local_paths = allow_local_paths
         self.pool = pool or BaseModelPool()
         self.sessions: dict[str, Session] = {}
         self.models: dict[str, TrainingModel] = {}
@@ -235,8 +235,8 @@ class SessionManager:
 
     def entry(self, base_model: str) -> ModelEntry:
         try:
-            return resolve(base_model)
-        except NotFoundError:
+            return resolve(base_model, self.allow_local_paths)
+        except BiosError:
             raise
         except Exception as exc:  # a malformed registry file, a bad path
             raise InvalidArgumentError(f"base_model: {exc}") from None

@@ -7,9 +7,11 @@ what the chat template gives) and derives weights, prompts and stop sequences fr
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
+from bios.errors import InvalidArgumentError
 from bios.rendered import AttributionRun, RenderedTokens
 from bios.types import ModelInput, Tokens
 
@@ -25,8 +27,8 @@ TRAIN_ON_WHAT = (
 )
 
 
-class RenderError(ValueError):
-    """Malformed conversation; the message names the offending message index and field."""
+class RenderError(InvalidArgumentError):
+    """Malformed conversation; the message names the offending message index and field (INVALID_ARGUMENT)."""
 
 
 class Segment(NamedTuple):
@@ -98,6 +100,11 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:
             for j, part in enumerate(content if isinstance(content, list) else ()):
                 if not isinstance(part, Mapping) or not isinstance(part.get("text", ""), str):
                     raise RenderError(f"messages[{i}].content[{j}]: expected {{'type': 'text', 'text': str}}")
+                if part.get("type", "text") != "text":  # an image would be dropped without a word
+                    raise RenderError(f"messages[{i}].content[{j}].type: {part.get('type')!r} parts are not "
+                                      "supported (text only)")
+        if len(m) != 2 or content is None:  # more than role and content: the optional fields, when present
+            _validate_optional_fields(m, i)
         if role == "assistant":
             open_calls = len(m.get("tool_calls") or ())
             any_call = any_call or open_calls > 0
@@ -108,6 +115,54 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:
             open_calls = 0
 
 
+_STRING_FIELDS = ("tool_call_id", "name", "reasoning_content")
+
+
+def _validate_optional_fields(m: Mapping[str, Any], i: int) -> None:
+    """Types of a message's optional fields (from JSON they can be anything; over gRPC they are typed already)."""
+    for key in _STRING_FIELDS:
+        if m.get(key) is not None and not isinstance(m[key], str):
+            raise RenderError(f"messages[{i}].{key}: expected a string, got {type(m[key]).__name__}")
+    if m.get("trainable") is not None and not isinstance(m["trainable"], bool):
+        raise RenderError(f"messages[{i}].trainable: expected true or false, got {type(m['trainable']).__name__}")
+    calls = m.get("tool_calls")
+    if calls is None:
+        return
+    if not isinstance(calls, (list, tuple)):
+        raise RenderError(f"messages[{i}].tool_calls: expected a list of tool calls, got {type(calls).__name__}")
+    for k, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping):
+            raise RenderError(f"messages[{i}].tool_calls[{k}]: expected {{'function': {{'name', 'arguments'}}}}")
+        if not isinstance(function.get("name", ""), str):
+            raise RenderError(f"messages[{i}].tool_calls[{k}].function.name: expected a string")
+
+
+def validate_tools(tools: Sequence[Mapping[str, Any]]) -> None:
+    """Each tool is a function with a name (OpenAI-shaped {"type": "function", "function": {...}}, or flat)."""
+    if not isinstance(tools, (list, tuple)):
+        raise RenderError(f"tools: expected a list of tool objects, got {type(tools).__name__}")
+    for k, tool in enumerate(tools):
+        function = tool.get("function", tool) if isinstance(tool, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise RenderError(f"tools[{k}].function.name: missing (a tool needs a name)")
+
+
+def validate_sft_roles(roles: Iterable[str], field: str = "content_sft_roles") -> set[str]:
+    """The roles whose message bodies are also supervised; an unknown role would silently match nothing."""
+    roles = list(roles)
+    for k, role in enumerate(roles):
+        if role not in _KNOWN_ROLES:
+            raise RenderError(f"{field}[{k}]: unknown role {role!r}; expected one of {KNOWN_ROLES}")
+    return set(roles)
+
+
+# apply_chat_template's own parameters: an option of the same name would collide with them.
+_RESERVED_OPTIONS = frozenset({"conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",
+                               "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+                               "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
 class BaseRenderer:
     """Base of every renderer. Subclasses override `segments` (and usually `parse_response`).
 
@@ -116,12 +171,33 @@ class BaseRenderer:
     """
 
     name = "chat_template"
+    # The options a family reads (named like the template variables they stand for). None: the tokenizer's chat
+    # template is rendered, so its options are the variables that template mentions, plus `chat_template` itself.
+    option_names: tuple[str, ...] | None = None
 
     def __init__(self, tokenizer: Any, **options: Any):
         self.tokenizer = tokenizer
         self.options = options
         self._special_ids: dict[str, Any] = {}  # per-renderer cache of looked-up token ids
         self._stop_ids: list[int] | None = None
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """An option nothing reads would be dropped without a word: refuse it, naming it."""
+        if self.option_names is not None:
+            for key in self.options:
+                if key not in self.option_names:
+                    known = ", ".join(self.option_names) or "none"
+                    raise RenderError(f"renderer.options.{key}: not an option of the {self.name} renderer "
+                                      f"(its options: {known})")
+            return
+        template = self.options.get("chat_template") or getattr(self.tokenizer, "chat_template", None) or ""
+        source = template if isinstance(template, str) else " ".join(map(str, dict(template).values()))
+        for key in self.options:
+            if key in _RESERVED_OPTIONS:
+                raise RenderError(f"renderer.options.{key}: reserved (set by the renderer itself)")
+            if key != "chat_template" and not re.search(rf"\b{re.escape(key)}\b", source):
+                raise RenderError(f"renderer.options.{key}: the chat template does not read this variable")
 
     # ---- what a family defines ----------------------------------------------------------------
 
@@ -161,6 +237,8 @@ class BaseRenderer:
         self, messages: Sequence[Message], tools: list[dict] | None = None, add_generation_prompt: bool = False
     ) -> RenderedTokens:
         validate_messages(messages)
+        if tools:
+            validate_tools(tools)
         segs = self.segments(list(messages), tools, add_generation_prompt)
         roles = [m["role"] for m in messages]
         return tokenize_segments(self.tokenizer, segs, roles)
@@ -197,9 +275,9 @@ class BaseRenderer:
         tools: list[dict] | None = None,
         content_sft_roles: Iterable[str] = (),
     ) -> SupervisedExample:
+        sft_roles = validate_sft_roles(content_sft_roles)
         rendered = self.render(messages, tools)
         trained = trained_messages(messages, train_on_what)
-        sft_roles = set(content_sft_roles)
         whole_messages = train_on_what in ("all_messages", "customized")
 
         def weight(run: AttributionRun) -> float:  # a token's weight depends only on its attribution

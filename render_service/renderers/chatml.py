@@ -16,6 +16,7 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 class ChatMLRenderer(BaseRenderer):
     name = "ultrasafe"
+    option_names = ()
 
     def segments(self, messages: Sequence[Message], tools, add_generation_prompt: bool) -> list[Segment]:
         out: list[Segment] = []

@@ -187,6 +187,7 @@ class DeclarativeRenderer(BaseRenderer):
     """A chat format given as a ConversationTemplate (JSON/YAML file or object)."""
 
     name = "declarative"
+    option_names = ()
 
     def __init__(self, tokenizer: Any, template: ConversationTemplate | str | Path | dict | None = None, **options):
         super().__init__(tokenizer, **options)

@@ -79,6 +79,7 @@ class DeepSeekV3Renderer(BaseRenderer):
     """DeepSeek-V3: hoisted system prompt, <｜User｜>/<｜Assistant｜> tags, special-token tool calls."""
 
     name = "deepseek-v3"
+    option_names = ()
 
     def segments(self, messages: Sequence[Message], tools: list[dict] | None, add_generation_prompt: bool
                  ) -> list[Segment]:

@@ -205,6 +205,7 @@ class GptOssRenderer(BaseRenderer):
     """gpt-oss: the harmony format with channels, a generated system message and TypeScript tool declarations."""
 
     name = "gpt-oss"
+    option_names = ("current_date", "model_identity", "reasoning_effort", "builtin_tools")
 
     def current_date(self) -> str:
         value = self.options.get("current_date")

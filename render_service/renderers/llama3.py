@@ -107,6 +107,7 @@ class Llama31Renderer(BaseRenderer):
     """Llama 3.1 / 3.3 instruct: header-tagged turns, JSON tool calls, optional builtin (ipython) tools."""
 
     name = "llama3.1"
+    option_names = ("custom_tools", "builtin_tools", "tools_in_user_message", "date_string")
     supports_builtin_tools = True
 
     def default_date(self) -> str:

@@ -90,6 +90,7 @@ class MistralNemoRenderer(BaseRenderer):
     """Mistral Nemo: [INST] turns, system prompt in the last user turn, JSON tool calls with 9-char ids."""
 
     name = "mistral-nemo"
+    option_names = ()
 
     def segments(self, messages: Sequence[Message], tools, add_generation_prompt: bool) -> list[Segment]:
         if not messages:

@@ -176,6 +176,7 @@ class Qwen25Renderer(BaseRenderer):
     """Qwen2.5-Instruct: ChatML with a default system prompt and Hermes-style JSON tool calls."""
 
     name = "qwen2.5"
+    option_names = ()
 
     def segments(self, messages: Sequence[Message], tools: list[dict] | None, add_generation_prompt: bool
                  ) -> list[Segment]:

@@ -77,6 +77,7 @@ class Qwen3Renderer(Qwen25Renderer):
     """Qwen3 (hybrid thinking): ChatML, <think> reasoning, <tool_call> JSON tool calls, enable_thinking option."""
 
     name = "qwen3"
+    option_names = ("enable_thinking",)
 
     @property
     def thinking_disabled(self) -> bool:

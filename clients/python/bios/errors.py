@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
+
 import grpc
+
+log = logging.getLogger("bios.server")
 
 
 class BiosError(Exception):
@@ -58,11 +63,14 @@ def from_status(code: grpc.StatusCode, details: str) -> BiosError:
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status a server answers with for an exception raised while handling a request."""
+    """The status a server answers with for an exception raised while handling a request.
+
+    Only our own error classes choose a status: they are raised on purpose, with a message naming the field.
+    Anything else is a server bug, whatever its Python type (a stray KeyError is not NOT_FOUND): the caller gets
+    INTERNAL with a generic message and an id, and the traceback is logged under that id.
+    """
     if isinstance(exc, BiosError):
         return exc.code, str(exc)
-    if isinstance(exc, (ValueError, TypeError)):  # RenderError, WireError, pydantic ValidationError
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, LookupError):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    error_id = uuid.uuid4().hex[:12]
+    log.error("internal error %s: %s: %s", error_id, type(exc).__name__, exc, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (the server logged it as error {error_id})"

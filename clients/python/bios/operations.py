@@ -13,7 +13,7 @@ import concurrent.futures
 import logging
 import random
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 
@@ -27,8 +27,11 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
 class OperationStream:
     def __init__(self, loop: LoopThread, stub: train_pb2_grpc.TrainServiceStub, model_id: str,
-                 metadata: tuple = (), max_retries: int = 8):
+                 metadata: tuple = (), max_retries: int = 8,
+                 track: Callable[[concurrent.futures.Future], Any] = lambda future: future):
+        """`track`: told of every submitted operation's future (the ServiceClient waits for them at close)."""
         self._loop = loop
+        self._track = track
         self._stub = stub
         self._model_id = model_id
         self._metadata = metadata
@@ -48,6 +51,7 @@ class OperationStream:
             request = train_pb2.OperationRequest(seq=seq, model_id=self._model_id, **op)
             self._pending[seq] = (request, future)
             self._loop.call(self._enqueue, request)
+        self._track(future)
         return future
 
     def close(self) -> None:

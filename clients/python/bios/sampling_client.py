@@ -91,7 +91,7 @@ class SamplingClient:
     def sample(self, prompt: types.ModelInput, sampling_params: types.SamplingParams, num_samples: int = 1,
                include_prompt_logprobs: bool = False) -> APIFuture[types.SampleResponse]:
         request = self._request(prompt, sampling_params, num_samples, include_prompt_logprobs)
-        return APIFuture(self._service._loop.submit(self._collect(request)))
+        return APIFuture(self._service._track(self._service._loop.submit(self._collect(request))))
 
     async def sample_async(self, prompt: types.ModelInput, sampling_params: types.SamplingParams,
                            num_samples: int = 1, include_prompt_logprobs: bool = False) -> APIFuture[types.SampleResponse]:

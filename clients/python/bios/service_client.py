@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
+import time
 import tempfile
 import threading
 from pathlib import Path
@@ -19,6 +21,7 @@ from bios.v1 import render_pb2_grpc, train_pb2, train_pb2_grpc
 
 DEFAULT_TIMEOUT = 600.0
 UNARY_RETRIES = 12  # backoff 0.1 s doubling, capped at 2 s: about 17 s in all
+log = logging.getLogger("bios")
 
 
 class ServiceClient:
@@ -51,6 +54,10 @@ class ServiceClient:
         if self._pod_template:
             placement.pod_address(self._pod_template, 0)  # a template without {pod} fails here, not later
         self._pod: int | None = None  # the train pod this client is pinned to
+        self._inflight: set[concurrent.futures.Future] = set()  # submitted, not yet answered (close() waits)
+        self._inflight_lock = threading.Lock()  # its own: done-callbacks take it on the loop thread
+        self._closed = False
+        embedded.opened(self)
 
     @property
     def train_address(self) -> str:
@@ -63,8 +70,35 @@ class ServiceClient:
     def _address(self, service: str) -> str:
         with self._lock:
             if self._addresses[service] is None:
-                self._addresses[service] = embedded.address(service)
+                if self._closed:
+                    raise FailedPreconditionError("this ServiceClient is closed; open another one")
+                self._addresses[service] = embedded.address(service, self)
             return self._addresses[service]
+
+    def _track(self, future: concurrent.futures.Future) -> concurrent.futures.Future:
+        """Remember a submitted call until it is answered, so that close() (and interpreter exit) wait for it."""
+        with self._inflight_lock:
+            self._inflight.add(future)
+        future.add_done_callback(self._untrack)
+        return future
+
+    def _untrack(self, future: concurrent.futures.Future) -> None:
+        with self._inflight_lock:
+            self._inflight.discard(future)
+
+    def wait_for_operations(self, timeout: float | None = None) -> int:
+        """Wait until every call submitted through this client is answered (or `timeout` seconds pass); returns
+        how many are still unanswered."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._inflight_lock:
+                pending = [f for f in self._inflight if not f.done()]
+            if not pending:
+                return 0
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return len(pending)
+            concurrent.futures.wait(pending, left)  # answers may submit more (a custom loss's second half)
 
     def _stub(self, service: str) -> Any:
         """The service's stub, its channel opened on first use (channels belong to the client's loop)."""
@@ -149,7 +183,7 @@ class ServiceClient:
 
     def _render_submit(self, method: str, request: Any) -> concurrent.futures.Future:
         """Start a render call and return at once; `.result()` gives the reply or raises the mapped error."""
-        return self._loop.submit(self._call(self._render, method, request))
+        return self._track(self._loop.submit(self._call(self._render, method, request)))
 
     # ---- training and sampling clients -----------------------------------------------------------
 
@@ -260,13 +294,31 @@ class ServiceClient:
 
         return RenderClient(self, renderer, tokenizer, **options)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Wait for every operation submitted through this client (unless `wait=False`; at most `timeout`
+        seconds, reported if exceeded), close the session and the channels. The embedded services stop when
+        the last client using them closes (at interpreter exit at the latest, see bios.embedded)."""
+        self._shutdown(wait, timeout, retry=True)
+
+    def _shutdown(self, wait: bool, timeout: float | None, retry: bool) -> None:
+        with self._lock:
+            if self._closed:
+                return
         try:
+            if wait and (left := self.wait_for_operations(timeout)):
+                log.warning("bios: %d operations were still unanswered after %.0f s; closing without them",
+                            left, timeout)
             if self._session_id is not None:
-                self._unary("CloseSession", train_pb2.CloseSessionRequest(session_id=self._session_id))
+                request = train_pb2.CloseSessionRequest(session_id=self._session_id)
+                if retry:
+                    self._unary("CloseSession", request)
+                else:  # at exit: one short try, the server may be gone already
+                    self._loop.run(self._train.CloseSession(request, metadata=self._metadata, timeout=5.0))
         finally:
-            for channel in self._channels:
-                self._loop.submit(channel.close())
+            with self._lock:
+                self._closed = True
+            concurrent.futures.wait([self._loop.submit(channel.close()) for channel in self._channels], 5.0)
+            embedded.closed(self)
 
     def __enter__(self) -> "ServiceClient":
         return self

@@ -24,7 +24,8 @@ class TrainingClient:
         self.model_id = info.model_id
         self.base_model = info.base_model
         self._info = info
-        self._ops = OperationStream(service._loop, service._train, info.model_id, service._metadata)
+        self._ops = OperationStream(service._loop, service._train, info.model_id, service._metadata,
+                                    track=service._track)
         self._tokenizer = None
 
     # ---- ordered operations -----------------------------------------------------------------------

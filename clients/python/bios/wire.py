@@ -31,8 +31,8 @@ _NAMES = {types_pb2.DTYPE_FLOAT32: "float32", types_pb2.DTYPE_FLOAT64: "float64"
           types_pb2.DTYPE_INT64: "int64", types_pb2.DTYPE_BOOL: "bool"}
 
 
-class WireError(ValueError):
-    """A message that cannot be decoded; the text names the field."""
+class WireError(InvalidArgumentError):
+    """A message that cannot be decoded; the text names the field (INVALID_ARGUMENT)."""
 
 
 def array_to_tensor(array: np.ndarray) -> types_pb2.Tensor:
@@ -172,13 +172,10 @@ def tool_call_to_pb(call: Mapping[str, Any], into: types_pb2.ToolCall | None = N
     return pb
 
 
-def tool_call_from_pb(call: types_pb2.ToolCall) -> dict[str, Any]:
+def tool_call_from_pb(call: types_pb2.ToolCall, field: str = "tool_call") -> dict[str, Any]:
     arguments: Any = call.arguments_json
     if not call.arguments_as_text:
-        try:
-            arguments = json.loads(call.arguments_json) if call.arguments_json else {}
-        except json.JSONDecodeError:
-            arguments = call.arguments_json
+        arguments = json_value(call.arguments_json, f"{field}.arguments") if call.arguments_json else {}
     out: dict[str, Any] = {"type": "function", "function": {"name": call.name, "arguments": arguments}}
     if call.id:
         out["id"] = call.id
@@ -194,12 +191,15 @@ def message_from_pb(pb: types_pb2.Message) -> dict[str, Any]:
     if pb.HasField("content"):
         message["content"] = pb.content
     elif pb.parts:
-        message["content"] = [{"type": p.type or "text", "text": p.text} for p in pb.parts]
+        for j, part in enumerate(pb.parts):
+            if part.image or part.type not in ("", "text"):
+                raise WireError(f"content[{j}].type: {part.type or 'image'!r} parts are not supported (text only)")
+        message["content"] = [{"type": "text", "text": p.text} for p in pb.parts]
     # else no "content" key: absent (or None) on the wire; a renderer then says which message lacks it
     if pb.HasField("reasoning_content"):
         message["reasoning_content"] = pb.reasoning_content
     if pb.tool_calls:
-        message["tool_calls"] = [tool_call_from_pb(c) for c in pb.tool_calls]
+        message["tool_calls"] = [tool_call_from_pb(c, f"tool_calls[{k}]") for k, c in enumerate(pb.tool_calls)]
     if pb.tool_call_id:
         message["tool_call_id"] = pb.tool_call_id
     if pb.name:
@@ -216,12 +216,57 @@ def tool_to_pb(tool: Mapping[str, Any]) -> types_pb2.ToolSpec:
                               spec_json=json.dumps(tool, ensure_ascii=False))
 
 
-def tool_from_pb(pb: types_pb2.ToolSpec) -> dict[str, Any]:
+def tool_from_pb(pb: types_pb2.ToolSpec, field: str = "tool") -> dict[str, Any]:
+    """The tool object (spec_json, or one built from the fields), checked: a function with a name."""
     if pb.spec_json:
-        return json.loads(pb.spec_json)
-    function: dict[str, Any] = {"name": pb.name, "description": pb.description}
-    function["parameters"] = json.loads(pb.parameters_json) if pb.parameters_json else {}
-    return {"type": "function", "function": function}
+        tool = json_object(pb.spec_json, f"{field}.spec_json")
+        function, where = tool.get("function", tool), f"{field}.spec_json"
+        if not isinstance(function, dict):
+            raise WireError(f"{where}.function: expected a JSON object, got {type(function).__name__}")
+        if "parameters" in function and not isinstance(function["parameters"], dict):
+            raise WireError(f"{where}.function.parameters: expected a JSON object")
+    else:
+        function = {"name": pb.name, "description": pb.description,
+                    "parameters": json_object(pb.parameters_json, f"{field}.parameters_json") if pb.parameters_json
+                    else {}}
+        tool, where = {"type": "function", "function": function}, field
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        raise WireError(f"{where}.name: missing (a tool needs a name)")
+    return tool
+
+
+MAX_JSON_DEPTH = 64  # deeper JSON is refused: templates and json.dumps recurse over it
+
+
+def json_value(text: str, field: str) -> Any:
+    """Parsed JSON text nested at most MAX_JSON_DEPTH deep; WireError naming `field` otherwise."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise WireError(f"{field}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except json.JSONDecodeError as exc:
+        raise WireError(f"{field}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    check_depth(value, field)
+    return value
+
+
+def json_object(text: str, field: str) -> dict[str, Any]:
+    """JSON text that must hold an object (see json_value)."""
+    value = json_value(text, field)
+    if not isinstance(value, dict):
+        raise WireError(f"{field}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def check_depth(value: Any, field: str) -> None:
+    """WireError when containers nest deeper than MAX_JSON_DEPTH (iterative: no recursion to run out of)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise WireError(f"{field}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
 def conversation_to_pb(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping] | None = None,

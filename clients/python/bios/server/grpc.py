@@ -18,7 +18,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bios.channel import CHANNEL_OPTIONS
-from bios.errors import status_of
+from google.protobuf.message import DecodeError
+
+from bios.errors import InvalidArgumentError, status_of
 from bios.server.auth import DEFAULT_TENANT, ApiKeys, set_tenant
 from bios.server.metrics import GRPC_DURATION, GRPC_IN_FLIGHT, GRPC_REQUESTS
 
@@ -65,35 +67,63 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             except (asyncio.CancelledError, GeneratorExit):  # the client went away
                 code = grpc.StatusCode.CANCELLED
                 raise
-            except Exception as exc:  # noqa: BLE001 - mapped to a status
+            except Exception as exc:  # noqa: BLE001 - mapped to a status (INTERNAL ones are logged there)
                 code, message = status_of(exc)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.error("%s failed", details.method, exc_info=exc)
                 await context.abort(code, message)
             finally:
                 GRPC_IN_FLIGHT.labels(*labels).dec()
                 GRPC_DURATION.labels(*labels).observe(time.perf_counter() - started)
                 GRPC_REQUESTS.labels(*labels, code.name).inc()
 
+        # Requests are decoded here rather than by grpc, so that bytes which are not a valid message answer
+        # INVALID_ARGUMENT naming the message type (grpc's own decoding failure is an anonymous INTERNAL).
+        decode = _decoder(handler.request_deserializer)
         if handler.unary_unary:
             inner = handler.unary_unary
 
             async def unary_unary(request, context):
                 async with call(context):
-                    return await inner(request, context)
+                    return await inner(decode(request), context)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
-                                                       handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
 
-        inner_stream = handler.unary_stream or handler.stream_stream
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
 
-        async def streaming(request_or_iterator, context):
+            async def unary_stream(request, context):
+                async with call(context):
+                    async for item in inner_stream(decode(request), context):
+                        yield item
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, None, handler.response_serializer)
+
+        inner_bidi = handler.stream_stream
+
+        async def stream_stream(request_iterator, context):
+            async def requests():
+                async for raw in request_iterator:
+                    yield decode(raw)
+
             async with call(context):
-                async for item in inner_stream(request_or_iterator, context):
+                async for item in inner_bidi(requests(), context):
                     yield item
 
-        make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
-        return make(streaming, handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(stream_stream, None, handler.response_serializer)
+
+
+def _decoder(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    if deserialize is None:
+        return lambda raw: raw
+    message_type = getattr(deserialize, "__self__", None)
+    name = message_type.DESCRIPTOR.full_name if hasattr(message_type, "DESCRIPTOR") else "request"
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except DecodeError as exc:
+            raise InvalidArgumentError(f"request: not a valid {name} message ({exc})") from None
+
+    return decode
 
 
 def build_server(service: str, add_services: Iterable[Callable[[grpc.aio.Server], list[str]]],
@@ -124,6 +154,14 @@ def add_health_port_argument(parser: Any) -> None:
     parser.add_argument("--health-port", type=int, default=int(os.environ.get("BIOS_HEALTH_PORT", "0")),
                         help="also serve grpc.health.v1 alone on this plaintext port, for kubelet probes when TLS "
                              "is on (0 = off; env BIOS_HEALTH_PORT)")
+
+
+def add_allow_local_paths_argument(parser: Any) -> None:
+    parser.add_argument("--allow-local-paths", action="store_true",
+                        default=os.environ.get("BIOS_ALLOW_LOCAL_PATHS", "") in ("1", "true"),
+                        help="let callers name models and tokenizers by a directory on this server and send their "
+                             "own chat templates (trusted callers only; off by default: names resolve through the "
+                             "registry, $BIOS_MODELS_DIR and the HF cache; env BIOS_ALLOW_LOCAL_PATHS=1)")
 
 
 async def start_health_server(health_servicer: Any, host: str, port: int) -> tuple[grpc.aio.Server, int]:
