@@ -14,6 +14,7 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps tinker-cookbook==0.6.1
 	touch $(STAMP)
 
 install: $(STAMP) proto

@@ -68,9 +68,13 @@ class CheckpointStore:
         return directory, meta
 
     def write(self, model_id: str, tenant: str, kind: str, name: str, meta: dict[str, Any],
-              fill: Callable[[Path], None]) -> train_pb2.Checkpoint:
-        """Run `fill(tmpdir)` to write the files, then publish the directory atomically."""
+              fill: Callable[[Path], None], replace: bool = True) -> train_pb2.Checkpoint:
+        """Run `fill(tmpdir)` to write the files, then publish the directory atomically. `replace=False`:
+        FAILED_PRECONDITION when a checkpoint of this name exists."""
         final = self.directory(model_id, kind, name)
+        if not replace and (final / META).is_file():
+            raise FailedPreconditionError(f"name: a {kind} checkpoint named {name!r} exists on model {model_id} "
+                                          "(save it under another name, or overwrite it)")
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=final.parent))
         try:

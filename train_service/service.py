@@ -86,8 +86,10 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
                                                      request.base_model, request.model_path)
         sampler = await self._run("control", lambda: self.sessions.create_sampler(
             request.session_id, tenant, entry, base, saved, request.model_path))
+        eos = (await asyncio.to_thread(self.sessions.tokenizer, entry)).eos_token_id
         return train_pb2.SamplerInfo(sampler_id=sampler.sampler_id, base_model=entry.name,
-                                     model_path=sampler.model_path, tokenizer=entry.name, renderer=entry.renderer)
+                                     model_path=sampler.model_path, tokenizer=entry.name, renderer=entry.renderer,
+                                     eos_token_ids=[] if eos is None else [eos])
 
     async def GetInfo(self, request, context):
         return _model_info(self.sessions.model(request.model_id, current_tenant()), self.engine.limits)

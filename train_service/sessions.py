@@ -113,13 +113,16 @@ class TrainingModel:
             self._write_adapter(directory)
             checkpoints.write_optimizer(directory, self.optimizer, self.step)
 
-        checkpoint = self.store.write(self.model_id, self.tenant, "state", request.name, self._meta(metadata), fill)
+        checkpoint = self.store.write(self.model_id, self.tenant, "state", request.name, self._meta(metadata), fill,
+                                      replace=not request.fail_if_exists)
         CHECKPOINT_BYTES.inc(checkpoint.size_bytes)
         return checkpoint
 
     def save_weights_for_sampler(self, request: train_pb2.SaveWeightsForSamplerRequest) -> train_pb2.Checkpoint:
         validate_name(request.name, "save_weights_for_sampler.name")
-        checkpoint = self.store.write(self.model_id, self.tenant, "sampler", request.name, self._meta({}),
+        metadata = (wire.json_object(request.metadata_json, "save_weights_for_sampler.metadata_json")
+                    if request.metadata_json else {})
+        checkpoint = self.store.write(self.model_id, self.tenant, "sampler", request.name, self._meta(metadata),
                                       self._write_adapter)
         CHECKPOINT_BYTES.inc(checkpoint.size_bytes)
         return checkpoint

@@ -1,0 +1,3 @@
+from tinker_gateway.server import main
+
+main()
