@@ -1,6 +1,6 @@
 """The `bios` command line.
 
-    bios serve render|train|all [--port N]          run services (all = both in one process)
+    bios serve render|train|tinker|all              run services (all = every one in one process)
     bios render FILE.jsonl --renderer NAME           show rendered conversations (colorized, or --json)
     bios sft FILE.jsonl --model NAME                 supervised fine-tuning with checkpoints and --resume
     bios sample --model NAME --prompt TEXT           sample a reply to one user message
@@ -36,6 +36,14 @@ def _serve(args: argparse.Namespace) -> None:
             running = await train_server.start(args.host, args.train_port, args.checkpoint_dir, keys)
             stops.append(running.stop)
             print(f"train service on {args.host}:{running.port}", flush=True)
+        if args.service in ("tinker", "all"):
+            from tinker_gateway import server as tinker_server
+
+            # `all`: the train service above; `tinker` alone: $BIOS_TRAIN_ADDRESS (default localhost:50052)
+            train_address = f"127.0.0.1:{running.port}" if args.service == "all" else None
+            gateway = await tinker_server.start(args.host, args.tinker_port, train_address, keys)
+            stops.insert(0, gateway.stop)
+            print(f"tinker gateway on http://{args.host}:{gateway.port}", flush=True)
         if args.metrics_port:
             serve_metrics(args.metrics_port)
 
@@ -113,10 +121,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the services")
-    serve.add_argument("service", choices=["render", "train", "all"])
+    serve.add_argument("service", choices=["render", "train", "tinker", "all"])
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--render-port", type=int, default=50051)
     serve.add_argument("--train-port", type=int, default=50052)
+    serve.add_argument("--tinker-port", type=int, default=8000, help="the Tinker gateway (docs/tinker.md)")
     serve.add_argument("--metrics-port", type=int, default=0)
     serve.add_argument("--checkpoint-dir", default=None)
     serve.set_defaults(run=_serve)
