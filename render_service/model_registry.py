@@ -32,12 +32,25 @@ class ModelEntry(BaseModel):
     renderer: str = "chat_template"
     lora_target_modules: list[str] | None = None  # None = every attention / MLP projection
     description: str = ""
+    # The model's embedding rows, when known without loading it: often more than the tokenizer's ids (padding
+    # rows the model can still sample, decoded to nothing). None: the weights' config.json says, if there is one.
+    vocab_size: int | None = None
+
+    def token_limit(self, tokenizer_size: int) -> int:
+        """Token ids a caller may send back (sampled ones included): [0, this)."""
+        vocab = self.vocab_size
+        if vocab is None and Path(self.weights, "config.json").is_file():
+            try:
+                vocab = int(json.loads(Path(self.weights, "config.json").read_text()).get("vocab_size") or 0)
+            except (OSError, ValueError, TypeError):
+                vocab = None
+        return max(tokenizer_size, vocab or 0)
 
 
 _STAND_IN = "development stand-in: tiny random Qwen3-architecture model with the real Qwen3 tokenizer"
 EMBEDDED = {
     name: ModelEntry(name=name, weights="tiny:qwen3", tokenizer="builtin:qwen3", renderer="ultrasafe",
-                     description=_STAND_IN)
+                     description=_STAND_IN, vocab_size=151936)  # train_service.tiny_model.QWEN3_VOCAB_SIZE
     for name in ("ultrasafe/usf-mini", "ultrasafe/usf-conversation", "ultrasafe/usf-healthcare")
 }
 
@@ -61,8 +74,11 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_
 
 
 def _local_dir(name: str, allow_local_paths: bool) -> Path | None:
-    if allow_local_paths and Path(name).is_dir():
-        return Path(name).resolve()
+    try:
+        if allow_local_paths and Path(name).is_dir():
+            return Path(name).resolve()
+    except (OSError, ValueError):  # a NUL byte, a name too long for the filesystem
+        return None
     if not _REPO_ID.match(name) or ".." in name:
         return None
     if (models_dir := os.environ.get("BIOS_MODELS_DIR")) and (Path(models_dir) / name.replace("/", "--")).is_dir():

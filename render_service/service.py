@@ -15,7 +15,8 @@ from bios.errors import BiosError, ResourceExhaustedError
 from bios.v1 import render_pb2, render_pb2_grpc
 from render_service import renderers, workers
 from render_service.model_registry import resolve
-from render_service.renderers.base import TRAIN_ON_WHAT, BaseRenderer, RenderedTokens, validate_sft_roles
+from render_service.renderers.base import (TRAIN_ON_WHAT, BaseRenderer, RenderedTokens, validate_messages,
+                                           validate_sft_roles)
 from render_service.tokenizers import get_tokenizer
 
 _TRAIN_ON_WHAT = {render_pb2.TRAIN_ON_WHAT_UNSPECIFIED: "last_assistant_message"} | {
@@ -132,12 +133,19 @@ def tools_from_pb(tools: Any, field: str) -> list[dict]:
     return [wire.tool_from_pb(t, f"{field}[{k}]") for k, t in enumerate(tools)]
 
 
-def token_ids(ids: Any, renderer: BaseRenderer, field: str) -> list[int]:
-    """Token ids a caller sent, each checked against the vocabulary (a bad id would crash or vanish in decode)."""
+@lru_cache(maxsize=256)
+def _token_limit(tokenizer_name: str, allow_local_paths: bool, tokenizer_size: int) -> int:
+    return resolve(tokenizer_name, allow_local_paths, "renderer.tokenizer").token_limit(tokenizer_size)
+
+
+def token_ids(ids: Any, renderer: BaseRenderer, spec: render_pb2.RendererSpec, allow_local_paths: bool,
+              field: str) -> list[int]:
+    """Token ids a caller sent back, each checked against the model's vocabulary (a bad id would crash or vanish
+    in decode; ids past the tokenizer's but within the model's embedding are legal, and decode to nothing)."""
     if len(ids) > MAX_TOKEN_IDS:
         raise ResourceExhaustedError(f"{field}: {len(ids)} token ids is over the limit of {MAX_TOKEN_IDS}")
     ids = list(ids)
-    vocab = len(renderer.tokenizer)
+    vocab = _token_limit(spec.tokenizer, allow_local_paths, len(renderer.tokenizer))
     if ids and (min(ids) < 0 or max(ids) >= vocab):
         k = next(k for k, t in enumerate(ids) if not 0 <= t < vocab)
         raise renderers.RenderError(f"{field}[{k}]: token id {ids[k]} is outside the vocabulary [0, {vocab})")
@@ -165,12 +173,17 @@ def supervised_to_pb(renderer: BaseRenderer, messages, tools, train_on: str, sft
     return pb
 
 
-def render_batch(request: render_pb2.RenderBatchRequest, allow_local_paths: bool) -> render_pb2.RenderBatchResponse:
+def check_batch(request: render_pb2.RenderBatchRequest) -> None:
+    """What holds for the whole batch, checked before it is cut into worker slices."""
     if request.kind not in _RENDER_KINDS:
         raise renderers.RenderError(f"kind: unknown value {request.kind}")
     if len(request.conversations) > MAX_CONVERSATIONS_PER_BATCH:
         raise ResourceExhaustedError(f"conversations: {len(request.conversations)} is over the limit of "
                                      f"{MAX_CONVERSATIONS_PER_BATCH} per request; send several requests")
+
+
+def render_batch(request: render_pb2.RenderBatchRequest, allow_local_paths: bool) -> render_pb2.RenderBatchResponse:
+    check_batch(request)
     train_on = train_on_what(request.train_on_what) if request.kind == render_pb2.SUPERVISED else None
     roles = sft_roles(request.content_sft_roles)
     renderer = renderer_for(request.renderer, allow_local_paths)
@@ -244,6 +257,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         return await in_render_thread(run)
 
     async def RenderBatch(self, request, context):
+        check_batch(request)
         if self.workers is not None and len(request.conversations) >= 2 * workers.MIN_SLICE:
             response = await self.workers.render_batch(request, self.allow_local_paths)
         else:
@@ -259,8 +273,14 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             renderer = self._renderer(request.renderer)
             new_messages, tools = conversation(request.new_turn, "new_turn.")
             history = messages_from_pb(request.history, "history") or None
-            prompt = token_ids(request.prev_prompt_ids, renderer, "prev_prompt_ids")
-            completion = token_ids(request.prev_completion_ids, renderer, "prev_completion_ids")
+            # Checked here: inside the bridge a bad message only makes the re-render fail, answered ok=false.
+            validate_messages(new_messages, "new_turn.messages", ordering=False)  # tool results answer the turn
+            if history:
+                validate_messages(history, "history")
+            prompt = token_ids(request.prev_prompt_ids, renderer, request.renderer, self.allow_local_paths,
+                               "prev_prompt_ids")
+            completion = token_ids(request.prev_completion_ids, renderer, request.renderer, self.allow_local_paths,
+                                   "prev_completion_ids")
             rendered, reason = bridge_to_next_turn(renderer, prompt, completion, new_messages, tools, history=history)
             response = render_pb2.BridgeToNextTurnResponse(ok=rendered is not None, reason=reason)
             if rendered is not None:
@@ -301,7 +321,8 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         def run():  # in the render thread, like every renderer construction (see _RENDER_THREAD)
             renderer = self._renderer(request.renderer)
             tools = tools_from_pb(request.tools, "tools") or None
-            message, ok = renderer.parse_response(token_ids(request.tokens, renderer, "tokens"), tools)
+            tokens = token_ids(request.tokens, renderer, request.renderer, self.allow_local_paths, "tokens")
+            message, ok = renderer.parse_response(tokens, tools)
             response = render_pb2.ParseResponseResponse(ok=ok)
             wire.message_to_pb(message, into=response.message)
             return response

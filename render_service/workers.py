@@ -48,18 +48,20 @@ class RenderWorkers:
         parts = max(1, min(self.workers, n // MIN_SLICE))
         bounds = [n * k // parts for k in range(parts + 1)]
         loop = asyncio.get_running_loop()
-        slices = []
-        for a, b in zip(bounds, bounds[1:]):
-            part = render_pb2.RenderBatchRequest(
-                renderer=request.renderer, kind=request.kind, add_generation_prompt=request.add_generation_prompt,
-                train_on_what=request.train_on_what, content_sft_roles=request.content_sft_roles,
-                first_index=request.first_index + a, conversations=request.conversations[a:b])
-            slices.append(loop.run_in_executor(self._pool, _render_slice, part.SerializeToString(), allow_local_paths))
+        pool = self._pool
         try:
+            slices = []
+            for a, b in zip(bounds, bounds[1:]):
+                part = render_pb2.RenderBatchRequest(
+                    renderer=request.renderer, kind=request.kind, add_generation_prompt=request.add_generation_prompt,
+                    train_on_what=request.train_on_what, content_sft_roles=request.content_sft_roles,
+                    first_index=request.first_index + a, conversations=request.conversations[a:b])
+                slices.append(loop.run_in_executor(pool, _render_slice, part.SerializeToString(), allow_local_paths))
             results = await asyncio.gather(*slices)
-        except concurrent.futures.process.BrokenProcessPool:
+        except concurrent.futures.process.BrokenProcessPool:  # at submission too: a pool broken by an earlier death
             logging.exception("a render worker died; starting a new pool")
-            self._pool = self._new_pool()
+            if self._pool is pool:
+                self._pool = self._new_pool()
             # UNAVAILABLE: the request was fine and a retry (which the client makes) meets the new pool.
             raise UnavailableError("a render worker process died while rendering this batch; retry") from None
         response = render_pb2.RenderBatchResponse()

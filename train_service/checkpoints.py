@@ -3,12 +3,16 @@
 Layout: <root>/<model_id>/<kind>/<name>/ with adapter_model.safetensors + adapter_config.json (plain
 PEFT format: `PeftModel.from_pretrained(base, dir)` loads it), optimizer.pt for states, meta.json.
 A checkpoint is built in a hidden temporary directory and renamed into place, so a reader sees the
-old one or the new one, never half of one.
+old one or the new one, never half of one. A process killed part-way leaves hidden directories behind;
+the next store opened on the root removes them (and puts back a checkpoint whose overwrite was cut short
+between its two renames), unless another live process still uses the root.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -42,10 +46,43 @@ def validate_name(name: str, field: str = "name") -> str:
     return name
 
 
+log = logging.getLogger("bios.checkpoints")
+LOCK_FILE = ".lock"  # every open store holds a shared flock on it; recovery needs it exclusive
+
+
 class CheckpointStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.root / LOCK_FILE, "a")  # noqa: SIM115 - held (flocked) for the store's lifetime
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another live store writes here: its hidden directories may be in progress
+            pass
+        else:
+            self.recover()
+        fcntl.flock(self._lock, fcntl.LOCK_SH)
+
+    def recover(self) -> list[Path]:
+        """Undo what killed writes left: temporaries and trash go, an overwrite cut short between its two
+        renames gets its previous checkpoint back. Only safe while no other process writes to the root."""
+        cleaned = []
+        for entry in sorted(self.root.glob("*/*/.*")):
+            kind = entry.name.split("-", 1)[0]
+            if not entry.is_dir() or kind not in (".tmp", ".old", ".del"):
+                continue
+            name = entry.name[len(".old-"):-len("-12345678")]
+            final = entry.with_name(name)
+            if kind == ".old" and _NAME.match(name) and not final.exists():
+                os.rename(entry, final)
+                log.warning("checkpoints: restored %s (its overwrite was interrupted)", final)
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            cleaned.append(entry)
+        if cleaned:
+            log.warning("checkpoints: removed %d directories left by interrupted writes under %s", len(cleaned),
+                        self.root)
+        return cleaned
 
     def directory(self, model_id: str, kind: str, name: str) -> Path:
         return self.root / model_id / kind / validate_name(name)
@@ -92,6 +129,7 @@ class CheckpointStore:
                 old = final.with_name(f".old-{name}-{uuid.uuid4().hex[:8]}")
                 os.rename(final, old)
             os.rename(tmp, final)
+            _fsync_directory(final.parent)  # the rename itself survives a crash
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         except BaseException:
@@ -114,6 +152,14 @@ class CheckpointStore:
         trash = directory.with_name(f".del-{directory.name}-{uuid.uuid4().hex[:8]}")
         os.rename(directory, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def to_pb(meta: dict[str, Any]) -> train_pb2.Checkpoint:

@@ -148,6 +148,8 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
                 prepared = exc
 
         def submit() -> asyncio.Future:
+            if self.sessions.models.get(model.model_id) is not model:  # deleted (or its session closed) meanwhile
+                raise NotFoundError(f"model_id: model {model.model_id} was deleted")
             if isinstance(prepared, Exception):
                 raise prepared
             if prepared is not None:

@@ -78,39 +78,41 @@ def call_name_and_arguments(index: int, k: int, call: Mapping[str, Any]) -> tupl
     return name, arguments
 
 
-def validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:
+def validate_messages(messages: Sequence[Mapping[str, Any]], field: str = "messages", ordering: bool = True) -> None:
+    """Roles, content and optional field types; with `ordering`, also that tool results follow tool calls.
+    `field` names the list in errors (a caller's own name for it, e.g. "new_turn.messages")."""
     if not isinstance(messages, (list, tuple)):
-        raise RenderError(f"messages: expected a list of messages, got {type(messages).__name__}")
+        raise RenderError(f"{field}: expected a list of messages, got {type(messages).__name__}")
     open_calls, any_call = 0, False
     for i, m in enumerate(messages):
         if type(m) is not dict and not isinstance(m, Mapping):  # the exact-type test first: it is the cheap one
-            raise RenderError(f"messages[{i}]: expected a mapping, got {type(m).__name__}")
+            raise RenderError(f"{field}[{i}]: expected a mapping, got {type(m).__name__}")
         role = m.get("role")
-        if role not in _KNOWN_ROLES:
-            raise RenderError(f"messages[{i}].role: unknown role {role!r}; expected one of {KNOWN_ROLES}")
+        if type(role) is not str or role not in _KNOWN_ROLES:
+            raise RenderError(f"{field}[{i}].role: unknown role {role!r}; expected one of {KNOWN_ROLES}")
         content = m.get("content")
         if content is None:
             if "content" not in m and not m.get("tool_calls"):
-                raise RenderError(f"messages[{i}].content: missing (use '' for an empty message)")
+                raise RenderError(f"{field}[{i}].content: missing (use '' for an empty message)")
         elif type(content) is not str:
             if not isinstance(content, (str, list)):
                 raise RenderError(
-                    f"messages[{i}].content: expected a string or a list of parts, got {type(content).__name__}"
+                    f"{field}[{i}].content: expected a string or a list of parts, got {type(content).__name__}"
                 )
             for j, part in enumerate(content if isinstance(content, list) else ()):
                 if not isinstance(part, Mapping) or not isinstance(part.get("text", ""), str):
-                    raise RenderError(f"messages[{i}].content[{j}]: expected {{'type': 'text', 'text': str}}")
+                    raise RenderError(f"{field}[{i}].content[{j}]: expected {{'type': 'text', 'text': str}}")
                 if part.get("type", "text") != "text":  # an image would be dropped without a word
-                    raise RenderError(f"messages[{i}].content[{j}].type: {part.get('type')!r} parts are not "
+                    raise RenderError(f"{field}[{i}].content[{j}].type: {part.get('type')!r} parts are not "
                                       "supported (text only)")
         if len(m) != 2 or content is None:  # more than role and content: the optional fields, when present
-            _validate_optional_fields(m, i)
+            _validate_optional_fields(m, f"{field}[{i}]")
         if role == "assistant":
             open_calls = len(m.get("tool_calls") or ())
             any_call = any_call or open_calls > 0
         elif role == "tool":
-            if open_calls == 0 and not any_call:
-                raise RenderError(f"messages[{i}].role: tool message with no preceding assistant tool call")
+            if ordering and open_calls == 0 and not any_call:
+                raise RenderError(f"{field}[{i}].role: tool message with no preceding assistant tool call")
         elif role == "user":
             open_calls = 0
 
@@ -118,24 +120,24 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:
 _STRING_FIELDS = ("tool_call_id", "name", "reasoning_content")
 
 
-def _validate_optional_fields(m: Mapping[str, Any], i: int) -> None:
+def _validate_optional_fields(m: Mapping[str, Any], where: str) -> None:
     """Types of a message's optional fields (from JSON they can be anything; over gRPC they are typed already)."""
     for key in _STRING_FIELDS:
         if m.get(key) is not None and not isinstance(m[key], str):
-            raise RenderError(f"messages[{i}].{key}: expected a string, got {type(m[key]).__name__}")
+            raise RenderError(f"{where}.{key}: expected a string, got {type(m[key]).__name__}")
     if m.get("trainable") is not None and not isinstance(m["trainable"], bool):
-        raise RenderError(f"messages[{i}].trainable: expected true or false, got {type(m['trainable']).__name__}")
+        raise RenderError(f"{where}.trainable: expected true or false, got {type(m['trainable']).__name__}")
     calls = m.get("tool_calls")
     if calls is None:
         return
     if not isinstance(calls, (list, tuple)):
-        raise RenderError(f"messages[{i}].tool_calls: expected a list of tool calls, got {type(calls).__name__}")
+        raise RenderError(f"{where}.tool_calls: expected a list of tool calls, got {type(calls).__name__}")
     for k, call in enumerate(calls):
         function = call.get("function", call) if isinstance(call, Mapping) else None
         if not isinstance(function, Mapping):
-            raise RenderError(f"messages[{i}].tool_calls[{k}]: expected {{'function': {{'name', 'arguments'}}}}")
+            raise RenderError(f"{where}.tool_calls[{k}]: expected {{'function': {{'name', 'arguments'}}}}")
         if not isinstance(function.get("name", ""), str):
-            raise RenderError(f"messages[{i}].tool_calls[{k}].function.name: expected a string")
+            raise RenderError(f"{where}.tool_calls[{k}].function.name: expected a string")
 
 
 def validate_tools(tools: Sequence[Mapping[str, Any]]) -> None:

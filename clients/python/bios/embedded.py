@@ -31,6 +31,7 @@ _servers: dict[str, Any] = {}
 _users: dict[str, set[int]] = {"render": set(), "train": set()}  # ids of the open clients using each service
 _open_clients: dict[int, Any] = {}  # every open ServiceClient, embedded or remote: exit waits for each
 _exit_hook_registered = False
+_exiting = False
 
 
 def address(service: str, client: Any = None) -> str:
@@ -65,6 +66,8 @@ def closed(client: Any) -> None:
     """`client` is closed: the embedded services it used stop if no other open client uses them."""
     with _lock:
         _open_clients.pop(id(client), None)
+        if _exiting:
+            return  # shutdown() stops the services itself, after every client
         idle = []
         for service, users in _users.items():
             if id(client) in users:
@@ -75,8 +78,9 @@ def closed(client: Any) -> None:
         stop(service)
 
 
-def stop(service: str, grace: float = STOP_GRACE_SECONDS) -> None:
-    """Drain and stop one embedded service (if running); the next address() starts it again."""
+def stop(service: str, grace: float = STOP_GRACE_SECONDS, abandon: bool = False) -> None:
+    """Drain and stop one embedded service (if running); the next address() starts it again. `abandon`: drop
+    the train engine's queued work first (exit after the wait ran out: only what is running still finishes)."""
     with _lock:
         running = _servers.pop(service, None)
         _addresses.pop(service, None)
@@ -85,6 +89,11 @@ def stop(service: str, grace: float = STOP_GRACE_SECONDS) -> None:
         return
     loop = LoopThread.named("bios-embedded-services")
     if service == "train":  # the sessions end with the process: no drain checkpoints
+        if abandon:
+            from bios.errors import UnavailableError
+
+            for key in [*running.sessions.models, *running.sessions.samplers, "control"]:
+                running.engine.drop(key, UnavailableError("the process is exiting"))
         if not loop.run(running.stop(grace, checkpoint=False)):
             log.warning("bios: the embedded train engine was still running %.0f s after its stop", grace)
     else:
@@ -92,28 +101,42 @@ def stop(service: str, grace: float = STOP_GRACE_SECONDS) -> None:
 
 
 def shutdown(timeout: float = EXIT_WAIT_SECONDS) -> None:
-    """What interpreter exit runs: every open client waits for its operations and closes, then the services
-    stop. Bounded by `timeout` in all; a second Ctrl-C stops the waiting."""
+    """What interpreter exit runs: wait until every open client's operations are answered (at most `timeout`
+    seconds, reported if exceeded; a second Ctrl-C stops the wait), close the clients, stop the services."""
+    global _exiting
     deadline = time.monotonic() + timeout
     with _lock:
+        _exiting = True
         clients = list(_open_clients.values())
+    abandon = False
     try:
-        if sum(client.wait_for_operations(min(5.0, timeout)) for client in clients):
-            left = sum(client.wait_for_operations(0) for client in clients)
+        if (left := _unanswered(clients, time.monotonic() + min(5.0, timeout / 2))) and time.monotonic() < deadline:
             log.warning("bios: waiting up to %.0f s for %d unanswered operations before exit (Ctrl-C stops waiting)",
                         deadline - time.monotonic(), left)
-        for client in clients:
-            try:
-                client._shutdown(True, max(0.0, deadline - time.monotonic()), retry=False)
-            except Exception as exc:  # noqa: BLE001 - e.g. its server is gone already; the others still close
-                log.debug("bios: closing a client at exit: %s", exc)
+        if left and (left := _unanswered(clients, deadline)):
+            log.warning("bios: %d operations still unanswered after %.0f s ($BIOS_EXIT_WAIT_SECONDS); exiting "
+                        "without them", left, timeout)
+            abandon = True
     except KeyboardInterrupt:
         log.warning("bios: interrupted at exit: not waiting for unanswered operations")
+        abandon = True
+    for client in clients:
+        try:
+            client._shutdown(wait=False, timeout=None, retry=False)
+        except Exception as exc:  # noqa: BLE001 - e.g. its server is gone already; the others still close
+            log.debug("bios: closing a client at exit: %s", exc)
     for service in ("train", "render"):
         try:
-            stop(service, grace=0 if time.monotonic() > deadline else STOP_GRACE_SECONDS)
+            stop(service, STOP_GRACE_SECONDS, abandon)
         except BaseException:  # noqa: BLE001 - exit goes on, with the script's own exit code
             log.exception("bios: stopping the embedded %s service at exit failed", service)
+
+
+def _unanswered(clients: list[Any], deadline: float) -> int:
+    """Wait until the clients' operations are answered or `deadline` passes; how many are not."""
+    for client in clients:
+        client.wait_for_operations(max(0.0, deadline - time.monotonic()))
+    return sum(client.wait_for_operations(0) for client in clients)
 
 
 def _register_exit_hook() -> None:

@@ -313,12 +313,15 @@ class ServiceClient:
                 if retry:
                     self._unary("CloseSession", request)
                 else:  # at exit: one short try, the server may be gone already
-                    self._loop.run(self._train.CloseSession(request, metadata=self._metadata, timeout=5.0))
+                    self._loop.run(self._close_session_once(request))
         finally:
             with self._lock:
                 self._closed = True
             concurrent.futures.wait([self._loop.submit(channel.close()) for channel in self._channels], 5.0)
             embedded.closed(self)
+
+    async def _close_session_once(self, request: train_pb2.CloseSessionRequest) -> None:
+        await self._train.CloseSession(request, metadata=self._metadata, timeout=5.0)
 
     def __enter__(self) -> "ServiceClient":
         return self
