@@ -49,7 +49,9 @@ async def start(host: str = "127.0.0.1", port: int = 0, train_address: str | Non
     train_address = train_address or os.environ.get("BIOS_TRAIN_ADDRESS") or "localhost:50052"
     peer_template = peer_template or os.environ.get("BIOS_TINKER_POD_ADDRESS") or None
     app = GatewayApp(train_address, api_keys, pod, peer_template, **options)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on such sockets, and without it every response waits
+    # ~40 ms for a delayed ACK (headers and body are two writes)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     config = uvicorn.Config(app.starlette, log_level="warning", lifespan="on", access_log=False,
