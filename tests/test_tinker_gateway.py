@@ -271,3 +271,76 @@ def test_api_keys_map_to_tenants_and_ids_are_checked(tmp_path, monkeypatch):
     finally:
         loop.run(gateway.stop())
         loop.run(train.stop(None, checkpoint=False))
+
+
+def test_a_gateway_forwards_to_the_gateway_of_the_pod_an_id_names(tmp_path, monkeypatch):
+    """Two train pods, a gateway beside each (as in k8s/); each pod's ordinal is its gateway's port, so the
+    peer template is http://127.0.0.1:{pod}. A request that reaches the other pod's gateway is forwarded."""
+    from tinker_gateway import server as gateway_server
+    from train_service import server as train_server
+    from test_placement import free_port
+
+    monkeypatch.setenv("BIOS_MODEL_REGISTRY", str(write_registry(tmp_path)))
+    loop = LoopThread.named("tinker-placement-tests")
+    pods, running = [free_port(), free_port()], []
+    try:
+        for pod in pods:
+            train = loop.run(train_server.start("127.0.0.1", 0, str(tmp_path / f"pod{pod}"), pod=pod))
+            gateway = loop.run(gateway_server.start("127.0.0.1", pod, f"127.0.0.1:{train.port}", pod=pod,
+                                                    peer_template="http://127.0.0.1:{pod}"))
+            running.append((train, gateway))
+        a, b = (f"http://127.0.0.1:{pod}/api/v1" for pod in pods)
+        headers = {"X-API-Key": "tml-bios-test"}
+        session = httpx.post(f"{a}/create_session", headers=headers, json={
+            "tags": [], "user_metadata": None, "sdk_version": "0.38.0"}).json()["session_id"]
+        assert f"-p{pods[0]}-" in session
+        created = httpx.post(f"{b}/create_model", headers=headers, json={  # at the other pod's gateway
+            "session_id": session, "model_seq_id": 0, "base_model": MODEL, "lora_config": {"rank": 4, "seed": 0}})
+        assert created.status_code == 200, created.text
+        answer = httpx.post(f"{b}/retrieve_future", headers=headers, timeout=60,
+                            json={"request_id": created.json()["request_id"]}).json()
+        model_id = answer["model_id"]
+        assert f"-p{pods[0]}-" in model_id
+        info = httpx.post(f"{b}/get_info", headers=headers, json={"model_id": model_id}).json()
+        assert info["model_data"]["model_name"] == MODEL
+        owner, other = running[0][1].app.gateway, running[1][1].app.gateway
+        assert model_id in owner.models and not other.models and not other.sessions  # b kept nothing
+        assert httpx.post(f"{b}/session_heartbeat", headers=headers, json={"session_id": session}).status_code == 200
+        assert httpx.post(f"{b}/sessions/{session}/finish", headers=headers, json={}).status_code == 200
+        assert owner.sessions[session].finished
+    finally:
+        for train, gateway in running:
+            loop.run(gateway.stop())
+            loop.run(train.stop(None, checkpoint=False))
+
+
+def test_checkpoints_keep_overwrite_ttl_and_user_metadata(stack):
+    service = tinker.ServiceClient()
+    tc = service.create_lora_training_client(base_model=MODEL, rank=4, seed=4).result()
+    rest = tinker.RestClient()
+    first = tc.save_state("kept", user_metadata={"v": "1"}).result().path
+    with pytest.raises(tinker.RequestFailedError, match="named 'kept' exists"):
+        tc.save_state("kept").result()  # overwrite=False, Tinker's default
+    assert tc.save_state("kept", overwrite=True, user_metadata={"v": "2"}).result().path == first
+    sampler_path = tc.save_weights_for_sampler("snap", ttl_seconds=7200, user_metadata={"kind": "s"}).result().path
+    assert sampler_path == f"tinker://{tc.model_id}/sampler_weights/snap"
+    listed = {c.checkpoint_id: c for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
+    assert listed["weights/kept"].user_metadata == {"v": "2"} and listed["weights/kept"].expires_at is None
+    assert listed["sampler_weights/snap"].user_metadata == {"kind": "s"}
+    remaining = listed["sampler_weights/snap"].expires_at.timestamp() - __import__("time").time()
+    assert 7100 < remaining <= 7200
+
+    # an expired checkpoint is deleted when next listed (here one written with a past expiry through bios)
+    bc = stack.bios.create_lora_training_client(base_model=MODEL, rank=4, seed=4)
+    expired = bc.save_state("old", metadata={"tinker": {"expires_unix": 1.0}}).result()
+    assert rest.list_checkpoints(bc.model_id).result().checkpoints == []
+    assert all(c.path != expired.path for c in stack.bios.list_checkpoints(bc.model_id))
+
+    rest.delete_checkpoint_from_tinker_path(sampler_path).result()
+    assert [c.checkpoint_id for c in rest.list_checkpoints(tc.model_id).result().checkpoints] == ["weights/kept"]
+    runs = rest.list_training_runs().result()
+    assert tc.model_id in {r.training_run_id for r in runs.training_runs}
+    # a sampler from a saved path, and its record
+    sampler = service.create_sampling_client(model_path=first).result()
+    assert sampler.get_base_model() == MODEL
+    service.close("success").result()
