@@ -57,7 +57,7 @@ def step_time(client, repeats: int = 7) -> dict:
     from bios.v1 import train_pb2
     from train_service import worker
     from train_service.checkpoints import CheckpointStore
-    from train_service.compute import Limits
+    from train_service.scheduler import Limits
     from train_service.scheduler import PassPlan
     from train_service.sessions import SessionManager
 
@@ -95,7 +95,7 @@ import os, sys, torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 from bios import types
 from render_service.model_registry import resolve
-from train_service import compute
+from train_service import passes
 from train_service.lora import Segment
 from train_service.models import BaseModelPool
 
@@ -112,7 +112,7 @@ before = rss()
 with base.router.route([Segment(adapter, 0, 4)]):
     if sys.argv[1] == "chunked":
         hidden = base.decoder(input_ids=inputs, use_cache=False).last_hidden_state
-        logp = compute.head_logprobs(base.head, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), adapter)
+        logp = passes.head_logprobs(base.head, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), adapter)
     else:
         logits = base.causal_lm(input_ids=inputs).logits.float()
         logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
@@ -202,7 +202,7 @@ def coalescing(servers: _TrainServers, sessions: int = 8, batch: int = 2, length
     """Tokens/s of `sessions` sessions training at once on one base: requests coalesced into shared passes
     (the default engine) vs one request per pass (--max-pass-requests 1), same work, measured alternately."""
     import bios
-    from train_service.compute import Limits
+    from train_service.scheduler import Limits
 
     addresses = {"coalesced": servers.start(device="cpu"),
                  "one per pass": servers.start(device="cpu", limits=Limits(max_pass_ops=1))}

@@ -13,12 +13,11 @@ from prometheus_client import REGISTRY
 from bios import types, wire
 from bios.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from bios.v1 import train_pb2
-from train_service import compute, worker
+from train_service import passes, worker
 from train_service.checkpoints import CheckpointStore
-from train_service.compute import Limits
 from train_service.engine import Engine
-from train_service.sampler import SampleRequest
-from train_service.scheduler import SampleWork
+from train_service.sampler import SampleRequest, SamplingOptions
+from train_service.scheduler import Limits, SampleWork
 from train_service.sessions import SessionManager
 
 MODEL = "ultrasafe/usf-mini"
@@ -50,7 +49,7 @@ def fb_input(seed: int, lengths=(12, 7), loss_fn: str = "cross_entropy", **input
     return train_pb2.ForwardBackwardInput(data=[wire.datum_to_pb(d) for d in data], loss_fn=loss_fn)
 
 
-def passes(kind: str = "forward_backward") -> tuple[float, float]:
+def pass_counts(kind: str = "forward_backward") -> tuple[float, float]:
     """(passes so far, requests those passes held)."""
     return (REGISTRY.get_sample_value("bios_train_passes_total", {"kind": kind}) or 0.0,
             REGISTRY.get_sample_value("bios_train_pass_requests_sum", {"kind": kind}) or 0.0)
@@ -112,12 +111,12 @@ def test_requests_of_many_models_share_one_pass_and_each_equals_its_own_pass(ses
         requests = [fb_input(seed, lengths=(5 + 3 * seed, 11)) for seed in range(4)]
         expected = [alone(engine, m, r) for m, r in zip(models, requests)]
 
-        before = passes()
+        before = pass_counts()
         held = Held(engine)
         futures = [engine.submit(m.model_id, m.forward_work(r, True, engine.limits)) for m, r in zip(models, requests)]
         held.release()
         results = [outputs(f.result(60)) for f in futures]
-        after = passes()
+        after = pass_counts()
         assert after[0] - before[0] == 1  # one pass over the base ...
         assert after[1] - before[1] == 4  # ... holding all four requests
         for m, result, (want, want_grads) in zip(models, results, expected):
@@ -149,7 +148,7 @@ def test_each_models_submission_order_is_kept(sessions):
         expected = {seed: [f.result() for f in run(engine, new_model(sessions, seed), script, wait=True)]
                     for seed, script in scripts.items()}
         models = {seed: new_model(sessions, seed) for seed in scripts}  # the same seeds: the same starting weights
-        before = passes()
+        before = pass_counts()
         held = Held(engine)
         futures = {seed: run(engine, models[seed], script, wait=False) for seed, script in scripts.items()}
         held.release()
@@ -162,7 +161,7 @@ def test_each_models_submission_order_is_kept(sessions):
                     assert got.metrics["grad_norm"] == pytest.approx(want.metrics["grad_norm"], rel=1e-5)
         a = [f.result() for f in futures[10]]
         assert outputs(a[0])[0] != pytest.approx(outputs(a[2])[0], rel=1e-3)  # A's update happened in between
-        assert passes()[1] - before[1] == 5 and passes()[0] - before[0] < 5  # 5 requests, some shared a pass
+        assert pass_counts()[1] - before[1] == 5 and pass_counts()[0] - before[0] < 5  # 5 requests, some shared a pass
     finally:
         engine.stop(10)
 
@@ -178,7 +177,7 @@ def test_a_request_bigger_than_a_pass_is_split_and_others_run_between(sessions):
             expected = alone(whole, big_model, big)
         finally:
             whole.stop(10)
-        before = passes()
+        before = pass_counts()
         order = []
         held = Held(engine)
         f_big = engine.submit(big_model.model_id, big_model.forward_work(big, True, engine.limits))
@@ -188,7 +187,7 @@ def test_a_request_bigger_than_a_pass_is_split_and_others_run_between(sessions):
         held.release()
         result = outputs(f_big.result(60))
         f_small.result(60)
-        assert passes()[0] - before[0] >= 4
+        assert pass_counts()[0] - before[0] >= 4
         assert order == ["small", "big"]  # the small request did not wait for all of the big one
         assert_same(result, expected[0])
         assert_close_grads(grads(big_model), expected[1])
@@ -224,14 +223,14 @@ def test_out_of_memory_retries_alone_then_refuses_only_that_request(sessions, mo
         a, b = new_model(sessions, 40), new_model(sessions, 41)
         ra, rb = fb_input(10), fb_input(11, lengths=(30,))
         expected = [alone(engine, a, ra), alone(engine, b, rb)]
-        real = compute.run_pass
+        real = passes.run_pass
 
         def fake(base, parts, backward):  # a device too small for two requests at once, or for B's 30 tokens
             if len(parts) > 1 or max(len(p.rows.ids[p.first]) for p in parts) >= 30:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
             return real(base, parts, backward)
 
-        monkeypatch.setattr(compute, "run_pass", fake)
+        monkeypatch.setattr(passes, "run_pass", fake)
         held = Held(engine)
         fa = engine.submit(a.model_id, a.forward_work(ra, True, engine.limits))
         fb = engine.submit(b.model_id, b.forward_work(rb, True, engine.limits))
@@ -240,7 +239,7 @@ def test_out_of_memory_retries_alone_then_refuses_only_that_request(sessions, mo
         with pytest.raises(ResourceExhaustedError, match="out of memory"):
             fb.result(60)
         assert all(p.grad is None for p in b.parameters())
-        monkeypatch.setattr(compute, "run_pass", real)
+        monkeypatch.setattr(passes, "run_pass", real)
         clear(a)
         assert_same(outputs(engine.submit(b.model_id, b.forward_work(rb, True, engine.limits)).result(60)),
                     expected[1][0])  # the session keeps working
@@ -259,7 +258,8 @@ def test_samples_of_many_adapters_decode_together_as_if_alone(sessions):
         counts = [2, 1, 3]
 
         def work(i):
-            request = SampleRequest(prompts[i], wire.sampling_params_to_pb(params[i]), counts[i], models[i].adapter,
+            options = SamplingOptions.from_pb(wire.sampling_params_to_pb(params[i]))
+            request = SampleRequest(prompts[i], options, counts[i], models[i].adapter,
                                     sessions.tokenizer(models[i].entry), include_prompt_logprobs=True)
             return SampleWork(models[i].base, request)
 

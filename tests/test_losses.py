@@ -9,7 +9,9 @@ import torch
 from bios import types, wire
 from bios.v1 import types_pb2
 from render_service.model_registry import resolve
-from train_service import compute
+from train_service import data as request_data
+from train_service import passes
+from train_service.scheduler import Limits
 from train_service.losses import get_loss
 from train_service.models import BaseModelPool
 
@@ -45,8 +47,8 @@ def peft_reference(adapter, tmp_path_factory):
 def run(base, adapter, data, loss_fn, config, backward=False):
     """One pass of the service's chunked path over `data`, all rows on `adapter`."""
     fn, needed = get_loss(loss_fn, config)
-    rows = compute.decode_data(data, base.vocab_size, needed, base.max_context, compute.Limits())
-    return compute.run_pass(base, [compute.Part(adapter, rows, 0, len(rows), fn, config)], backward)[0]
+    rows = request_data.decode_data(data, base.vocab_size, needed, base.max_context, Limits())
+    return passes.run_pass(base, [passes.Part(adapter, rows, 0, len(rows), fn, config)], backward)[0]
 
 
 def make_batch(base, rng, lengths=(9, 14)):
@@ -94,7 +96,7 @@ def reference(model, data, loss_fn, config):
     ("cispo", {}), ("dro", {"beta": 0.2}),
 ])
 def test_loss_matches_reference(base, adapter, peft_reference, loss_fn, config, monkeypatch):
-    monkeypatch.setattr(compute, "LOGITS_CHUNK_BYTES", 4 * base.vocab_size * 5)  # 5-token chunks: exercise chunking
+    monkeypatch.setattr(passes, "LOGITS_CHUNK_BYTES", 4 * base.vocab_size * 5)  # 5-token chunks: exercise chunking
     rng = np.random.default_rng(0)
     data = make_batch(base, rng)
     params = adapter.parameters()
@@ -139,4 +141,4 @@ def test_bad_loss_config_is_refused(base, adapter):
         pb = types_pb2.Datum()
         pb.CopyFrom(data[0])
         del pb.loss_fn_inputs["advantages"]
-        compute.decode_data([pb], base.vocab_size, ("logprobs", "advantages"), base.max_context, compute.Limits())
+        request_data.decode_data([pb], base.vocab_size, ("logprobs", "advantages"), base.max_context, Limits())

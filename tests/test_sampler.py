@@ -6,13 +6,12 @@ import math
 
 import torch
 
-from bios.v1 import types_pb2
-from train_service.sampler import _choose
+from train_service.sampler import SamplingOptions, _choose
 
 
 def draw(logits: list[float], n: int = 20000, **params) -> torch.Tensor:
     rows = torch.tensor([logits] * n)
-    return _choose(rows, types_pb2.SamplingParams(max_tokens=1, **params), torch.Generator().manual_seed(0))
+    return _choose(rows, SamplingOptions(max_tokens=1, **params), torch.Generator().manual_seed(0))
 
 
 def frequencies(picks: torch.Tensor, size: int) -> list[float]:
@@ -40,7 +39,7 @@ def test_temperature_top_k_top_p():
 
 def test_same_seed_same_draws():
     logits = torch.randn(4, 1000)
-    params = types_pb2.SamplingParams(max_tokens=1)
+    params = SamplingOptions(max_tokens=1)
     a = _choose(logits, params, torch.Generator().manual_seed(5))
     b = _choose(logits, params, torch.Generator().manual_seed(5))
     assert torch.equal(a, b)

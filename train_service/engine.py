@@ -14,9 +14,8 @@ from typing import Any, Callable
 
 from bios.errors import UnavailableError
 from train_service import worker
-from train_service.compute import Limits
 from train_service.sampler import DecodeGroup
-from train_service.scheduler import Call, PassPlan, Scheduler, Work
+from train_service.scheduler import Call, Limits, PassPlan, Scheduler, Work
 
 log = logging.getLogger("bios.engine")
 

@@ -21,23 +21,43 @@ import torch
 from transformers import DynamicCache
 
 from bios.errors import FailedPreconditionError, InvalidArgumentError
-from bios.v1 import train_pb2, types_pb2
-from train_service.compute import head_logprobs
+from train_service.passes import head_logprobs
 from train_service.lora import Adapter, Segment
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How one request samples (the wire's SamplingParams with its defaults applied)."""
+
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # <= 0: off
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None  # None: a fresh random seed
+
+    @classmethod
+    def from_pb(cls, pb: Any) -> "SamplingOptions":
+        """From a bios.v1.SamplingParams message: unset optional fields take their documented defaults."""
+        return cls(max_tokens=pb.max_tokens, temperature=pb.temperature if pb.HasField("temperature") else 1.0,
+                   top_p=pb.top_p if pb.HasField("top_p") else 1.0, top_k=pb.top_k,
+                   stop_token_ids=tuple(pb.stop_token_ids), stop_strings=tuple(pb.stop_strings),
+                   seed=pb.seed if pb.HasField("seed") else None)
 
 
 @dataclass
 class Sequence:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    stop_reason: int = train_pb2.STOP_REASON_LENGTH
+    stop_reason: str = "length"  # or "stop": a stop token or string
     done: bool = False
 
 
 @dataclass
 class SampleRequest:
     prompt: list[int]
-    params: types_pb2.SamplingParams
+    params: SamplingOptions
     num_samples: int
     adapter: Adapter | None
     tokenizer: Any
@@ -52,7 +72,7 @@ class SampleResult:
     prompt_logprobs: list[float]
 
 
-def validate(prompt: list[int], params: types_pb2.SamplingParams, num_samples: int, vocab_size: int,
+def validate(prompt: list[int], params: SamplingOptions, num_samples: int, vocab_size: int,
              max_context: int, max_prompt_tokens: int) -> None:
     if not prompt:
         raise InvalidArgumentError("prompt: no tokens")
@@ -67,12 +87,10 @@ def validate(prompt: list[int], params: types_pb2.SamplingParams, num_samples: i
                                    f"({params.max_tokens}) exceeds the model context ({max_context})")
     if not 1 <= num_samples <= 256:
         raise InvalidArgumentError(f"num_samples: must be in 1..256, got {num_samples}")
-    temperature = params.temperature if params.HasField("temperature") else 1.0
-    top_p = params.top_p if params.HasField("top_p") else 1.0
-    if not math.isfinite(temperature) or temperature < 0:
-        raise InvalidArgumentError(f"sampling_params.temperature: must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise InvalidArgumentError(f"sampling_params.top_p: must be in (0, 1], got {top_p}")
+    if not math.isfinite(params.temperature) or params.temperature < 0:
+        raise InvalidArgumentError(f"sampling_params.temperature: must be >= 0, got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        raise InvalidArgumentError(f"sampling_params.top_p: must be in (0, 1], got {params.top_p}")
     for t in params.stop_token_ids:
         if not 0 <= t < vocab_size:
             raise InvalidArgumentError(f"sampling_params.stop_token_ids: {t} is outside the vocabulary")
@@ -80,15 +98,14 @@ def validate(prompt: list[int], params: types_pb2.SamplingParams, num_samples: i
         raise InvalidArgumentError("sampling_params.stop_strings: an empty stop string would stop at once")
 
 
-def _choose(logits: torch.Tensor, params: types_pb2.SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    temperature = params.temperature if params.HasField("temperature") else 1.0
-    if temperature == 0:
+def _choose(logits: torch.Tensor, params: SamplingOptions, generator: torch.Generator) -> torch.Tensor:
+    if params.temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    logits = logits / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    top_p = params.top_p if params.HasField("top_p") else 1.0
+    top_p = params.top_p
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
@@ -126,7 +143,7 @@ class _Member:
         self.work = work
         request: SampleRequest = work.request
         self.request = request
-        seed = request.params.seed if request.params.HasField("seed") else secrets.randbits(63)
+        seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.sequences = [Sequence() for _ in range(request.num_samples)]
         self.prompt_logprobs: list[float] = []
@@ -151,7 +168,7 @@ class _Member:
             step.append((i, token, logprob))
             if token in self.stop_ids or (self.stop_strings and _ends_with_stop(
                     self.request.tokenizer, seq.tokens, self.stop_strings)):
-                seq.done, seq.stop_reason = True, train_pb2.STOP_REASON_STOP
+                seq.done, seq.stop_reason = True, "stop"
         self.produced += 1
         self.request.emit(step)
 
@@ -192,12 +209,14 @@ class DecodeGroup:
             for member in self.members:
                 n = member.request.num_samples
                 rows = logits[start : start + n].float()
-                if not bool(torch.isfinite(rows).all()):
+                chosen = _choose(rows, member.request.params, member.generator)
+                logprobs = torch.log_softmax(rows, -1).gather(-1, chosen[:, None]).squeeze(-1)
+                values = logprobs.tolist()
+                if all(math.isfinite(v) for v in values):
+                    member.record(chosen.tolist(), values)
+                else:  # NaN or +inf logits: there is no distribution to draw from
                     member.fail(FailedPreconditionError("the model's logits are not finite (its weights were driven "
                                                         "to overflow?); nothing to sample from"))
-                chosen = _choose(rows.nan_to_num(0.0, 0.0, 0.0), member.request.params, member.generator)
-                logprobs = torch.log_softmax(rows, -1).gather(-1, chosen[:, None]).squeeze(-1)
-                member.record(chosen.tolist(), logprobs.tolist())
                 chosen_rows.append(chosen)
                 start += n
             self.chosen = torch.cat(chosen_rows)

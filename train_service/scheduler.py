@@ -20,7 +20,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from train_service.compute import Limits, PartResult, Rows
+from train_service.passes import PartResult, Rows
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Engine limits, reported in GetInfo. A request above them is refused; a pass never exceeds them."""
+
+    max_request_tokens: int = 131_072  # tokens in one forward / forward_backward request
+    max_pass_tokens: int = 16_384  # padded tokens (rows x longest row) in one pass over the base
+    max_pass_ops: int = 64  # requests coalesced into one pass; 1 = no coalescing
 
 
 class Work:

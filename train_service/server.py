@@ -17,10 +17,10 @@ from bios.server.grpc import (add_allow_local_paths_argument, add_health_port_ar
 from bios.server.metrics import serve_metrics
 from train_service import metrics, service
 from train_service.checkpoints import CheckpointStore
-from train_service.compute import Limits
 from train_service.device import DeviceConfig
 from train_service.engine import Engine
 from train_service.models import BaseModelPool
+from train_service.scheduler import Limits
 from train_service.sessions import SessionManager
 
 

@@ -18,12 +18,12 @@ from render_service.tokenizers import get_tokenizer
 from train_service import metrics
 from train_service import sampler as sampling
 from train_service.checkpoints import NOT_EXPORTED
-from train_service.compute import Limits
 from train_service.engine import Engine
-from train_service.scheduler import SampleWork
+from train_service.scheduler import Limits, SampleWork
 from train_service.sessions import SessionManager, TrainingModel
 
 _DONE = object()
+_STOP_REASONS = {"stop": train_pb2.STOP_REASON_STOP, "length": train_pb2.STOP_REASON_LENGTH}
 EXPORT_CHUNK_BYTES = 1 << 20
 
 
@@ -231,7 +231,7 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
             if not chunk.HasField("encoded_text"):
                 raise InvalidArgumentError("prompt: image chunks are not supported by this model")
             prompt += chunk.encoded_text.tokens
-        params = request.sampling_params
+        params = sampling.SamplingOptions.from_pb(request.sampling_params)
         num_samples = request.num_samples or 1
         sampling.validate(prompt, params, num_samples, base.vocab_size, base.max_context,
                           self.engine.limits.max_pass_tokens)
@@ -251,14 +251,14 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
                 steps = [await deltas.get()]
                 while not deltas.empty():
                     steps.append(deltas.get_nowait())
-                finished = steps[-1] is _DONE
+                finished = any(s is _DONE for s in steps)  # the answer can arrive before the last tokens
                 event = _coalesce([s for s in steps if s is not _DONE])
                 if event.deltas:
                     yield train_pb2.SampleEvent(deltas=event)
             result: sampling.SampleResult = future.result()
             metrics.TOKENS.labels("sample").inc(sum(len(s.tokens) for s in result.sequences))
             response = train_pb2.SampleResponse(sequences=[
-                train_pb2.SampledSequence(tokens=s.tokens, logprobs=s.logprobs, stop_reason=s.stop_reason)
+                train_pb2.SampledSequence(tokens=s.tokens, logprobs=s.logprobs, stop_reason=_STOP_REASONS[s.stop_reason])
                 for s in result.sequences], prompt_logprobs=result.prompt_logprobs)
             yield train_pb2.SampleEvent(result=response)
         finally:

@@ -23,13 +23,13 @@ from bios.errors import BiosError, FailedPreconditionError, InvalidArgumentError
 from bios.v1 import train_pb2
 from render_service.model_registry import ModelEntry, resolve
 from render_service.tokenizers import load_tokenizer
-from train_service import checkpoints, compute
+from train_service import checkpoints, data, optimizer
 from train_service.checkpoints import CheckpointStore, validate_name
 from train_service.lora import Adapter
 from train_service.losses import get_loss
 from train_service.metrics import CHECKPOINT_BYTES
 from train_service.models import BaseModel, BaseModelPool
-from train_service.scheduler import ForwardWork
+from train_service.scheduler import ForwardWork, Limits
 
 RESULT_WINDOW = 4096  # answered operations remembered per model, for resubmitted sequence numbers
 
@@ -52,7 +52,7 @@ class TrainingModel:
 
     def __post_init__(self) -> None:
         self._params = self.adapter.parameters()
-        self.optimizer = compute.new_optimizer(self._params)
+        self.optimizer = optimizer.new_optimizer(self._params)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return self._params
@@ -79,22 +79,22 @@ class TrainingModel:
     # ---- forward / forward_backward: validated here, computed in passes by the engine -----------------
 
     def forward_work(self, request: train_pb2.ForwardBackwardInput, backward: bool,
-                     limits: compute.Limits) -> ForwardWork:
+                     limits: Limits) -> ForwardWork:
         name = request.loss_fn or "cross_entropy"
         config = dict(request.loss_fn_config)
         loss, needed = get_loss(name, config)
-        rows = compute.decode_data(list(request.data), self.base.vocab_size, needed, self.base.max_context, limits)
+        rows = data.decode_data(list(request.data), self.base.vocab_size, needed, self.base.max_context, limits)
         return ForwardWork(self, rows, loss, config, backward, _forward_output)
 
     # ---- operations (engine thread) -------------------------------------------------------------------
 
     def optim_step(self, request: train_pb2.OptimStepRequest) -> train_pb2.OptimStepResponse:
-        compute.validate_adam(request.adam_params)
+        optimizer.validate_adam(request.adam_params)
         if not self.has_gradient:
             raise FailedPreconditionError("optim_step: no gradient since the last step (call forward_backward "
                                           "first)")
         self.has_gradient = False  # consumed whether the step is taken or refused
-        metrics = compute.adam_step(self.optimizer, self._params, request.adam_params)
+        metrics = optimizer.adam_step(self.optimizer, self._params, request.adam_params)
         self.step += 1
         return train_pb2.OptimStepResponse(metrics={**metrics, "step": float(self.step)}, step=self.step)
 
@@ -143,7 +143,7 @@ class TrainingModel:
                 f"{theirs[2]}) differs from this model's (rank {ours[0]}, alpha {ours[1]:g}, target modules {ours[2]})")
         saved_optimizer = checkpoints.read_optimizer(directory, field_name) if load_optimizer else None
         self.adapter.load_state_dict(state, field_name)  # validates every tensor before copying any
-        self.optimizer = compute.new_optimizer(self._params)
+        self.optimizer = optimizer.new_optimizer(self._params)
         if saved_optimizer is not None:
             self.optimizer.load_state_dict(saved_optimizer["optimizer"])
             self.step = int(saved_optimizer["step"])

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from bios.errors import ResourceExhaustedError
-from train_service import compute, metrics
+from train_service import metrics, passes
 from train_service.device import is_out_of_memory
 from train_service.sampler import DecodeGroup
 from train_service.scheduler import ForwardWork, PassPlan
@@ -52,9 +52,9 @@ def run_plan(plan: PassPlan) -> list[ForwardWork]:
                 work.start_grads = _grads(p)
             before.append(_grads(p))
             _set_grads(p, [None] * len(p))
-    parts = [compute.Part(w.model.adapter, w.rows, first, last, w.loss, w.config) for w, first, last in plan.parts]
+    parts = [passes.Part(w.model.adapter, w.rows, first, last, w.loss, w.config) for w, first, last in plan.parts]
     try:
-        results = compute.run_pass(base, parts, plan.backward)
+        results = passes.run_pass(base, parts, plan.backward)
     except Exception as exc:  # noqa: BLE001 - the pass failed as a whole: no gradient of it is kept
         for p, old in zip(params, before):
             _set_grads(p, old)
