@@ -49,6 +49,8 @@ COPY clients/python/bios /app/clients/python/bios
 COPY --from=stubs /out/bios/v1/ /app/clients/python/bios/v1/
 COPY render_service /app/render_service
 COPY train_service /app/train_service
+# The Tinker gateway runs from this image too, as a sidecar of each train pod (k8s/base/train-statefulset.yaml).
+COPY tinker_gateway /app/tinker_gateway
 RUN python -m compileall -q /app
 USER 10001:10001
 WORKDIR /home/bios

