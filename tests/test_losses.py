@@ -56,7 +56,8 @@ def make_batch(base, rng, lengths=(9, 14)):
     for n in lengths:
         ids = rng.integers(0, base.vocab_size, n + 1)
         inputs = {"target_tokens": ids[1:], "weights": rng.random(n).astype(np.float32),
-                  "logprobs": -rng.random(n).astype(np.float32) * 3, "advantages": rng.normal(size=n).astype(np.float32)}
+                  "logprobs": -rng.random(n).astype(np.float32) * 3, "advantages": rng.normal(size=n).astype(np.float32),
+                  "sequence_ratio_mask": (np.arange(n) >= n // 3).astype(np.float32)}
         data.append(wire.datum_to_pb(types.Datum(model_input=types.ModelInput.from_ints(ids[:-1].tolist()),
                                                  loss_fn_inputs=inputs)))
     return data
@@ -73,6 +74,9 @@ def reference(model, data, loss_fn, config):
         logp = torch.log_softmax(logits, -1).gather(-1, inputs["target_tokens"].long()[:, None])[:, 0]
         q, adv, w = inputs["logprobs"], inputs["advantages"], inputs["weights"]
         ratio = torch.exp(logp - q)
+        if loss_fn == "gspo":  # one ratio per sequence: its value on every token, each token's own gradient
+            marked = inputs["sequence_ratio_mask"] != 0
+            ratio = torch.exp((logp.detach() - q)[marked].mean() + logp - logp.detach())
         eps_low = config.get("clip_epsilon_low", config.get("clip_epsilon", 0.2))
         eps_high = config.get("clip_epsilon_high", config.get("clip_epsilon", 0.2))
         for t in range(len(logp)):
@@ -80,7 +84,7 @@ def reference(model, data, loss_fn, config):
                 term = -w[t] * logp[t]
             elif loss_fn == "importance_sampling":
                 term = -ratio[t] * adv[t]
-            elif loss_fn == "ppo":
+            elif loss_fn in ("ppo", "gspo"):
                 term = -torch.minimum(ratio[t] * adv[t], ratio[t].clamp(1 - eps_low, 1 + eps_high) * adv[t])
             elif loss_fn == "cispo":
                 term = -ratio[t].clamp(1 - eps_low, 1 + eps_high).detach() * logp[t] * adv[t]
@@ -93,7 +97,7 @@ def reference(model, data, loss_fn, config):
 @pytest.mark.parametrize("loss_fn,config", [
     ("cross_entropy", {}), ("importance_sampling", {}), ("ppo", {}), ("ppo", {"clip_epsilon_low": 0.1,
                                                                           "clip_epsilon_high": 0.3}),
-    ("cispo", {}), ("dro", {"beta": 0.2}),
+    ("cispo", {}), ("dro", {"beta": 0.2}), ("gspo", {}), ("gspo", {"clip_epsilon_low": 0.01, "clip_epsilon_high": 0.02}),
 ])
 def test_loss_matches_reference(base, adapter, peft_reference, loss_fn, config, monkeypatch):
     monkeypatch.setattr(passes, "LOGITS_CHUNK_BYTES", 4 * base.vocab_size * 5)  # 5-token chunks: exercise chunking

@@ -143,7 +143,8 @@ def test_sdk_contract_matches_the_bios_client(stack):
 
 
 def test_losses_keep_tinker_semantics(stack):
-    """ppo / cispo clip thresholds are ratios in Tinker (defaults 0.8/1.2 and 0/4): same as our distances."""
+    """ppo / cispo / gspo clip thresholds are ratios in Tinker (defaults 0.8/1.2, 0/4 and 0.8/1.2): the same
+    losses as ours with distances from 1."""
     service = tinker.ServiceClient()
     tc = service.create_lora_training_client(base_model=MODEL, rank=8, seed=5, train_unembed=False).result()
     bc = stack.bios.create_lora_training_client(base_model=MODEL, rank=8, seed=5)
@@ -157,10 +158,18 @@ def test_losses_keep_tinker_semantics(stack):
              ("ppo", {"clip_low_threshold": 0.5, "clip_high_threshold": 1.5},
               {"clip_epsilon_low": 0.5, "clip_epsilon_high": 0.5}),
              ("cispo", None, {"clip_epsilon_low": 1.0, "clip_epsilon_high": 3.0}),
-             ("importance_sampling", None, None), ("dro", {"beta": 0.1}, {"beta": 0.1})]
+             ("importance_sampling", None, None), ("dro", {"beta": 0.1}, {"beta": 0.1}),
+             ("gspo", {"clip_low_threshold": 0.99, "clip_high_threshold": 1.01},
+              {"clip_epsilon_low": 0.01, "clip_epsilon_high": 0.01})]
+    # gspo without a sequence_ratio_mask: the ratio runs over the tokens with an advantage
+    mask = (np.asarray(inputs["advantages"]) != 0).astype(np.float32).tolist()
     for loss_fn, tinker_config, bios_config in cases:
-        t = tc.forward(data, loss_fn, tinker_config).result()
-        assert_same_output(t, bc.forward(bdata, loss_fn, bios_config).result())
+        t = tc.forward_backward(data, loss_fn, tinker_config).result()
+        if loss_fn == "gspo":
+            bdata = [btypes.Datum(model_input=d.model_input, loss_fn_inputs={**inputs, "sequence_ratio_mask": mask})
+                     for d in bdata]
+        assert_same_output(t, bc.forward_backward(bdata, loss_fn, bios_config).result())
+        assert t.metrics["loss:sum"] != 0
     service.close("success").result()
 
 

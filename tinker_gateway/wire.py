@@ -163,8 +163,25 @@ def forward_backward_input(msg: tpb.ForwardBackwardRequest) -> train_pb2.Forward
         raise bad(f"loss_fn: unknown loss {loss_fn!r}; expected one of {', '.join(_CONFIG_KEYS)}")
     if not msg.data:
         raise bad("data: empty batch")
-    return train_pb2.ForwardBackwardInput(data=[_datum(d, i) for i, d in enumerate(msg.data)], loss_fn=loss_fn,
-                                          loss_fn_config=_loss_config(loss_fn, msg))
+    data = [_datum(d, i) for i, d in enumerate(msg.data)]
+    if loss_fn == "gspo":
+        for datum in data:
+            _default_ratio_mask(datum)
+    return train_pb2.ForwardBackwardInput(data=data, loss_fn=loss_fn, loss_fn_config=_loss_config(loss_fn, msg))
+
+
+def _default_ratio_mask(datum: types_pb2.Datum) -> None:
+    """gspo's sequence ratio runs over `sequence_ratio_mask`; without one, over the tokens that carry an
+    advantage (the sampled ones: prompt tokens have none)."""
+    inputs = datum.loss_fn_inputs
+    if "sequence_ratio_mask" in inputs or "advantages" not in inputs:
+        return  # a missing advantages is refused, naming the datum, by the train service
+    advantages = inputs["advantages"]
+    dtype = "<f4" if advantages.dtype == types_pb2.DTYPE_FLOAT32 else "<i8" if advantages.dtype == types_pb2.DTYPE_INT64 \
+        else "<i4"
+    mask = (np.frombuffer(advantages.data, dtype) != 0).astype("<f4")
+    inputs["sequence_ratio_mask"].CopyFrom(types_pb2.Tensor(dtype=types_pb2.DTYPE_FLOAT32, shape=[len(mask)],
+                                                            data=mask.tobytes()))
 
 
 def forward_backward_output(out: train_pb2.ForwardBackwardOutput) -> bytes:

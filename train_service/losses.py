@@ -8,8 +8,11 @@ sampler, advantages `A`, weights `w`):
     ppo                  -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A),  r = exp(logp - q)
     cispo                -sg(clip(r)) * logp * A
     dro                  -(logp * A - beta / 2 * (logp - q) ** 2)
+    gspo                 ppo with every token's ratio the value of its sequence's ratio s (with the token's own
+                         gradient), s = exp(mean of logp - q over the tokens sequence_ratio_mask marks)
 Every loss is a sum over tokens, so a request's loss, and its gradient, is the same split over passes
-or batched with other requests.
+or batched with other requests. A loss over whole sequences (gspo) groups tokens by `inputs["row_index"]`,
+the datum each token belongs to; a datum is never split between passes.
 """
 
 from __future__ import annotations
@@ -56,6 +59,18 @@ def dro(logp: torch.Tensor, inputs: Inputs, config: dict[str, float]) -> torch.T
     return -(logp * inputs["advantages"] - 0.5 * beta * (logp - inputs["logprobs"]) ** 2)
 
 
+def gspo(logp: torch.Tensor, inputs: Inputs, config: dict[str, float]) -> torch.Tensor:
+    """GSPO-token (Zheng et al., 2025), as Tinker defines it: a sequence-level ratio, per-token gradients."""
+    row, marked = inputs["row_index"], (inputs["sequence_ratio_mask"] != 0).to(logp.dtype)
+    rows = int(row.max()) + 1 if row.numel() else 0
+    log_ratio = (logp.detach() - inputs["logprobs"]) * marked
+    sums = torch.zeros(rows, dtype=logp.dtype, device=logp.device).index_add_(0, row, log_ratio)
+    counts = torch.zeros(rows, dtype=logp.dtype, device=logp.device).index_add_(0, row, marked)
+    sequence = sums / counts.clamp(min=1)  # a sequence with no marked token has ratio 1
+    ratio, adv = torch.exp(sequence[row] + logp - logp.detach()), inputs["advantages"]
+    return -torch.minimum(ratio * adv, _clipped(ratio, config) * adv)
+
+
 LossFn = Callable[[torch.Tensor, Inputs, dict[str, float]], torch.Tensor]
 # name -> (function, loss_fn_inputs it needs besides target_tokens, config keys it reads)
 LOSSES: dict[str, tuple[LossFn, tuple[str, ...], tuple[str, ...]]] = {
@@ -64,6 +79,8 @@ LOSSES: dict[str, tuple[LossFn, tuple[str, ...], tuple[str, ...]]] = {
     "ppo": (ppo, ("logprobs", "advantages"), ("clip_epsilon", "clip_epsilon_low", "clip_epsilon_high")),
     "cispo": (cispo, ("logprobs", "advantages"), ("clip_epsilon", "clip_epsilon_low", "clip_epsilon_high")),
     "dro": (dro, ("logprobs", "advantages"), ("beta",)),
+    "gspo": (gspo, ("logprobs", "advantages", "sequence_ratio_mask"),
+             ("clip_epsilon", "clip_epsilon_low", "clip_epsilon_high")),
 }
 
 

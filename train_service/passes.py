@@ -120,9 +120,11 @@ def run_pass(base: Any, parts: list[Part], backward: bool) -> list[PartResult]:
             inputs = {key: torch.from_numpy(np.concatenate([part.rows.inputs[i][key]
                                                             for i in range(part.first, part.last)])).to(device)
                       for key in part.rows.inputs[part.first]}
+            split = lengths_t[rows].tolist()
+            # the datum of each token, for losses over whole sequences (gspo)
+            inputs["row_index"] = torch.repeat_interleave(torch.arange(len(split)), lengths_t[rows]).to(device)
             per_token = part.loss(logp, inputs, part.config)
             loss = per_token.sum()
-            split = lengths_t[rows].tolist()
             lp = np.split(logp.detach().float().cpu().numpy(), np.cumsum(split)[:-1])
             el = np.split(per_token.detach().float().cpu().numpy(), np.cumsum(split)[:-1])
             value = float(loss.detach())
