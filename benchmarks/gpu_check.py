@@ -62,7 +62,7 @@ def build(config: transformers.Qwen3Config, device: DeviceConfig, seed: int = 0)
     """Random weights drawn on the CPU from `seed` (the same on every device), then moved and cast."""
     torch.manual_seed(seed)
     model = transformers.Qwen3ForCausalLM(config)
-    return BaseModel("random:qwen3", model.to(device.device, device.dtype), None, device)
+    return BaseModel("random:qwen3", model.to(device.device, device.dtype), device)
 
 
 def adapter(base: BaseModel, name: str, seed: int, rank: int = 16):

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from torch.utils.checkpoint import checkpoint
 
-from bios import types
 from bios.errors import InvalidArgumentError
-from render_service.model_registry import ModelEntry
-from render_service.tokenizers import load_tokenizer
 from train_service import lora as lora_layers
 from train_service.device import DeviceConfig
+
+if TYPE_CHECKING:  # types only: the numerical core imports neither the client's types nor the render service
+    from bios import types
+    from render_service.model_registry import ModelEntry
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "c_proj")
 MLP = ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "w1", "w2", "w3")
@@ -48,12 +50,11 @@ def load_weights(source: str, device: DeviceConfig | None = None) -> torch.nn.Mo
 class BaseModel:
     """One loaded copy of a base model's weights, frozen, with LoRA-ready layers and a per-pass router."""
 
-    def __init__(self, weights: str, model: Any, tokenizer: Any, device: DeviceConfig):
+    def __init__(self, weights: str, model: Any, device: DeviceConfig):
         self.weights = weights
         self.causal_lm = model.eval()  # eval: no dropout, the same inputs give the same results
         for p in self.causal_lm.parameters():
             p.requires_grad_(False)
-        self.tokenizer = tokenizer
         self.device = device
         self.router = lora_layers.Router()
         self.lora_layers: dict[str, lora_layers.LoraLinear] = {}
@@ -105,8 +106,6 @@ class BaseModel:
         return targets
 
     def peft_config(self, lora: types.LoraConfig, configured: list[str] | None = None) -> PeftLoraConfig:
-        import math
-
         if not 1 <= lora.rank <= 1024:
             raise InvalidArgumentError(f"lora.rank: must be in 1..1024, got {lora.rank}")
         alpha = float(lora.alpha) if lora.alpha is not None else 2.0 * lora.rank
@@ -155,7 +154,7 @@ class BaseModelPool:
         with self._lock:
             if entry.weights not in self._models:
                 self._models[entry.weights] = BaseModel(entry.weights, load_weights(entry.weights, self.device),
-                                                        load_tokenizer(entry.tokenizer), self.device)
+                                                        self.device)
             return self._models[entry.weights]
 
     def loaded(self) -> list[BaseModel]:

@@ -5,14 +5,31 @@
     training_client = service_client.create_lora_training_client(base_model="ultrasafe/usf-mini")
 """
 
-from bios import types
-from bios.errors import BiosError, InvalidArgumentError, NotFoundError
-from bios.futures import APIFuture
-from bios.render_client import RenderClient
-from bios.sampling_client import SamplingClient
-from bios.service_client import ServiceClient
-from bios.training_client import TrainingClient
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["APIFuture", "BiosError", "InvalidArgumentError", "NotFoundError", "RenderClient", "SamplingClient",
-           "ServiceClient", "TrainingClient", "types"]
+# Exports load on first use: `import bios.errors` (the train engine's core does) pulls in no client or gRPC code.
+_EXPORTS = {"APIFuture": "bios.futures", "BiosError": "bios.errors", "InvalidArgumentError": "bios.errors",
+            "NotFoundError": "bios.errors", "RenderClient": "bios.render_client",
+            "SamplingClient": "bios.sampling_client", "ServiceClient": "bios.service_client",
+            "TrainingClient": "bios.training_client", "types": "bios.types"}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from bios import types
+    from bios.errors import BiosError, InvalidArgumentError, NotFoundError
+    from bios.futures import APIFuture
+    from bios.render_client import RenderClient
+    from bios.sampling_client import SamplingClient
+    from bios.service_client import ServiceClient
+    from bios.training_client import TrainingClient
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bios' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    value = module if name == "types" else getattr(module, name)
+    globals()[name] = value
+    return value

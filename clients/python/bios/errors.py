@@ -5,53 +5,61 @@ from __future__ import annotations
 import logging
 import uuid
 
-import grpc
+try:
+    import grpc
+except ImportError:  # the train engine's numerical core runs without gRPC (benchmarks/gpu_check.py on a bare GPU)
+    grpc = None
 
 log = logging.getLogger("bios.server")
 
 
+def _code(name: str):
+    """grpc.StatusCode.<name>, or the name itself where gRPC is not installed."""
+    return getattr(grpc.StatusCode, name) if grpc is not None else name
+
+
 class BiosError(Exception):
-    code = grpc.StatusCode.INTERNAL
+    code = _code("INTERNAL")
 
 
 class InvalidArgumentError(BiosError, ValueError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = _code("INVALID_ARGUMENT")
 
 
 class NotFoundError(BiosError, LookupError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = _code("NOT_FOUND")
 
 
 class FailedPreconditionError(BiosError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = _code("FAILED_PRECONDITION")
 
 
 class UnauthenticatedError(BiosError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = _code("UNAUTHENTICATED")
 
 
 class PermissionDeniedError(BiosError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code = _code("PERMISSION_DENIED")
 
 
 class UnavailableError(BiosError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = _code("UNAVAILABLE")
 
 
 class DeadlineExceededError(BiosError, TimeoutError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = _code("DEADLINE_EXCEEDED")
 
 
 class CancelledError(BiosError):
-    code = grpc.StatusCode.CANCELLED
+    code = _code("CANCELLED")
 
 
 class ResourceExhaustedError(BiosError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = _code("RESOURCE_EXHAUSTED")
 
 
 class InternalError(BiosError):
-    code = grpc.StatusCode.INTERNAL
+    code = _code("INTERNAL")
 
 
 _BY_CODE = {cls.code: cls for cls in BiosError.__subclasses__()}
