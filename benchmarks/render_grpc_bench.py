@@ -43,7 +43,9 @@ def start_render_server(workers: int = 1):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "render_service", "--host", "127.0.0.1", "--port", str(port),
-                             "--metrics-port", "0", "--workers", str(workers)], stderr=subprocess.DEVNULL)
+                             "--metrics-port", "0", "--workers", str(workers),
+                             "--allow-local-paths"],  # the families' tokenizers are fixture directories
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:

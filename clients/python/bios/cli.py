@@ -27,13 +27,15 @@ def _serve(args: argparse.Namespace) -> None:
         if args.service in ("render", "all"):
             from render_service import server as render_server
 
-            running = await render_server.start(args.host, args.render_port, keys)
+            running = await render_server.start(args.host, args.render_port, keys,
+                                                allow_local_paths=args.allow_local_paths)
             stops.append(running.stop)
             print(f"render service on {args.host}:{running.port}", flush=True)
         if args.service in ("train", "all"):
             from train_service import server as train_server
 
-            running = await train_server.start(args.host, args.train_port, args.checkpoint_dir, keys)
+            running = await train_server.start(args.host, args.train_port, args.checkpoint_dir, keys,
+                                               allow_local_paths=args.allow_local_paths)
             stops.append(running.stop)
             print(f"train service on {args.host}:{running.port}", flush=True)
         if args.service in ("tinker", "all"):
@@ -128,6 +130,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--tinker-port", type=int, default=8000, help="the Tinker gateway (docs/tinker.md)")
     serve.add_argument("--metrics-port", type=int, default=0)
     serve.add_argument("--checkpoint-dir", default=None)
+    serve.add_argument("--allow-local-paths", action="store_true",
+                       help="let callers name models and tokenizers by a directory on this server (trusted callers "
+                            "only; see python -m train_service --help)")
     serve.set_defaults(run=_serve)
 
     render = sub.add_parser("render", help="render a JSONL file of conversations")
