@@ -320,3 +320,56 @@ def test_pass_plan_runs_without_an_engine(sessions):
 
     answered = worker.run_plan(PassPlan(False, [(work, 0, len(work.rows))]))
     assert answered == [work] and work.future.result().metrics["tokens:sum"] == 19
+
+
+def test_activation_checkpointing_gives_the_same_results_and_gradients():
+    """--activation-checkpointing recomputes decoder layers in backward: same numbers, and sampling (which
+    needs the KV cache that checkpointing would drop) still works on the same base."""
+    from render_service.model_registry import resolve
+    from train_service.device import DeviceConfig
+    from train_service.losses import get_loss
+    from train_service.models import BaseModelPool
+    from train_service.sampler import DecodeGroup
+
+    results = {}
+    for checkpointing in (False, True):
+        base = BaseModelPool(DeviceConfig.resolve("cpu", checkpointing)).get(resolve(MODEL))
+        adapter = base.new_adapter("ac", base.peft_config(types.LoraConfig(rank=4, seed=1)), seed=1)
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+        loss, _ = get_loss("cross_entropy", {})
+        work = SessionsFree.rows(fb_input(4))
+        out = passes.run_pass(base, [passes.Part(adapter, work, 0, len(work), loss, {})], backward=True)[0]
+        group = DecodeGroup(base, [SampleWork(base, SampleRequest([1, 2, 3], SamplingOptions(max_tokens=3, seed=1), 2,
+                                                                  adapter, None))])
+        while group.active:
+            group.step()
+        results[checkpointing] = (out.loss, [p.grad.clone() for p in adapter.parameters()])
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-6)
+    assert_close_grads(results[True][1], results[False][1], rtol=1e-6)
+
+
+class SessionsFree:
+    """Request data decoded without a session (for tests on a bare base model)."""
+
+    @staticmethod
+    def rows(request):
+        from train_service.data import decode_data
+
+        return decode_data(list(request.data), 151936, ("weights",), 4096, Limits())
+
+
+def test_device_resolution():
+    from bios.errors import InvalidArgumentError as Invalid
+    from train_service.device import DeviceConfig
+
+    auto = DeviceConfig.resolve("auto")
+    assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    cpu = DeviceConfig.resolve("cpu")
+    assert (cpu.dtype, cpu.dtype_name, cpu.describe()) == (torch.float32, "float32", "cpu")
+    with pytest.raises(Invalid, match="device: expected auto, cpu, cuda or cuda:N, got 'tpu'"):
+        DeviceConfig.resolve("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(Invalid, match="device: cuda:1 requested but CUDA is not available"):
+            DeviceConfig.resolve("cuda:1")

@@ -231,3 +231,50 @@ def test_sampled_tokens_stream_before_the_result(client, renderer):
     assert isinstance(final, types.SampleResponse) and len(deltas) >= 2
     for index in (0, 1):
         assert [t for i, toks in deltas if i == index for t in toks] == final.sequences[index].tokens
+
+
+def test_engine_limits_and_refusals_name_the_field_and_the_model_keeps_working(client, renderer):
+    from bios.errors import ResourceExhaustedError
+
+    tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4)
+    info = tc.get_info()
+    assert (info.device, info.dtype, info.max_context) == ("cpu", "float32", 4096)
+    assert (info.max_request_tokens, info.max_pass_tokens) == (131072, 16384)
+    # rank x (in + out) for q, k, v, o, gate, up, down, in each of the 2 layers
+    assert info.lora_parameters == 4 * 2 * (128 + 96 + 96 + 128 + 3 * 192)
+    assert info.device_memory_allocated_bytes > 0
+    good = to_datum(*renderer.build_supervised_example(CONV))
+    before = tc.forward([good]).result().metrics["loss:sum"]
+
+    with pytest.raises(FailedPreconditionError, match="optim_step: no gradient since the last step"):
+        tc.optim_step(types.AdamParams()).result()
+    tc.forward_backward([good]).result()
+    refused = [({"eps": 0.0}, r"adam_params.eps: must be > 0, got 0"),
+               ({"learning_rate": math.nan}, r"adam_params.learning_rate: must be a finite number >= 0, got nan"),
+               ({"beta1": 1.0}, r"adam_params.beta1: must be in \[0, 1\), got 1"),
+               ({"weight_decay": -1.0}, r"adam_params.weight_decay: must be a finite number >= 0"),
+               ({"learning_rate": 3e38, "weight_decay": 1.0}, "would make weights non-finite")]
+    for adam, message in refused:
+        with pytest.raises(InvalidArgumentError, match=message):
+            tc.optim_step(types.AdamParams(**adam)).result()
+    assert tc.forward([good]).result().metrics["loss:sum"] == pytest.approx(before, rel=1e-6)  # nothing moved
+
+    too_long = to_datum(list(range(5001)), [1.0] * 5001)
+    with pytest.raises(InvalidArgumentError, match=r"data\[1\].model_input: 5000 tokens exceed the model context \(4096\)"):
+        tc.forward([good, too_long]).result()
+    big = [to_datum(list(range(4001)), [1.0] * 4001)] * 33  # 132,000 tokens
+    with pytest.raises(ResourceExhaustedError, match=r"max_request_tokens \(131072\)"):
+        tc.forward_backward(big).result()
+    for alpha in (math.nan, -math.inf, 0.0):
+        with pytest.raises(InvalidArgumentError, match="lora.alpha: must be a finite number > 0"):
+            client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4, alpha=alpha)
+    with pytest.raises(InvalidArgumentError, match="lora.rank: must be in 1..1024"):
+        client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=2000)
+
+    other = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=8, train_mlp=False)
+    state = other.save_state(name="rank8-attn").result()
+    with pytest.raises(InvalidArgumentError, match=r"load_state.path: the checkpoint's LoRA \(rank 8, alpha 16, target "
+                                                   r"modules \['k_proj', 'o_proj', 'q_proj', 'v_proj'\]\) differs from "
+                                                   r"this model's \(rank 4, alpha 8, target modules \['down_proj'"):
+        tc.load_state(state.path).result()
+    assert tc.train([good], learning_rate=1e-3).step == 1  # the model and the service keep working

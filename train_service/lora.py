@@ -97,15 +97,13 @@ class LoraLinear(torch.nn.Module):
         out = self.base_layer(x)
         if segments[-1].stop != x.shape[0]:
             raise RuntimeError(f"LoRA routing covers {segments[-1].stop} rows, the batch has {x.shape[0]}")
-        if len(segments) == 1:
-            lora = segments[0].adapter.layers.get(self.path) if segments[0].adapter is not None else None
-            return out if lora is None else out + lora.delta(x).to(out.dtype)
-        pieces = []
         for adapter, start, stop in segments:
             lora = adapter.layers.get(self.path) if adapter is not None else None
-            piece = out[start:stop]
-            pieces.append(piece if lora is None else piece + lora.delta(x[start:stop]).to(out.dtype))
-        return torch.cat(pieces)
+            if lora is not None:
+                # In place on the rows' slice (a view): no copy of the whole output per layer. Linear's backward
+                # needs its input and weight, not this output, so autograd allows it.
+                out[start:stop] += lora.delta(x[start:stop]).to(out.dtype)
+        return out
 
 
 class Adapter:

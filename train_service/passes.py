@@ -87,6 +87,28 @@ def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def _score(base: Any, part: Part, hidden: torch.Tensor, valid: torch.Tensor, targets: torch.Tensor,
+           lengths: torch.Tensor) -> tuple[PartResult, torch.Tensor]:
+    """One part's logprobs (LM head on its real tokens, with its adapter) and per-token losses."""
+    device = hidden.device
+    logp = head_logprobs(base.head, hidden[valid], targets[valid], part.adapter)
+    inputs = {key: torch.from_numpy(np.concatenate([part.rows.inputs[i][key]
+                                                    for i in range(part.first, part.last)])).to(device)
+              for key in part.rows.inputs[part.first]}
+    split = lengths.tolist()
+    # the datum of each token, for losses over whole sequences (gspo)
+    inputs["row_index"] = torch.repeat_interleave(torch.arange(len(split)), lengths).to(device)
+    per_token = part.loss(logp, inputs, part.config)
+    loss = per_token.sum()
+    lp = np.split(logp.detach().float().cpu().numpy(), np.cumsum(split)[:-1])
+    el = np.split(per_token.detach().float().cpu().numpy(), np.cumsum(split)[:-1])
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        error = InvalidArgumentError("data: the loss is not finite for these inputs (check logprobs/advantages)")
+        return PartResult(lp, el, value, error), loss
+    return PartResult(lp, el, value), loss
+
+
 def run_pass(base: Any, parts: list[Part], backward: bool) -> list[PartResult]:
     """One forward (and backward) over every part's rows; each part's adapter gets only its own gradient.
 
@@ -110,30 +132,16 @@ def run_pass(base: Any, parts: list[Part], backward: bool) -> list[PartResult]:
 
     results: list[PartResult] = []
     total = None
-    with torch.set_grad_enabled(backward), base.training_pass(backward), base.device.autocast():
-        with base.router.route(segments):
+    # The routing stays in place through the backward: checkpointed layers run their forward again there.
+    with torch.set_grad_enabled(backward), base.training_pass(backward), base.router.route(segments):
+        with base.device.autocast():  # the forward only, as autocast asks
             hidden = base.decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-        for part, segment in zip(parts, segments):
-            rows = slice(segment.start, segment.stop)
-            mask = valid[rows]
-            logp = head_logprobs(base.head, hidden[rows][mask], target_ids[rows][mask], part.adapter)
-            inputs = {key: torch.from_numpy(np.concatenate([part.rows.inputs[i][key]
-                                                            for i in range(part.first, part.last)])).to(device)
-                      for key in part.rows.inputs[part.first]}
-            split = lengths_t[rows].tolist()
-            # the datum of each token, for losses over whole sequences (gspo)
-            inputs["row_index"] = torch.repeat_interleave(torch.arange(len(split)), lengths_t[rows]).to(device)
-            per_token = part.loss(logp, inputs, part.config)
-            loss = per_token.sum()
-            lp = np.split(logp.detach().float().cpu().numpy(), np.cumsum(split)[:-1])
-            el = np.split(per_token.detach().float().cpu().numpy(), np.cumsum(split)[:-1])
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                error = InvalidArgumentError("data: the loss is not finite for these inputs (check logprobs/advantages)")
-                results.append(PartResult(lp, el, value, error))
-                continue
-            results.append(PartResult(lp, el, value))
-            total = loss if total is None else total + loss
+            for part, segment in zip(parts, segments):
+                result, loss = _score(base, part, hidden[segment.start:segment.stop], valid[segment.start:segment.stop],
+                                      target_ids[segment.start:segment.stop], lengths_t[segment.start:segment.stop])
+                results.append(result)
+                if result.error is None:
+                    total = loss if total is None else total + loss
         if backward and total is not None and total.requires_grad:
             total.backward()
     return results
