@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import grpc
 
 from bios import placement
+from bios.errors import UnavailableError
 from bios.server.auth import ApiKeys
 from bios.server.grpc import (add_allow_local_paths_argument, add_health_port_argument, add_port, build_server,
                               mark_not_serving, mark_serving, start_health_server, wait_for_signal)
@@ -50,9 +51,18 @@ class TrainServer:
             saved = await asyncio.wrap_future(self.engine.submit("control", self.sessions.checkpoint_all))
             logging.info("drained: checkpointed %d open models", len(saved))
         stopped = await asyncio.to_thread(self.engine.stop, grace)
+        if not stopped:  # queued work outlasted the grace: fail it, so the process ends with no torch work running
+            self.abandon_queued()
+            stopped = await asyncio.to_thread(self.engine.stop, grace)
         if self.health_server is not None:
             await self.health_server.stop(None)
         return stopped
+
+    def abandon_queued(self) -> None:
+        """Fail every operation still queued on the engine with UNAVAILABLE; what is running finishes."""
+        gone = UnavailableError("train service: shut down before this operation ran")
+        for key in [*self.sessions.models, *self.sessions.samplers, "control"]:
+            self.engine.drop(key, gone)
 
 
 async def start(host: str = "127.0.0.1", port: int = 0, checkpoint_dir: str | None = None,

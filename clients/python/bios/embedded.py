@@ -90,10 +90,7 @@ def stop(service: str, grace: float = STOP_GRACE_SECONDS, abandon: bool = False)
     loop = LoopThread.named("bios-embedded-services")
     if service == "train":  # the sessions end with the process: no drain checkpoints
         if abandon:
-            from bios.errors import UnavailableError
-
-            for key in [*running.sessions.models, *running.sessions.samplers, "control"]:
-                running.engine.drop(key, UnavailableError("the process is exiting"))
+            running.abandon_queued()
         if not loop.run(running.stop(grace, checkpoint=False)):
             log.warning("bios: the embedded train engine was still running %.0f s after its stop", grace)
     else:
