@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from bios.errors import UnavailableError
 from train_service import worker
+from train_service.replay import Mirror
 from train_service.sampler import DecodeGroup
 from train_service.scheduler import Call, Limits, PassPlan, Scheduler, Work
 
@@ -21,8 +22,13 @@ log = logging.getLogger("bios.engine")
 
 
 class Engine:
-    def __init__(self, limits: Limits | None = None, name: str = "bios-engine"):
+    def __init__(self, limits: Limits | None = None, name: str = "bios-engine", mirror: Mirror | None = None,
+                 heartbeat_s: float | None = None):
+        """`mirror`: on several ranks, what the engine runs is sent to the other ranks first; `heartbeat_s`:
+        when idle that long, a no-op is sent, so every rank learns within seconds that another one died."""
         self.limits = limits or Limits()
+        self.mirror = mirror or Mirror()
+        self.heartbeat_s = heartbeat_s
         self._scheduler = Scheduler(self.limits)
         self._cond = threading.Condition()
         self._stopping = False
@@ -74,7 +80,9 @@ class Engine:
                     return unit
                 if self._stopping:
                     return None
-                self._cond.wait()
+                if not self._cond.wait(self.heartbeat_s) and self.heartbeat_s is not None:
+                    self._busy += 1
+                    return Call(lambda: self.mirror.send("noop"))
 
     def _run(self) -> None:
         while (unit := self._next()) is not None:

@@ -50,8 +50,9 @@ def load_weights(source: str, device: DeviceConfig | None = None) -> torch.nn.Mo
 class BaseModel:
     """One loaded copy of a base model's weights, frozen, with LoRA-ready layers and a per-pass router."""
 
-    def __init__(self, weights: str, model: Any, device: DeviceConfig):
+    def __init__(self, weights: str, model: Any, device: DeviceConfig, ranks: Any = None):
         self.weights = weights
+        self.ranks = ranks  # several ranks: decoder layers sharded over them (train_service.distributed)
         self.causal_lm = model.eval()  # eval: no dropout, the same inputs give the same results
         for p in self.causal_lm.parameters():
             p.requires_grad_(False)
@@ -128,6 +129,10 @@ class BaseModel:
             raise InvalidArgumentError(f"lora.target_modules: {targets} match no Linear layer of this model")
         return sorted(chosen, key=lambda layer: layer.path)
 
+    def wrap_all_targets(self) -> None:
+        """Wrap every Linear for LoRA now (before sharding), whichever adapters come later."""
+        self._wrap([path for path, m in self.causal_lm.named_modules() if isinstance(m, torch.nn.Linear)])
+
     def new_adapter(self, name: str, config: PeftLoraConfig, seed: int = 0, field: str = "lora") -> lora_layers.Adapter:
         """A fresh adapter (A random from `seed`, B zero) on this base; nothing global changes."""
         lora_layers.check_supported(config, field)
@@ -145,17 +150,28 @@ class BaseModelPool:
     """Loads each weights source once; every model name with the same source shares the weights (each
     training model and sampler keeps its own entry: its name, tokenizer and renderer)."""
 
-    def __init__(self, device: DeviceConfig | None = None) -> None:
+    def __init__(self, device: DeviceConfig | None = None, ranks: Any = None, mirror: Any = None) -> None:
         self.device = device or DeviceConfig.resolve("cpu")
+        self.ranks = ranks  # several ranks: every rank loads each base and shards it (train_service.distributed)
+        self.mirror = mirror  # rank 0: tells the other ranks to load it too
         self._models: dict[str, BaseModel] = {}
         self._lock = threading.Lock()
 
     def get(self, entry: ModelEntry) -> BaseModel:
         with self._lock:
             if entry.weights not in self._models:
-                self._models[entry.weights] = BaseModel(entry.weights, load_weights(entry.weights, self.device),
-                                                        self.device)
+                if self.mirror is not None:
+                    self.mirror.send("base", entry)
+                base = BaseModel(entry.weights, load_weights(entry.weights, self.device), self.device, self.ranks)
+                if self.ranks is not None:
+                    self.ranks.shard(base)
+                self._models[entry.weights] = base
             return self._models[entry.weights]
+
+    def preload(self, entry: ModelEntry) -> BaseModel | None:
+        """Load ahead of the engine turn that needs it (loading a real model takes minutes), or None on several
+        ranks, where every rank must load and shard it together, on the engine thread."""
+        return None if self.ranks is not None else self.get(entry)
 
     def loaded(self) -> list[BaseModel]:
         return list(self._models.values())

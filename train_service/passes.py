@@ -109,11 +109,18 @@ def _score(base: Any, part: Part, hidden: torch.Tensor, valid: torch.Tensor, tar
     return PartResult(lp, el, value), loss
 
 
-def run_pass(base: Any, parts: list[Part], backward: bool) -> list[PartResult]:
-    """One forward (and backward) over every part's rows; each part's adapter gets only its own gradient.
+@dataclass
+class Layout:
+    """The rows of a pass as padded tensors, and each part's rows."""
 
-    A part whose loss is not finite is left out of the backward and answers with an error."""
-    device = base.device.device
+    input_ids: torch.Tensor  # (rows, width), right-padded
+    targets: torch.Tensor
+    valid: torch.Tensor  # (rows, width) bool: a real token
+    lengths: torch.Tensor  # (rows,)
+    segments: list[Segment]  # each part's rows, routed to its adapter
+
+
+def layout(parts: list[Part], device: torch.device) -> Layout:
     lengths = [len(part.rows.ids[i]) for part in parts for i in range(part.first, part.last)]
     width = max(lengths)
     ids = np.zeros((len(lengths), width), np.int64)
@@ -128,20 +135,25 @@ def run_pass(base: Any, parts: list[Part], backward: bool) -> list[PartResult]:
         segments.append(Segment(part.adapter, start, row))
     lengths_t = torch.tensor(lengths)
     valid = (torch.arange(width)[None, :] < lengths_t[:, None]).to(device)
-    input_ids, target_ids = torch.from_numpy(ids).to(device), torch.from_numpy(targets).to(device)
+    return Layout(torch.from_numpy(ids).to(device), torch.from_numpy(targets).to(device), valid, lengths_t, segments)
 
-    results: list[PartResult] = []
-    total = None
+
+def score_parts(base: Any, parts: list[Part], rows: Layout, hidden: torch.Tensor) -> list[tuple[PartResult, torch.Tensor]]:
+    return [_score(base, part, hidden[s.start:s.stop], rows.valid[s.start:s.stop], rows.targets[s.start:s.stop],
+                   rows.lengths[s.start:s.stop]) for part, s in zip(parts, rows.segments)]
+
+
+def run_pass(base: Any, parts: list[Part], backward: bool) -> list[PartResult]:
+    """One forward (and backward) over every part's rows; each part's adapter gets only its own gradient.
+
+    A part whose loss is not finite is left out of the backward and answers with an error."""
+    rows = layout(parts, base.device.device)
     # The routing stays in place through the backward: checkpointed layers run their forward again there.
-    with torch.set_grad_enabled(backward), base.training_pass(backward), base.router.route(segments):
+    with torch.set_grad_enabled(backward), base.training_pass(backward), base.router.route(rows.segments):
         with base.device.autocast():  # the forward only, as autocast asks
-            hidden = base.decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-            for part, segment in zip(parts, segments):
-                result, loss = _score(base, part, hidden[segment.start:segment.stop], valid[segment.start:segment.stop],
-                                      target_ids[segment.start:segment.stop], lengths_t[segment.start:segment.stop])
-                results.append(result)
-                if result.error is None:
-                    total = loss if total is None else total + loss
-        if backward and total is not None and total.requires_grad:
-            total.backward()
-    return results
+            hidden = base.decoder(input_ids=rows.input_ids, use_cache=False).last_hidden_state
+            scored = score_parts(base, parts, rows, hidden)
+        finite = [loss for result, loss in scored if result.error is None]
+        if backward and finite and finite[0].requires_grad:
+            sum(finite).backward()
+    return [result for result, _ in scored]

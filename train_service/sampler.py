@@ -11,6 +11,7 @@ answered at once.
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
 import threading
@@ -178,11 +179,20 @@ class _Member:
                 or self.request.cancelled.is_set())
 
 
-class DecodeGroup:
-    """Sample requests on one base decoding together; `step()` runs one decode step for all of them."""
+_group_ids = itertools.count()
 
-    def __init__(self, base: Any, works: list[Any]):
+
+class DecodeGroup:
+    """Sample requests on one base decoding together; `step()` runs one decode step for all of them.
+
+    On several ranks every rank runs every row (each layer's all-gather needs them all); rank 0 chooses the
+    tokens and which requests leave, and the others take its choice (train_service.distributed)."""
+
+    def __init__(self, base: Any, works: list[Any], gid: int | None = None):
         self.base = base
+        self.gid = next(_group_ids) if gid is None else gid  # names it to the other ranks
+        self.ranks = base.ranks
+        self.follower = base.ranks is not None and base.ranks.rank != 0
         self.members = [_Member(w, base.device.device) for w in works]
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # (rows, cache length) 1 = a real token; None = no padding
@@ -204,6 +214,10 @@ class DecodeGroup:
         """One decode step (the first one prefills). Returns the works answered in this step."""
         with torch.inference_mode(), self.base.device.autocast():
             logits = self._prefill() if self.cache is None else self._decode()
+            if self.follower:
+                chosen, leaving = self.ranks.broadcast(None)
+                self.chosen = torch.tensor(chosen, device=logits.device)
+                return self._retire(leaving)
             start = 0
             chosen_rows = []
             for member in self.members:
@@ -220,7 +234,10 @@ class DecodeGroup:
                 chosen_rows.append(chosen)
                 start += n
             self.chosen = torch.cat(chosen_rows)
-        return self._retire()
+            leaving = [m.finished for m in self.members]  # decided once: a cancel may land at any moment
+            if self.ranks is not None:
+                self.ranks.broadcast((self.chosen.tolist(), leaving))
+        return self._retire(leaving)
 
     def _prefill(self) -> torch.Tensor:
         base, device = self.base, self.base.device.device
@@ -241,7 +258,7 @@ class DecodeGroup:
                                   past_key_values=self.cache, use_cache=True).last_hidden_state
             logits = base.head(hidden[:, -1])
         for i, member in enumerate(self.members):
-            if member.request.include_prompt_logprobs:
+            if member.request.include_prompt_logprobs and not self.follower:
                 p = member.request.prompt
                 h = hidden[i, width - len(p) : width - 1]
                 logp = head_logprobs(base.head, h, torch.tensor(p[1:], device=device), member.request.adapter)
@@ -265,18 +282,18 @@ class DecodeGroup:
                                   use_cache=True).last_hidden_state
             return base.head(hidden[:, -1])
 
-    def _retire(self) -> list[Any]:
+    def _retire(self, leaving: list[bool]) -> list[Any]:
         """Answer the members that are done and drop their cache rows."""
-        done = [m for m in self.members if m.finished]
+        done = [m for m, gone in zip(self.members, leaving) if gone]
         if not done:
             return []
         keep, row = [], 0
-        for member in self.members:
+        for member, gone in zip(self.members, leaving):
             n = member.request.num_samples
-            if not member.finished:
+            if not gone:
                 keep.extend(range(row, row + n))
             row += n
-        self.members = [m for m in self.members if not m.finished]
+        self.members = [m for m, gone in zip(self.members, leaving) if not gone]
         if self.members:
             index = torch.tensor(keep, device=self.chosen.device)
             self.cache.batch_select_indices(index)

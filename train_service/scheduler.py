@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import inspect
+import itertools
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -75,15 +76,20 @@ class Call(Work):
         return True
 
 
+_work_ids = itertools.count()
+
+
 class ForwardWork(Work):
     """A forward or forward_backward request: its rows go through one or more passes, maybe with others'."""
 
     def __init__(self, model: Any, rows: Rows, loss: Any, config: dict[str, float], backward: bool,
-                 finish: Callable[["ForwardWork"], Any]):
+                 finish: Callable[["ForwardWork"], Any], loss_name: str = "", wid: int | None = None):
         super().__init__()
+        self.wid = next(_work_ids) if wid is None else wid  # names it to the other ranks (train_service.replay)
         self.model = model  # has .base, .adapter and the gradient bookkeeping (sessions.TrainingModel)
         self.rows = rows
         self.loss = loss
+        self.loss_name = loss_name
         self.config = config
         self.backward = backward
         self.finish = finish  # builds the answer once every row is done

@@ -1,4 +1,8 @@
-"""Start the train service: `python -m train_service [--port 50052] [--checkpoint-dir DIR]`."""
+"""Start the train service: `python -m train_service [--port 50052] [--checkpoint-dir DIR]`.
+
+On several GPUs or nodes: `torchrun --nproc-per-node=N -m train_service ...` (and `--nnodes` with a rendezvous).
+Rank 0 serves gRPC and schedules; the other ranks follow it (train_service.distributed, train_service.replay).
+"""
 
 from __future__ import annotations
 
@@ -18,11 +22,16 @@ from bios.server.grpc import (add_allow_local_paths_argument, add_health_port_ar
 from bios.server.metrics import serve_metrics
 from train_service import metrics, service
 from train_service.checkpoints import CheckpointStore
+from train_service import replay
 from train_service.device import DeviceConfig
+from train_service.distributed import Ranks
 from train_service.engine import Engine
 from train_service.models import BaseModelPool
+from train_service.replay import Mirror
 from train_service.scheduler import Limits
 from train_service.sessions import SessionManager
+
+HEARTBEAT_S = 2.0  # an idle rank 0 pings the other ranks this often: a dead rank is found within seconds
 
 
 def default_checkpoint_dir() -> str:
@@ -39,6 +48,7 @@ class TrainServer:
     names: list[str]
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
+    ranks: Ranks | None = None
 
     async def stop(self, grace: float | None = 5.0, checkpoint: bool = True) -> bool:
         """Graceful drain: report NOT_SERVING, refuse new RPCs, let queued operations finish, checkpoint
@@ -50,10 +60,17 @@ class TrainServer:
         if checkpoint:
             saved = await asyncio.wrap_future(self.engine.submit("control", self.sessions.checkpoint_all))
             logging.info("drained: checkpointed %d open models", len(saved))
+        if self.ranks is not None and not self.ranks.broken:  # the other ranks leave after the work queued before
+            try:
+                await asyncio.wrap_future(self.engine.submit("control", lambda: self.engine.mirror.send("stop")))
+            except Exception:  # noqa: BLE001 - a rank died meanwhile: nothing to tell it
+                logging.warning("could not tell the other ranks to stop")
         stopped = await asyncio.to_thread(self.engine.stop, grace)
         if not stopped:  # queued work outlasted the grace: fail it, so the process ends with no torch work running
             self.abandon_queued()
             stopped = await asyncio.to_thread(self.engine.stop, grace)
+        if self.ranks is not None and stopped:
+            self.ranks.close()
         if self.health_server is not None:
             await self.health_server.stop(None)
         return stopped
@@ -68,15 +85,17 @@ class TrainServer:
 async def start(host: str = "127.0.0.1", port: int = 0, checkpoint_dir: str | None = None,
                 api_keys: ApiKeys | None = None, health_port: int | None = None, pod: int | None = None,
                 device: str | DeviceConfig = "auto", limits: Limits | None = None,
-                allow_local_paths: bool = False) -> TrainServer:
+                allow_local_paths: bool = False, ranks: Ranks | None = None) -> TrainServer:
     """A started server on `port` (0 = pick a free port); `health_port` adds a plaintext health-only port;
     `pod`: this replica's ordinal, put in the ids it issues so clients find their session's pod (bios.placement);
     `device`: auto (CUDA when available), cpu, cuda or cuda:N, or a DeviceConfig; `limits`: the engine's;
     `allow_local_paths`: may callers name base models and tokenizers by server directory?"""
     device = device if isinstance(device, DeviceConfig) else DeviceConfig.resolve(device)
-    engine = Engine(limits)
-    sessions = SessionManager(CheckpointStore(checkpoint_dir or default_checkpoint_dir()), BaseModelPool(device),
-                              pod=pod, allow_local_paths=allow_local_paths)
+    mirror = Mirror(ranks)  # `ranks`: this is rank 0 of several, which follow what it does
+    engine = Engine(limits, mirror=mirror, heartbeat_s=HEARTBEAT_S if ranks is not None else None)
+    pool = BaseModelPool(device, ranks, mirror if ranks is not None else None)
+    sessions = SessionManager(CheckpointStore(checkpoint_dir or default_checkpoint_dir()), pool, pod=pod,
+                              allow_local_paths=allow_local_paths, mirror=mirror)
     metrics.bind(sessions, engine, device)
     server, health_servicer, names = build_server("train", [service.add_to_server(sessions, engine)], api_keys)
     bound = add_port(server, f"{host}:{port}")
@@ -84,18 +103,36 @@ async def start(host: str = "127.0.0.1", port: int = 0, checkpoint_dir: str | No
     health_server, bound_health = (await start_health_server(health_servicer, host, health_port)
                                    if health_port is not None else (None, None))
     await mark_serving(health_servicer, names)
-    return TrainServer(server, bound, engine, sessions, health_servicer, names, health_server, bound_health)
+    return TrainServer(server, bound, engine, sessions, health_servicer, names, health_server, bound_health, ranks)
 
 
 async def serve(host: str, port: int, checkpoint_dir: str | None, metrics_port: int, health_port: int,
-                pod: int | None, device: DeviceConfig, limits: Limits, allow_local_paths: bool = False) -> None:
+                pod: int | None, device: DeviceConfig, limits: Limits, allow_local_paths: bool = False,
+                ranks: Ranks | None = None) -> None:
     running = await start(host, port, checkpoint_dir, ApiKeys.from_env(), health_port or None, pod, device, limits,
-                          allow_local_paths)
+                          allow_local_paths, ranks)
     if metrics_port:
         serve_metrics(metrics_port)
-    logging.info("train service listening on %s:%d (metrics on :%d, pod ordinal %s, device %s, %s base weights)",
-                 host, running.port, metrics_port, pod, device.describe(), device.dtype_name)
+    logging.info("train service listening on %s:%d (metrics on :%d, pod ordinal %s, device %s, %s base weights%s)",
+                 host, running.port, metrics_port, pod, device.describe(), device.dtype_name,
+                 f", rank 0 of {ranks.world}" if ranks else "")
+    if ranks is not None:
+        asyncio.create_task(_exit_when_a_rank_fails(running))
     await wait_for_signal(lambda: running.stop(grace=float(os.environ.get("BIOS_DRAIN_SECONDS", "60"))))
+
+
+async def _exit_when_a_rank_fails(running: TrainServer) -> None:
+    """A dead or stuck rank breaks the group for good: report NOT_SERVING, answer everything queued UNAVAILABLE,
+    stop listening and exit, so that torchrun or the LeaderWorkerSet restarts the whole group. The engine thread
+    may be stuck in a collective, so this does not wait for it."""
+    while not running.ranks.broken:
+        await asyncio.sleep(0.5)
+    logging.error("a rank of the train group failed: stopping so that the group restarts")
+    await mark_not_serving(running.health, running.names)
+    running.abandon_queued()
+    await running.server.stop(1.0)
+    logging.shutdown()
+    os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,12 +149,18 @@ def main(argv: list[str] | None = None) -> None:
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ranks = Ranks.from_env(use_cuda=args.device != "cpu")  # under torchrun: this process's rank
+    if ranks is not None and args.device != "cpu":
+        args.device = ranks.device  # rank k computes on cuda:LOCAL_RANK
     try:
         device, limits = engine_options(args)
     except ValueError as exc:
         parser.error(str(exc))
+    if ranks is not None and ranks.rank > 0:
+        replay.follow(ranks, device)
+        return
     asyncio.run(serve(args.host, args.port, args.checkpoint_dir, args.metrics_port, args.health_port, args.pod_ordinal,
-                      device, limits, args.allow_local_paths))
+                      device, limits, args.allow_local_paths, ranks))
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -59,9 +59,16 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
         return train_pb2.CreateSessionResponse(session_id=session.session_id)
 
     async def CloseSession(self, request, context):
-        for key in self.sessions.close_session(request.session_id, current_tenant()):
+        keys = self.sessions.close_session(request.session_id, current_tenant())
+        for key in keys:
             self.engine.drop(key, NotFoundError(f"{key}: its session {request.session_id} was closed"))
+        self._drop_replicas(keys)
         return train_pb2.CloseSessionResponse()
+
+    def _drop_replicas(self, keys: list[str]) -> None:
+        """On several ranks, the other ranks free their replicas too (in the engine's order of work)."""
+        if keys and self.sessions.mirror.active:
+            self.engine.submit("control", lambda: self.sessions.mirror.send("drop", keys))
 
     async def CreateModel(self, request, context):
         lora, tenant = _lora(request.lora), current_tenant()
@@ -75,6 +82,7 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
     async def DeleteModel(self, request, context):
         model = self.sessions.delete_model(request.model_id, current_tenant())
         self.engine.drop(model.model_id, NotFoundError(f"model_id: model {model.model_id} was deleted"))
+        self._drop_replicas([model.model_id])
         return train_pb2.DeleteModelResponse()
 
     async def CreateSampler(self, request, context):

@@ -29,6 +29,7 @@ from train_service.lora import Adapter
 from train_service.losses import get_loss
 from train_service.metrics import CHECKPOINT_BYTES
 from train_service.models import BaseModel, BaseModelPool
+from train_service.replay import Mirror
 from train_service.scheduler import ForwardWork, Limits
 
 RESULT_WINDOW = 4096  # answered operations remembered per model, for resubmitted sequence numbers
@@ -49,6 +50,7 @@ class TrainingModel:
     optimizer: torch.optim.AdamW | None = None
     results: OrderedDict[int, Any] = field(default_factory=OrderedDict)  # seq -> asyncio future of the event
     max_seq: int = -1
+    mirror: Mirror = field(default_factory=Mirror)  # what this model does, sent to the other ranks
 
     def __post_init__(self) -> None:
         self._params = self.adapter.parameters()
@@ -84,7 +86,7 @@ class TrainingModel:
         config = dict(request.loss_fn_config)
         loss, needed = get_loss(name, config)
         rows = data.decode_data(list(request.data), self.base.vocab_size, needed, self.base.max_context, limits)
-        return ForwardWork(self, rows, loss, config, backward, _forward_output)
+        return ForwardWork(self, rows, loss, config, backward, _forward_output, name)
 
     # ---- operations (engine thread) -------------------------------------------------------------------
 
@@ -93,6 +95,7 @@ class TrainingModel:
         if not self.has_gradient:
             raise FailedPreconditionError("optim_step: no gradient since the last step (call forward_backward "
                                           "first)")
+        self.mirror.send("optim_step", self.model_id, request.SerializeToString())
         self.has_gradient = False  # consumed whether the step is taken or refused
         metrics = optimizer.adam_step(self.optimizer, self._params, request.adam_params)
         self.step += 1
@@ -142,6 +145,11 @@ class TrainingModel:
                 f"{field_name}: the checkpoint's LoRA (rank {theirs[0]}, alpha {theirs[1]:g}, target modules "
                 f"{theirs[2]}) differs from this model's (rank {ours[0]}, alpha {ours[1]:g}, target modules {ours[2]})")
         saved_optimizer = checkpoints.read_optimizer(directory, field_name) if load_optimizer else None
+        self.mirror.send("load", self.model_id, state, saved_optimizer)  # the other ranks have no checkpoint disk
+        return self.apply_state(state, saved_optimizer, field_name)
+
+    def apply_state(self, state: dict[str, torch.Tensor], saved_optimizer: dict | None, field_name: str) -> int:
+        """Adapter weights (and optimizer state and step) read from a checkpoint, in place of this model's."""
         self.adapter.load_state_dict(state, field_name)  # validates every tensor before copying any
         self.optimizer = optimizer.new_optimizer(self._params)
         if saved_optimizer is not None:
@@ -196,13 +204,14 @@ class SessionManager:
     """All sessions, models and samplers of this process, under one lock."""
 
     def __init__(self, store: CheckpointStore, pool: BaseModelPool | None = None, pod: int | None = None,
-                 allow_local_paths: bool = True):
+                 allow_local_paths: bool = True, mirror: Mirror | None = None):
         """`pod`: this replica's StatefulSet ordinal, written into every id it issues (bios.placement);
         `allow_local_paths`: may callers name base models by server directory (model_registry.resolve)?"""
         self.store = store
         self.pod = pod
         self.allow_local_paths = allow_local_paths
         self.pool = pool or BaseModelPool()
+        self.mirror = mirror or Mirror()  # creations sent to the other ranks (train_service.replay)
         self.sessions: dict[str, Session] = {}
         self.models: dict[str, TrainingModel] = {}
         self.samplers: dict[str, Sampler] = {}
@@ -254,16 +263,23 @@ class SessionManager:
             base_model = base_model or meta["base_model"]
             lora = types.LoraConfig(**meta.get("lora", {}))
         entry = self.entry(base_model)
-        return entry, self.pool.get(entry), lora
+        return entry, self.pool.preload(entry), lora
 
-    def create_model(self, session_id: str, tenant: str, entry: ModelEntry, base: BaseModel, lora: types.LoraConfig,
-                     from_state: str, load_optimizer: bool) -> TrainingModel:
+    def create_model(self, session_id: str, tenant: str, entry: ModelEntry, base: BaseModel | None,
+                     lora: types.LoraConfig, from_state: str, load_optimizer: bool) -> TrainingModel:
         session = self.session(session_id, tenant)
         model_id = self._new_id("model")
-        adapter = base.new_adapter(model_id, base.peft_config(lora, entry.lora_target_modules), lora.seed)
-        model = TrainingModel(model_id, session_id, tenant, entry, base, lora, adapter, self.store)
+        base = base or self.pool.get(entry)
+        config = base.peft_config(lora, entry.lora_target_modules)
+        self.mirror.send("model", model_id, entry, lora, config)
+        adapter = base.new_adapter(model_id, config, lora.seed)
+        model = TrainingModel(model_id, session_id, tenant, entry, base, lora, adapter, self.store, mirror=self.mirror)
         if from_state:
-            model.load_state(from_state, load_optimizer, "from_state")
+            try:
+                model.load_state(from_state, load_optimizer, "from_state")
+            except BaseException:
+                self.mirror.send("drop", [model_id])
+                raise
         with self.lock:
             self.models[model.model_id] = model
             session.model_ids.add(model.model_id)
@@ -278,12 +294,14 @@ class SessionManager:
             base_model = meta["base_model"]
             saved = checkpoints.read_adapter(directory, "model_path")
         entry = self.entry(base_model)
-        return entry, self.pool.get(entry), saved
+        return entry, self.pool.preload(entry), saved
 
-    def create_sampler(self, session_id: str, tenant: str, entry: ModelEntry, base: BaseModel, saved: Any,
+    def create_sampler(self, session_id: str, tenant: str, entry: ModelEntry, base: BaseModel | None, saved: Any,
                        model_path: str) -> Sampler:
         session = self.session(session_id, tenant)
         sampler_id = self._new_id("sampler")
+        base = base or self.pool.get(entry)
+        self.mirror.send("sampler", sampler_id, entry, *(saved if saved is not None else (None, None)))
         adapter = None
         if saved is not None:
             config, state = saved

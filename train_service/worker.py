@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from bios.errors import ResourceExhaustedError
-from train_service import metrics, passes
+from train_service import distributed, metrics, passes
 from train_service.device import is_out_of_memory
+from train_service.replay import Mirror
 from train_service.sampler import DecodeGroup
 from train_service.scheduler import ForwardWork, PassPlan
 
@@ -54,10 +55,18 @@ def run_plan(plan: PassPlan) -> list[ForwardWork]:
             _set_grads(p, [None] * len(p))
     parts = [passes.Part(w.model.adapter, w.rows, first, last, w.loss, w.config) for w, first, last in plan.parts]
     try:
-        results = passes.run_pass(base, parts, plan.backward)
+        if _leads(base):
+            Mirror(base.ranks).pass_plan(plan)
+        results = (distributed.run_pass if base.ranks is not None else passes.run_pass)(base, parts, plan.backward)
     except Exception as exc:  # noqa: BLE001 - the pass failed as a whole: no gradient of it is kept
         for p, old in zip(params, before):
             _set_grads(p, old)
+        if base.ranks is not None:  # ranks that stopped in the middle of a pass no longer agree: restart them all
+            base.ranks.broken = True
+            if not isinstance(exc, distributed.RanksFailed):
+                log.exception("pass failed on rank %d; the train group must restart", base.ranks.rank)
+                exc = distributed.RanksFailed(f"a pass failed on rank {base.ranks.rank}: {type(exc).__name__}")
+            return [_fail(w, exc) for w in works]
         if is_out_of_memory(exc):
             base.device.release_cached()
             if len(plan.parts) > 1:  # maybe one request is too big alongside the others: try each alone
@@ -92,6 +101,11 @@ def run_plan(plan: PassPlan) -> list[ForwardWork]:
     return answered
 
 
+def _leads(base: Any) -> bool:
+    """Rank 0 of several: what it runs, it first tells the other ranks to run (train_service.replay)."""
+    return base.ranks is not None and base.ranks.rank == 0
+
+
 def part_tokens(plan: PassPlan) -> int:
     return sum(len(w.rows.ids[i]) for w, a, b in plan.parts for i in range(a, b))
 
@@ -109,13 +123,25 @@ def _fail(work: ForwardWork, exc: BaseException) -> ForwardWork:
 def step_group(group: DecodeGroup) -> list[Any]:
     """One decode step of a group; returns the sample works answered in it."""
     try:
+        if _leads(group.base):
+            mirror = Mirror(group.base.ranks)
+            if group.cache is None:  # its first step
+                mirror.group(group)
+            mirror.step(group)
+        # Counted before the step: its answers may wake callers that read the metrics.
+        metrics.record_decode_step(sum(m.request.num_samples for m in group.members))
         answered = group.step()
     except Exception as exc:  # noqa: BLE001
+        ranks = group.base.ranks
+        if ranks is not None:  # the ranks no longer agree on this group: restart them all
+            ranks.broken = True
+            if not isinstance(exc, distributed.RanksFailed):
+                log.exception("decode step failed on rank %d; the train group must restart", ranks.rank)
+                exc = distributed.RanksFailed(f"a decode step failed on rank {ranks.rank}: {type(exc).__name__}")
+            return group.fail(exc)
         if is_out_of_memory(exc):
             group.base.device.release_cached()
             exc = ResourceExhaustedError(f"out of memory on {group.base.device.describe()} while sampling; "
                                          "ask for fewer samples or tokens")
         return group.fail(exc)
-    metrics.record_decode_step(sum(m.request.num_samples for m in group.members) + sum(
-        w.request.num_samples for w in answered))
     return answered
