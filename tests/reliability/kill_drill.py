@@ -112,16 +112,18 @@ def hidden_leftovers(checkpoints: Path) -> list[Path]:
 
 
 def verify(server: Server, checkpoints: Path, report: Report, trial: int) -> None:
-    """Every listed checkpoint is complete; `latest` and some of `trial`'s are loaded and their loss noted."""
+    """Every listed checkpoint is complete; the newest `latest` and some of `trial`'s are loaded, their loss noted."""
     listed = server.stub.ListCheckpoints(T.ListCheckpointsRequest(), timeout=60).checkpoints
-    mine = sorted(c.name for c in listed if c.name.startswith(f"t{trial}-"))
+    mine = sorted(c.path for c in listed if c.name.startswith(f"t{trial}-"))
     chosen = set(random.Random(trial).sample(mine, min(LOADED_PER_TRIAL, len(mine))))
+    if latest := newest_latest(listed):
+        chosen.add(latest.path)
     for checkpoint in listed:
         model_id, kind, name = checkpoint.path.removeprefix("bios://").split("/")
         files = {p.name for p in (checkpoints / model_id / kind / name).iterdir()}
         if kind == "state" and files != STATE_FILES:
             report.problems.append(f"{checkpoint.path}: files {sorted(files)}")
-        if name != "latest" and name not in chosen:
+        if checkpoint.path not in chosen:
             continue
         try:
             model = server.stub.CreateModel(T.CreateModelRequest(session_id=server.session, from_state=checkpoint.path,
@@ -137,6 +139,11 @@ def verify(server: Server, checkpoints: Path, report: Report, trial: int) -> Non
         report.checkpoints_verified += 1
 
 
+def newest_latest(listed) -> T.Checkpoint | None:
+    """`latest` of the model that got furthest (each trial's resumed model has a new id, so its own `latest`)."""
+    return max((c for c in listed if c.name == "latest"), key=lambda c: c.step, default=None)
+
+
 def trial(k: int, checkpoints: Path, report: Report, rng: random.Random) -> None:
     left = hidden_leftovers(checkpoints)
     report.kills_inside_a_write += any(p.name.startswith((".tmp-", ".old-")) for p in left)
@@ -146,11 +153,10 @@ def trial(k: int, checkpoints: Path, report: Report, rng: random.Random) -> None
             report.problems.append(f"trial {k}: leftovers after the restart: {remaining}")
         report.leftovers_removed += len(left)
         verify(server, checkpoints, report, k - 1)
-        latest = [c for c in server.stub.ListCheckpoints(T.ListCheckpointsRequest(), timeout=60).checkpoints
-                  if c.name == "latest"]
+        latest = newest_latest(server.stub.ListCheckpoints(T.ListCheckpointsRequest(), timeout=60).checkpoints)
         request = T.CreateModelRequest(session_id=server.session, base_model=MODEL, lora=LORA)
         if latest:  # resume where the killed process last saved, optimizer included
-            request = T.CreateModelRequest(session_id=server.session, from_state=latest[0].path, load_optimizer=True)
+            request = T.CreateModelRequest(session_id=server.session, from_state=latest.path, load_optimizer=True)
         model = server.stub.CreateModel(request, timeout=60)
         # The burst: steps, each followed by saves (a new name, then `latest` overwritten), none waited for;
         # the kill comes at a random moment of the saves after a random step.
