@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,8 +18,8 @@ import bios
 from bios import types
 from bios.v1 import train_pb2, train_pb2_grpc
 from conftest import REPO
+from train_service import launch
 
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 MODEL = "ultrasafe/usf-mini"
 
 
@@ -30,48 +29,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_serving(port: int, proc: subprocess.Popen, timeout: float = 180) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"train service exited with {proc.returncode}")
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"train service on :{port} not serving after {timeout} s")
-
-
 def server_args(port: int, checkpoints: Path) -> list[str]:
-    return ["-m", "train_service", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-            "--checkpoint-dir", str(checkpoints), "--device", "cpu"]
+    return ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--checkpoint-dir", str(checkpoints),
+            "--device", "cpu"]
 
 
 def start(ranks: int, checkpoints: Path, log: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    command = ([TORCHRUN, "--standalone", f"--nproc-per-node={ranks}", *server_args(port, checkpoints)]
-               if ranks > 1 else [sys.executable, *server_args(port, checkpoints)])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "BIOS_DRAIN_SECONDS": "5", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    wait_serving(port, proc)
+    env = {"HF_HUB_OFFLINE": "1", "BIOS_DRAIN_SECONDS": "5", "OMP_NUM_THREADS": "1"}
+    proc = launch.spawn(ranks, server_args(port, checkpoints), open(log, "w"), env, cwd=REPO)
+    launch.wait_serving(f"127.0.0.1:{port}", proc)
     return proc, port
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+stop = launch.stop
 
 
 @pytest.fixture(scope="module")
@@ -235,12 +206,12 @@ def test_without_torchrun_rank_0_notices_a_dead_rank_itself(tmp_path):
     port, master = free_port(), free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master),
            "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-    ranks = [subprocess.Popen([sys.executable, *server_args(port, tmp_path)], cwd=REPO,
+    ranks = [subprocess.Popen(launch.command(1, server_args(port, tmp_path)), cwd=REPO,
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=open(tmp_path / f"rank{r}.log", "w"), stderr=subprocess.STDOUT)
              for r in (0, 1)]
     try:
-        wait_serving(port, ranks[0])
+        launch.wait_serving(f"127.0.0.1:{port}", ranks[0])
         ranks[1].kill()
         assert unavailable_within(port, 10) < 10
         assert ranks[0].wait(30) == 1

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 ACTIVE_SESSIONS = Gauge("bios_train_active_sessions", "Open training sessions.")
@@ -44,11 +47,17 @@ def record_decode_step(rows: int) -> None:
     DECODE_ROWS.observe(rows)
 
 
+_bound: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # sessions -> engine of each server
+
+
 def bind(sessions, engine, device) -> None:
-    """Gauges read live state when scraped."""
-    ACTIVE_SESSIONS.set_function(lambda: len(sessions.sessions))
-    ACTIVE_ADAPTERS.set_function(lambda: len(sessions.models) + sum(1 for s in sessions.samplers.values() if s.adapter))
-    QUEUE_DEPTH.set_function(engine.queue_depth)
+    """Gauges read live state when scraped, summed over every train server of this process (one in production;
+    tests and benchmarks start several)."""
+    _bound[sessions] = engine
+    ACTIVE_SESSIONS.set_function(lambda: sum(len(s.sessions) for s in list(_bound)))
+    ACTIVE_ADAPTERS.set_function(lambda: sum(len(s.models) + sum(1 for x in s.samplers.values() if x.adapter)
+                                             for s in list(_bound)))
+    QUEUE_DEPTH.set_function(lambda: sum(e.queue_depth() for e in list(_bound.values())))
     MEMORY_BYTES.set_function(_resident_bytes)
     DEVICE.info({"device": device.describe(), "dtype": device.dtype_name,
                  "activation_checkpointing": str(device.activation_checkpointing).lower()})
