@@ -91,6 +91,16 @@ def _local_dir(name: str, allow_local_paths: bool) -> Path | None:
         return None
 
 
+def _renderer_of(name: str, directory: Path) -> str:
+    """The family renderer of a model directory: by its name, or by the repo id its path spells
+    ($BIOS_MODELS_DIR's `org--name`, the HF cache's `models--org--name/snapshots/<hash>`); else the generic one."""
+    from render_service.renderers import renderer_for_model
+
+    folders = [directory.name, directory.parent.parent.name if directory.parent.name == "snapshots" else ""]
+    candidates = [name, *(f.removeprefix("models--").replace("--", "/", 1) for f in folders if "--" in f)]
+    return next(filter(None, map(renderer_for_model, candidates)), "chat_template")
+
+
 def resolve(name: str, allow_local_paths: bool = True, field: str = "base_model") -> ModelEntry:
     """The entry for a model name; NotFoundError naming the field and what was tried.
 
@@ -101,10 +111,8 @@ def resolve(name: str, allow_local_paths: bool = True, field: str = "base_model"
     if entry := registered().get(name):
         return entry
     if directory := _local_dir(name, allow_local_paths):
-        from render_service.renderers import renderer_for_model
-
         return ModelEntry(name=name, weights=str(directory), tokenizer=str(directory),
-                          renderer=renderer_for_model(name) or "chat_template")
+                          renderer=_renderer_of(name, directory))
     tried = "not a directory, " if allow_local_paths else ""
     raise NotFoundError(
         f"{field}: unknown model {name!r}: not in the registry ({', '.join(sorted(registered()))}), {tried}"

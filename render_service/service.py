@@ -64,7 +64,7 @@ def _renderer(name: str, tokenizer_name: str, options_json: str, allow_local_pat
         name = confine_options(name, options)
     name = name or resolve(tokenizer_name, allow_local_paths, "renderer.tokenizer").renderer
     tokenizer = get_tokenizer(tokenizer_name, allow_local_paths, "renderer.tokenizer")
-    return renderers.get_renderer(name, tokenizer, **options)
+    return renderers.get_renderer(name, tokenizer, tokenizer_name=tokenizer_name, **options)
 
 
 def confine_options(name: str, options: dict[str, Any]) -> str:

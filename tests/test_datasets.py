@@ -40,7 +40,7 @@ def unpack(datum: Datum):
 
 
 def test_seed_shape_and_blank_lines(tmp_path, renderer):
-    path = write(tmp_path, [json.dumps({"messages": CONV}), "", "   ", json.dumps({"messages": CONV2, "tools": TOOLS})])
+    path = write(tmp_path, [json.dumps({"messages": CONV}), "", "   ", json.dumps({"messages": CONV2})])
     data = list(iter_jsonl_data(path, renderer))
     assert len(data) == 2 and all(isinstance(d, Datum) for d in data)
     assert unpack(data[0]) == expected_datum(renderer, CONV)
@@ -51,6 +51,18 @@ def test_seed_shape_and_blank_lines(tmp_path, renderer):
     assert data[0].loss_fn_inputs["weights"].dtype == "float32"
     decoded = renderer.tokenizer.decode([t for t, w in zip(targets, weights) if w])
     assert decoded == "Paris.<|im_end|>"
+
+
+def test_tools_render_with_a_family_that_has_them_and_are_refused_by_one_that_has_not(tmp_path, renderer,
+                                                                                     qwen3_tokenizer):
+    path = write(tmp_path, [json.dumps({"messages": CONV}), json.dumps({"messages": CONV2, "tools": TOOLS})])
+    qwen3 = get_renderer("qwen3", qwen3_tokenizer)
+    data = list(iter_jsonl_data(path, qwen3))
+    tokens, weights = qwen3.build_supervised_example(CONV2, tools=TOOLS)
+    assert unpack(data[1]) == (list(tokens[:-1]), list(tokens[1:]), list(weights[1:]))
+    assert unpack(data[1]) != expected_datum(qwen3, CONV2)  # the tools are in the prompt
+    with pytest.raises(ValueError, match=r"line 2: field tools: the ultrasafe renderer cannot represent tools"):
+        list(iter_jsonl_data(path, renderer))
 
 
 def test_train_on_what_and_max_length(tmp_path, renderer):

@@ -176,6 +176,12 @@ class BaseRenderer:
     # The options a family reads (named like the template variables they stand for). None: the tokenizer's chat
     # template is rendered, so its options are the variables that template mentions, plus `chat_template` itself.
     option_names: tuple[str, ...] | None = None
+    # The family's special tokens: each must be one token of the tokenizer, or the ids would spell it out as text
+    # (a renderer paired with another family's tokenizer). Empty: the renderer follows the tokenizer's own template.
+    special_tokens: tuple[str, ...] = ()
+    # Message fields ("tools", "tool_calls", "reasoning_content") the family's format has no place for: refused
+    # naming the field, rather than dropped without a word.
+    cannot_represent: tuple[str, ...] = ()
 
     def __init__(self, tokenizer: Any, **options: Any):
         self.tokenizer = tokenizer
@@ -183,6 +189,27 @@ class BaseRenderer:
         self._special_ids: dict[str, Any] = {}  # per-renderer cache of looked-up token ids
         self._stop_ids: list[int] | None = None
         self._check_options()
+
+    def check_tokenizer(self, tokenizer_name: str | None = None) -> None:
+        """RenderError naming both when a special token of the family is not one token of the tokenizer."""
+        for token in self.special_tokens:
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == self.tokenizer.unk_token_id or \
+                    self.tokenizer.encode(token, add_special_tokens=False) != [token_id]:
+                name = tokenizer_name or getattr(self.tokenizer, "name_or_path", "") or "given"
+                raise RenderError(f"renderer: {self.name!r} does not match the tokenizer {name!r}: its special token "
+                                  f"{token!r} is not a token of that tokenizer (leave the renderer out to follow the "
+                                  f"tokenizer, or give the tokenizer of a {self.name} model)")
+
+    def _refuse_unrepresentable(self, messages: Sequence[Message], tools: list[dict] | None) -> None:
+        if tools and "tools" in self.cannot_represent:
+            raise RenderError(f"tools: the {self.name} renderer cannot represent tools (its format has no tool "
+                              "declarations); use a renderer whose format has them, e.g. qwen3")
+        for i, m in enumerate(messages):
+            for key in self.cannot_represent:
+                if key != "tools" and m.get(key):
+                    raise RenderError(f"messages[{i}].{key}: the {self.name} renderer cannot represent it (its "
+                                      "format has no place for it); use a renderer whose format does, e.g. qwen3")
 
     def _check_options(self) -> None:
         """An option nothing reads would be dropped without a word: refuse it, naming it."""
@@ -241,6 +268,8 @@ class BaseRenderer:
         validate_messages(messages)
         if tools:
             validate_tools(tools)
+        if self.cannot_represent:
+            self._refuse_unrepresentable(messages, tools)
         segs = self.segments(list(messages), tools, add_generation_prompt)
         roles = [m["role"] for m in messages]
         return tokenize_segments(self.tokenizer, segs, roles)

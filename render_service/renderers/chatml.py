@@ -17,6 +17,8 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 class ChatMLRenderer(BaseRenderer):
     name = "ultrasafe"
     option_names = ()
+    special_tokens = (IM_START, IM_END)
+    cannot_represent = ("tools", "tool_calls", "reasoning_content")  # ChatML has only role and content
 
     def segments(self, messages: Sequence[Message], tools, add_generation_prompt: bool) -> list[Segment]:
         out: list[Segment] = []

@@ -80,6 +80,7 @@ class DeepSeekV3Renderer(BaseRenderer):
 
     name = "deepseek-v3"
     option_names = ()
+    special_tokens = (BOS, EOS, USER, ASSISTANT)
 
     def segments(self, messages: Sequence[Message], tools: list[dict] | None, add_generation_prompt: bool
                  ) -> list[Segment]:

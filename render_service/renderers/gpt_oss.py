@@ -206,6 +206,7 @@ class GptOssRenderer(BaseRenderer):
 
     name = "gpt-oss"
     option_names = ("current_date", "model_identity", "reasoning_effort", "builtin_tools")
+    special_tokens = (START, MESSAGE, END, CHANNEL, RETURN)
 
     def current_date(self) -> str:
         value = self.options.get("current_date")

@@ -108,6 +108,7 @@ class Llama31Renderer(BaseRenderer):
 
     name = "llama3.1"
     option_names = ("custom_tools", "builtin_tools", "tools_in_user_message", "date_string")
+    special_tokens = (BOS, "<|start_header_id|>", "<|end_header_id|>", EOT)
     supports_builtin_tools = True
 
     def default_date(self) -> str:

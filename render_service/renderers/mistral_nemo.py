@@ -91,6 +91,7 @@ class MistralNemoRenderer(BaseRenderer):
 
     name = "mistral-nemo"
     option_names = ()
+    special_tokens = (BOS, EOS, INST, INST_END)
 
     def segments(self, messages: Sequence[Message], tools, add_generation_prompt: bool) -> list[Segment]:
         if not messages:

@@ -177,6 +177,7 @@ class Qwen25Renderer(BaseRenderer):
 
     name = "qwen2.5"
     option_names = ()
+    special_tokens = (IM_START, IM_END)
 
     def segments(self, messages: Sequence[Message], tools: list[dict] | None, add_generation_prompt: bool
                  ) -> list[Segment]:

@@ -43,13 +43,17 @@ def renderer_for_model(model_name: str) -> str | None:
     return max(matches)[1] if matches else None
 
 
-def get_renderer(name: str, tokenizer: Any, **options: Any) -> BaseRenderer:
+def get_renderer(name: str, tokenizer: Any, *, tokenizer_name: str | None = None, **options: Any) -> BaseRenderer:
     """A renderer by name over `tokenizer`; options mean what the same-named apply_chat_template kwargs mean.
 
-    `declarative:<template>` names a declarative template: a bundled name (e.g. `chatml`) or a file path."""
+    `declarative:<template>` names a declarative template: a bundled name (e.g. `chatml`) or a file path.
+    A family whose special tokens the tokenizer lacks is refused (RenderError naming both; `tokenizer_name` is
+    how the error names the tokenizer)."""
     if name.startswith("declarative:"):
         name, options["template"] = "declarative", name.split(":", 1)[1]
-    return _RENDERERS[canonical_name(name)](tokenizer, **options)
+    renderer = _RENDERERS[canonical_name(name)](tokenizer, **options)
+    renderer.check_tokenizer(tokenizer_name)
+    return renderer
 
 
 def list_renderers() -> list[tuple[str, list[str], str]]:
