@@ -3,6 +3,7 @@ gRPC, no generated code), so it runs on a bare GPU machine.
 
     python -m benchmarks.gpu_check                         # on a CUDA machine (about 3 minutes on one H200)
     python -m benchmarks.gpu_check --device cpu --small    # the same code paths on CPU with a tiny model (CI)
+    torchrun --standalone --nproc-per-node=8 -m benchmarks.gpu_check    # 8 GPUs: FSDP2-sharded, data-parallel
 
 It measures, on a Qwen3-0.6B-shaped model with random weights (bf16 base, fp32 LoRA, bf16 autocast):
   1. LoRA forward_backward at 8 x 2048 tokens: time, tokens/s and MFU (model FLOPs, below, over --peak-tflops);
@@ -10,7 +11,9 @@ It measures, on a Qwen3-0.6B-shaped model with random weights (bf16 base, fp32 L
   3. sampling: one decode group of 8 adapters x 4 samples vs HF `generate` on the same rows, tokens/s;
   4. peak device memory of each;
   5. the same model and adapter in fp32 on the CPU and in bf16 on the device: losses agree within bf16 tolerance.
-The last line printed is one JSON object with every number (also written to --out when given).
+The last line printed is one JSON object with every number (also written to --out when given). Under torchrun the
+base is sharded over the ranks (train_service.distributed): passes are data-parallel and MFU is per GPU; sampling
+runs every row on every rank; the fp32-CPU agreement check (5) and the HF generate baseline run on one rank only.
 
 Model FLOPs of a LoRA forward_backward, per token, with the base frozen (no weight gradients for it):
 4 x (decoder Linear parameters + LM head parameters) + 6 x layers x context x heads x head_dim (causal attention,
@@ -34,7 +37,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
-from train_service import passes  # noqa: E402
+from train_service import distributed, passes  # noqa: E402
 from train_service.device import DeviceConfig  # noqa: E402
 from train_service.losses import get_loss  # noqa: E402
 from train_service.models import BaseModel  # noqa: E402
@@ -58,11 +61,15 @@ def qwen3_config(small: bool) -> transformers.Qwen3Config:
                                     attn_implementation="sdpa", use_cache=True)
 
 
-def build(config: transformers.Qwen3Config, device: DeviceConfig, seed: int = 0) -> BaseModel:
-    """Random weights drawn on the CPU from `seed` (the same on every device), then moved and cast."""
+def build(config: transformers.Qwen3Config, device: DeviceConfig, seed: int = 0,
+          ranks: distributed.Ranks | None = None) -> BaseModel:
+    """Random weights drawn on the CPU from `seed` (the same on every device and rank), then moved and cast."""
     torch.manual_seed(seed)
     model = transformers.Qwen3ForCausalLM(config)
-    return BaseModel("random:qwen3", model.to(device.device, device.dtype), device)
+    base = BaseModel("random:qwen3", model.to(device.device, device.dtype), device, ranks)
+    if ranks is not None:
+        ranks.shard(base)
+    return base
 
 
 def adapter(base: BaseModel, name: str, seed: int, rank: int = 16):
@@ -119,7 +126,7 @@ def forward_backward(base: BaseModel, parts: list[Part]) -> None:
     for part in parts:
         for p in part.adapter.parameters():
             p.grad = None
-    results = passes.run_pass(base, parts, backward=True)
+    results = (distributed.run_pass if base.ranks is not None else passes.run_pass)(base, parts, backward=True)
     assert all(r.error is None for r in results), [r.error for r in results]
 
 
@@ -132,8 +139,9 @@ def check_mfu(base, config, device, batch, length, repeats, peak_tflops) -> dict
     seconds = timed(lambda: forward_backward(base, [part]), device, repeats)
     tokens = batch * length
     flops = model_flops_per_token(config, length) * tokens
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "model_tflops_per_s": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / peak_tflops,
+    gpus = base.ranks.world if base.ranks is not None else 1
+    return {"tokens": tokens, "ranks": gpus, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "model_tflops_per_s": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / (peak_tflops * gpus),
             "peak_memory_gib": peak_gib(device)}
 
 
@@ -189,10 +197,13 @@ def check_sampling(base, config, device, requests, samples, prompt_len, max_toke
     reset_peak(device)
     seconds = timed(ours, device, 2)
     peak = peak_gib(device)
-    hf_seconds = timed(hf, device, 2)
     tokens = requests * samples * max_tokens
-    return {"rows": requests * samples, "max_tokens": max_tokens, "bios_tokens_per_s": tokens / seconds,
-            "hf_generate_tokens_per_s": tokens / hf_seconds, "ratio": hf_seconds / seconds, "peak_memory_gib": peak}
+    out = {"rows": requests * samples, "max_tokens": max_tokens, "bios_tokens_per_s": tokens / seconds,
+           "peak_memory_gib": peak}
+    if base.ranks is None:  # HF generate knows nothing of our ranks
+        hf_seconds = timed(hf, device, 2)
+        out.update(hf_generate_tokens_per_s=tokens / hf_seconds, ratio=hf_seconds / seconds)
+    return out
 
 
 def check_agreement(config, device, length) -> dict:
@@ -227,33 +238,41 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="also write the JSON result to this file")
     args = parser.parse_args(argv)
 
-    device = DeviceConfig.resolve(args.device, args.activation_checkpointing)
+    ranks = distributed.Ranks.from_env(use_cuda=args.device != "cpu")  # under torchrun
+    device = DeviceConfig.resolve(ranks.device if ranks is not None and args.device != "cpu" else args.device,
+                                  args.activation_checkpointing)
     config = qwen3_config(args.small)
+    leader = ranks is None or ranks.rank == 0
+    say = print if leader else (lambda *a, **k: None)
     sizes = dict(mfu=(2, 64, 2), coalesce=(8, 2, 32, 2), sample=(8, 4, 16, 8), agree=32) if args.small else dict(
         mfu=(8, 2048, 5), coalesce=(8, 2, 512, 5), sample=(8, 4, 128, 128), agree=128)
     report = {"device": device.describe(), "dtype": device.dtype_name, "torch": torch.__version__,
               "transformers": transformers.__version__, "model": "qwen3-tiny" if args.small else "qwen3-0.6b-shaped",
-              "activation_checkpointing": args.activation_checkpointing}
+              "activation_checkpointing": args.activation_checkpointing, "ranks": ranks.world if ranks else 1}
     started = time.perf_counter()
-    base = build(config, device)
+    base = build(config, device, ranks=ranks)
     batch, length, repeats = sizes["mfu"]
     report["forward_backward"] = check_mfu(base, config, device, batch, length, repeats, args.peak_tflops)
-    print("forward_backward", report["forward_backward"], flush=True)
+    say("forward_backward", report["forward_backward"], flush=True)
     report["coalescing"] = check_coalescing(base, config, device, *sizes["coalesce"])
-    print("coalescing", report["coalescing"], flush=True)
+    say("coalescing", report["coalescing"], flush=True)
     report["sampling"] = check_sampling(base, config, device, *sizes["sample"])
-    print("sampling", report["sampling"], flush=True)
+    say("sampling", report["sampling"], flush=True)
     del base
-    report["agreement"] = check_agreement(config, device, sizes["agree"])
-    print("agreement", report["agreement"], flush=True)
     report["targets"] = {"mfu >= 0.35": report["forward_backward"]["mfu"] >= 0.35,
-                         "coalesced >= 4x sequential": report["coalescing"]["ratio"] >= 4.0,
-                         "fp32 cpu vs device agree": report["agreement"]["agree"]}
+                         "coalesced >= 4x sequential": report["coalescing"]["ratio"] >= 4.0}
+    if ranks is None:
+        report["agreement"] = check_agreement(config, device, sizes["agree"])
+        say("agreement", report["agreement"], flush=True)
+        report["targets"]["fp32 cpu vs device agree"] = report["agreement"]["agree"]
     report["seconds"] = time.perf_counter() - started
-    line = json.dumps(report)
-    print(line)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
+    if leader:
+        line = json.dumps(report)
+        print(line)
+        if args.out:
+            Path(args.out).write_text(line + "\n")
+    if ranks is not None:
+        ranks.close()
     return report
 
 
