@@ -742,7 +742,10 @@ def test_a_group_starts_restarts_and_rolls_as_one(rendered, group):
     # only if no Service of that name exists: a Service of ours by that name would leave pods without DNS.
     assert spec["networkConfig"]["subdomainPolicy"] == "Shared"
     assert lws["metadata"]["name"] not in {s["metadata"]["name"] for s in of_kind(docs, "Service")}
-    assert spec["rolloutStrategy"]["rollingUpdateConfiguration"]["maxSurge"] in (0, "0%")
+    rolling = spec["rolloutStrategy"]["rollingUpdateConfiguration"]
+    assert rolling["maxSurge"] in (0, "0%") and rolling["maxUnavailable"] not in (0, "0%")  # LWS refuses both 0
+    # LWS's webhook: the name (also the headless Service's) must be a DNS-1035 label.
+    assert re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", lws["metadata"]["name"])
     # Workers: nothing to serve or probe; they wait out the leader's drain.
     for c in pod_spec(worker)["containers"]:
         assert not c.get("ports") and not {"startupProbe", "readinessProbe", "livenessProbe"} & set(c), c["name"]
