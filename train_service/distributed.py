@@ -27,8 +27,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
 
-from bios.errors import UnavailableError
+from bios.errors import InvalidArgumentError, UnavailableError
+from train_service.passes import Part, PartResult, Rows, layout, score_parts
 
 log = logging.getLogger("bios.distributed")
 
@@ -109,8 +111,6 @@ class Ranks:
         """FSDP2 over the decoder: each layer its own unit, the decoder the root. Target Linears are wrapped for
         LoRA first (fully_shard keeps each Linear object, so routing reaches it), and the embeddings and final
         norm are left whole (ignored): the LM head shares the embedding when tied and runs outside the decoder."""
-        from torch.distributed.fsdp import fully_shard
-
         base.wrap_all_targets()
         decoder = base.decoder
         for layer in decoder.layers:
@@ -129,8 +129,6 @@ def _local_parts(parts: list, ranks: Ranks) -> tuple[list, list[tuple[int, int]]
     """This rank's share of the pass: each part's rows whose index in the pass is rank mod N. Returns the local
     parts, (part index, row in part) of each local row, and whether the share is a stand-in (a rank with no row
     still runs one, with no weight, so that it takes part in every layer's collectives)."""
-    from train_service.passes import Part, Rows
-
     mine = set(ranks.split(sum(p.last - p.first for p in parts)))
     local, where, row = [], [], 0
     for index, part in enumerate(parts):
@@ -153,8 +151,6 @@ def _local_parts(parts: list, ranks: Ranks) -> tuple[list, list[tuple[int, int]]
 
 def run_pass(base: Any, parts: list, backward: bool) -> list:
     """passes.run_pass over all ranks: the same results and the same gradients on every rank."""
-    from train_service.passes import PartResult, layout, score_parts
-
     ranks: Ranks = base.ranks
     local, where, stand_in = _local_parts(parts, ranks)
     rows = layout(local, base.device.device)
@@ -188,8 +184,6 @@ def run_pass(base: Any, parts: list, backward: bool) -> list:
         total = totals[index]
         error = None
         if not torch.isfinite(torch.tensor(total)):
-            from bios.errors import InvalidArgumentError
-
             error = InvalidArgumentError("data: the loss is not finite for these inputs (check logprobs/advantages)")
         results.append(PartResult(lp, el, float(total), error))
     return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Any
 
@@ -30,8 +31,6 @@ DEVICE_MEMORY_BYTES = Gauge("bios_train_device_memory_bytes",
 
 
 def _resident_bytes() -> float:
-    import os
-
     with open("/proc/self/statm") as f:  # current resident set, in pages
         return float(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
 

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM
 
 from bios.errors import InvalidArgumentError
 from train_service import lora as lora_layers
 from train_service.device import DeviceConfig
+from train_service.tiny_model import TINY_BUILDERS
 
 if TYPE_CHECKING:  # types only: the numerical core imports neither the client's types nor the render service
     from bios import types
@@ -34,14 +36,10 @@ def load_weights(source: str, device: DeviceConfig | None = None) -> torch.nn.Mo
     ("tiny:qwen3") or an HF directory (SDPA attention)."""
     device = device or DeviceConfig.resolve("cpu")
     if source.startswith("tiny:"):
-        from train_service.tiny_model import TINY_BUILDERS
-
         if source not in TINY_BUILDERS:
             raise InvalidArgumentError(f"weights: unknown stand-in {source!r}; known: {', '.join(TINY_BUILDERS)}")
         model = TINY_BUILDERS[source]()
     else:
-        from transformers import AutoModelForCausalLM
-
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=device.dtype,
                                                      attn_implementation="sdpa")
     return model.to(device=device.device, dtype=device.dtype)

@@ -17,12 +17,12 @@ import grpc
 from bios import placement
 from bios.errors import UnavailableError
 from bios.server.auth import ApiKeys
-from bios.server.grpc import (add_allow_local_paths_argument, add_health_port_argument, add_port, build_server,
-                              mark_not_serving, mark_serving, start_health_server, wait_for_signal)
+from bios.server.grpc import (add_allow_local_paths_argument, add_health_port_argument, add_host_argument, add_port,
+                              build_server, mark_not_serving, mark_serving, start_health_server, wait_for_signal,
+                              warn_if_open)
 from bios.server.metrics import serve_metrics
-from train_service import metrics, service
+from train_service import follower, metrics, service
 from train_service.checkpoints import CheckpointStore
-from train_service import replay
 from train_service.device import DeviceConfig
 from train_service.distributed import Ranks
 from train_service.engine import Engine
@@ -109,7 +109,9 @@ async def start(host: str = "127.0.0.1", port: int = 0, checkpoint_dir: str | No
 async def serve(host: str, port: int, checkpoint_dir: str | None, metrics_port: int, health_port: int,
                 pod: int | None, device: DeviceConfig, limits: Limits, allow_local_paths: bool = False,
                 ranks: Ranks | None = None) -> None:
-    running = await start(host, port, checkpoint_dir, ApiKeys.from_env(), health_port or None, pod, device, limits,
+    api_keys = ApiKeys.from_env()
+    warn_if_open("train service", host, api_keys)
+    running = await start(host, port, checkpoint_dir, api_keys, health_port or None, pod, device, limits,
                           allow_local_paths, ranks)
     if metrics_port:
         serve_metrics(metrics_port)
@@ -118,7 +120,7 @@ async def serve(host: str, port: int, checkpoint_dir: str | None, metrics_port: 
                  f", rank 0 of {ranks.world}" if ranks else "")
     if ranks is not None:
         asyncio.create_task(_exit_when_a_rank_fails(running))
-    await wait_for_signal(lambda: running.stop(grace=float(os.environ.get("BIOS_DRAIN_SECONDS", "60"))))
+    await wait_for_signal(lambda: running.stop(grace=drain_seconds()))
 
 
 async def _exit_when_a_rank_fails(running: TrainServer) -> None:
@@ -137,16 +139,7 @@ async def _exit_when_a_rank_fails(running: TrainServer) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train_service", description=__doc__)
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=50052)
-    parser.add_argument("--checkpoint-dir", default=None)
-    parser.add_argument("--metrics-port", type=int, default=9091, help="Prometheus /metrics port (0 = off)")
-    parser.add_argument("--pod-ordinal", type=int, default=placement.pod_ordinal(os.environ.get("BIOS_POD_NAME")),
-                        help="this replica's ordinal, written into the ids it issues (default: from $BIOS_POD_NAME, "
-                             "e.g. bios-train-3 -> 3; none outside a StatefulSet)")
-    add_health_port_argument(parser)
-    add_allow_local_paths_argument(parser)
-    add_engine_arguments(parser)
+    add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ranks = Ranks.from_env(use_cuda=args.device != "cpu")  # under torchrun: this process's rank
@@ -157,10 +150,35 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         parser.error(str(exc))
     if ranks is not None and ranks.rank > 0:
-        replay.follow(ranks, device)
+        follower.follow(ranks, device)
         return
     asyncio.run(serve(args.host, args.port, args.checkpoint_dir, args.metrics_port, args.health_port, args.pod_ordinal,
                       device, limits, args.allow_local_paths, ranks))
+
+
+def add_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The train server's flags, for `python -m train_service` and `bios serve train`. With a prefix (`train-`, for
+    `bios serve all`) its ports are --train-port, --train-metrics-port and --train-health-port, and the flags all
+    services share (--host, --pod-ordinal, --allow-local-paths) are the caller's to add once."""
+    if not prefix:
+        add_host_argument(parser)
+    parser.add_argument(f"--{prefix}port", type=int, default=50052, help="gRPC port")
+    parser.add_argument("--checkpoint-dir", default=None, help="where checkpoints are written (default: "
+                        "$BIOS_CHECKPOINT_DIR, else ~/.cache/bios/checkpoints)")
+    parser.add_argument(f"--{prefix}metrics-port", type=int, default=9091, help="Prometheus /metrics port (0 = off)")
+    if not prefix:
+        parser.add_argument("--pod-ordinal", type=int, default=placement.pod_ordinal(os.environ.get("BIOS_POD_NAME")),
+                            help="this replica's ordinal, written into the ids it issues (default: from "
+                                 "$BIOS_POD_NAME, e.g. bios-train-3 -> 3; none outside a StatefulSet)")
+    add_health_port_argument(parser, prefix)
+    if not prefix:
+        add_allow_local_paths_argument(parser)
+    add_engine_arguments(parser)
+
+
+def drain_seconds() -> float:
+    """How long a stopping server lets queued work finish ($BIOS_DRAIN_SECONDS)."""
+    return float(os.environ.get("BIOS_DRAIN_SECONDS", "60"))
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

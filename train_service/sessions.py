@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from peft import PeftModel
 
 from bios import placement, types, wire
 from bios.errors import BiosError, FailedPreconditionError, InvalidArgumentError, NotFoundError
@@ -28,7 +29,7 @@ from train_service.checkpoints import CheckpointStore, validate_name
 from train_service.lora import Adapter
 from train_service.losses import get_loss
 from train_service.metrics import CHECKPOINT_BYTES
-from train_service.models import BaseModel, BaseModelPool
+from train_service.models import BaseModel, BaseModelPool, load_weights
 from train_service.replay import Mirror
 from train_service.scheduler import ForwardWork, Limits
 
@@ -331,10 +332,6 @@ class SessionManager:
         """The base model with a checkpoint's adapter merged in, as a complete HF model directory.
 
         Works on a fresh fp32 CPU copy of the base weights: the shared copy keeps serving other sessions."""
-        from peft import PeftModel
-
-        from train_service.models import load_weights
-
         entry = self.entry(meta["base_model"])
         merged = PeftModel.from_pretrained(load_weights(entry.weights), str(directory)).merge_and_unload()
         merged.save_pretrained(str(out))
