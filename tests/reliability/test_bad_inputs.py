@@ -1,5 +1,5 @@
-"""The bad-input matrix (bad_inputs.py) against real servers on loopback: every case its status and field, and
-both services answering a good request exactly as before after each one."""
+"""The bad-input matrix (bad_inputs.py, run by matrix.py) against real servers on loopback: every case its status
+and field, and both services answering a good request exactly as before after each one."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import grpc
 import pytest
 
 import bad_inputs
-from bad_inputs import Matrix, cases, passed
+from bad_inputs import cases
+from matrix import Matrix, passed
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import socket
 import threading
 import time
 
-import grpc
 import pytest
 
 import bios
