@@ -220,3 +220,23 @@ def test_without_torchrun_rank_0_notices_a_dead_rank_itself(tmp_path):
             if r.poll() is None:
                 r.kill()
                 r.wait(10)
+
+
+def test_sigterm_to_torchrun_drains_and_checkpoints_the_group(tmp_path):
+    """What the kubelet does at a rollout: SIGTERM to torchrun, which forwards it to every rank. Rank 0 drains and
+    checkpoints every open model, then stops the others; the group exits 0."""
+    checkpoints = tmp_path / "ckpt"
+    proc, port = start(2, checkpoints, tmp_path / "log")
+    try:
+        client = bios.ServiceClient(train_address=f"127.0.0.1:{port}", render_address="unused:0")
+        tc = client.create_lora_training_client(base_model=MODEL, rank=4)
+        tc.train(data(1), learning_rate=1e-2)
+        pids = list(rank_pids(proc).values())
+        proc.send_signal(signal.SIGTERM)  # torchrun alone, not its process group
+        no_process_left(proc, pids)
+        log = (tmp_path / "log").read_text()
+        # torchrun itself exits 1 on SIGTERM (SignalException), whatever its ranks do; no rank may have failed.
+        assert "drained: checkpointed 1 open models" in log and "ChildFailedError" not in log, log[-3000:]
+        assert (checkpoints / tc.model_id / "state" / "drain-step1" / "adapter_model.safetensors").is_file()
+    finally:
+        stop(proc)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Any
 
 from bios.errors import BiosError
@@ -114,7 +115,16 @@ def _nothing(work: Any) -> None:
 
 
 def follow(ranks: Ranks, device: Any) -> None:
-    """Run a follower rank until rank 0 stops; then leave the process group."""
+    """Run a follower rank until rank 0 stops; then leave the process group.
+
+    SIGTERM (torchrun forwards the kubelet's to every rank) is left to rank 0: it drains, checkpoints and then
+    tells the others to stop. A follower that died on it would break the group in the middle of the drain."""
+    def leave_it_to_rank_0(signum: int, frame: Any) -> None:
+        log.info("rank %d: %s received; rank 0 drains the group and stops it", ranks.rank,
+                 signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, leave_it_to_rank_0)
+    signal.signal(signal.SIGINT, leave_it_to_rank_0)
     try:
         Follower(ranks, device).run()
     finally:
