@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import grpc
 
 from bios.server.auth import ApiKeys
-from bios.server.grpc import (add_allow_local_paths_argument, add_health_port_argument, add_port, build_server,
-                              mark_not_serving, mark_serving, start_health_server, wait_for_signal)
+from bios.server.grpc import (add_allow_local_paths_argument, add_health_port_argument, add_host_argument, add_port,
+                              build_server, mark_not_serving, mark_serving, start_health_server, wait_for_signal,
+                              warn_if_open)
 from bios.server.metrics import serve_metrics
 from render_service import service
 from render_service.workers import RenderWorkers
@@ -58,23 +59,34 @@ async def start(host: str = "127.0.0.1", port: int = 0, api_keys: ApiKeys | None
 
 async def serve(host: str, port: int, metrics_port: int, workers: int, health_port: int,
                 allow_local_paths: bool = False) -> None:
-    running = await start(host, port, ApiKeys.from_env(), workers, health_port or None, allow_local_paths)
+    api_keys = ApiKeys.from_env()
+    warn_if_open("render service", host, api_keys)
+    running = await start(host, port, api_keys, workers, health_port or None, allow_local_paths)
     if metrics_port:
         serve_metrics(metrics_port)
     logging.info("render service listening on %s:%d (metrics on :%d)", host, running.port, metrics_port)
     await wait_for_signal(running.stop)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m render_service", description=__doc__)
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=50051)
-    parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 = off)")
+def add_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The render server's flags, for `python -m render_service` and `bios serve render`. With a prefix (`render-`,
+    for `bios serve all`) its ports are --render-port, --render-metrics-port and --render-health-port, and the flags
+    all services share (--host, --allow-local-paths) are the caller's to add once."""
+    if not prefix:
+        add_host_argument(parser)
+    parser.add_argument(f"--{prefix}port", type=int, default=50051, help="gRPC port")
+    parser.add_argument(f"--{prefix}metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 = off)")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("BIOS_RENDER_WORKERS", "1")),
                         help="processes rendering RenderBatch slices in parallel (1 = the server process; "
                              "set to the pod's CPU count; env BIOS_RENDER_WORKERS)")
-    add_health_port_argument(parser)
-    add_allow_local_paths_argument(parser)
+    add_health_port_argument(parser, prefix)
+    if not prefix:
+        add_allow_local_paths_argument(parser)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m render_service", description=__doc__)
+    add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(args.host, args.port, args.metrics_port, args.workers, args.health_port, args.allow_local_paths))

@@ -144,31 +144,6 @@ def test_train_on_conversations_and_chat(client):
     assert sampler.chat(CONVS[1][:1]).message["content"] == "Teal."
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "bios.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
-def test_cli_render_sft_resume_sample(tmp_path, services):
-    path = tmp_path / "convs.jsonl"
-    path.write_text("\n".join(json.dumps({"messages": c}) for c in CONVS) + "\n")
-    rendered = [json.loads(line) for line in run_cli("render", str(path), "--json").stdout.splitlines()]
-    assert len(rendered) == 2 and sum(rendered[0]["weights"]) == 3  # "Seven." is 2 tokens + <|im_end|>
-    colour = run_cli("render", str(path)).stdout
-    assert "\033[31mSeven.<|im_end|>" in colour
-
-    env = {"BIOS_RENDER_ADDRESS": services[0], "BIOS_TRAIN_ADDRESS": services[1]}
-    out = run_cli("sft", str(path), "--epochs", "2", "--lr", "1e-2", "--name", "cli", env=env).stdout
-    saved = [line.split("saved ")[1] for line in out.splitlines() if "saved bios://" in line]
-    assert len(saved) == 2 and "step 2" in out
-    resumed = run_cli("sft", str(path), "--resume", saved[-1], "--name", "cli-resumed", env=env).stdout
-    assert "at step 2" in resumed and "step 3" in resumed
-    sample = run_cli("sample", "--model", "ultrasafe/usf-mini", "--prompt", "Hi", "--max-tokens", "3", env=env)
-    assert sample.stdout.strip() or "did not end" in sample.stderr
-
-
 def test_client_installs_and_runs_without_torch(tmp_path, services, data):
     """A fresh virtualenv with only the light client's dependencies trains and samples through the services."""
     venv = tmp_path / "venv"

@@ -72,14 +72,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="this replica's ordinal (default: from $BIOS_POD_NAME)")
 
 
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """`python -m tinker_gateway`'s flags (also `bios serve tinker`)."""
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--train-address", default=None, help="the train service (default: $BIOS_TRAIN_ADDRESS, "
+                                                             "else localhost:50052)")
+    add_arguments(parser)
+
+
 def main(argv: list[str] | None = None) -> None:
     from bios.server.grpc import wait_for_signal
 
     parser = argparse.ArgumentParser(prog="python -m tinker_gateway", description=__doc__)
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--train-address", default=None, help="the train service (default: $BIOS_TRAIN_ADDRESS, "
-                                                             "else localhost:50052)")
-    add_arguments(parser)
+    add_server_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

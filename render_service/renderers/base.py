@@ -199,7 +199,7 @@ class BaseRenderer:
                 name = tokenizer_name or getattr(self.tokenizer, "name_or_path", "") or "given"
                 raise RenderError(f"renderer: {self.name!r} does not match the tokenizer {name!r}: its special token "
                                   f"{token!r} is not a token of that tokenizer (leave the renderer out to follow the "
-                                  f"tokenizer, or give the tokenizer of a {self.name} model)")
+                                  f"tokenizer, or give the tokenizer of a model of the {self.name} family)")
 
     def _refuse_unrepresentable(self, messages: Sequence[Message], tools: list[dict] | None) -> None:
         if tools and "tools" in self.cannot_represent:

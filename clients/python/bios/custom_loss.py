@@ -32,7 +32,9 @@ def run_custom_loss(client: Any, data: list[types.Datum], loss_fn: Callable) -> 
     value, extra = float(loss.detach()), dict(metrics or {})
 
     def with_custom_metrics(out: types.ForwardBackwardOutput) -> types.ForwardBackwardOutput:
+        # The surrogate's loss:mean means nothing here (its weights are gradients): the custom loss is its own.
+        server = {k: v for k, v in out.metrics.items() if k != "loss:mean"}
         return types.ForwardBackwardOutput(loss_fn_outputs=out.loss_fn_outputs,
-                                           metrics={**out.metrics, **extra, "loss:sum": value})
+                                           metrics={**server, **extra, "loss:sum": value})
 
     return client.forward_backward(surrogate, "cross_entropy").then(with_custom_metrics)

@@ -56,6 +56,16 @@ def address(service: str, client: Any = None) -> str:
         return _addresses[service]
 
 
+def checkpoint_directory(path: str) -> str | None:
+    """Where a checkpoint (bios://<model>/<kind>/<name>) of the embedded train service lies on this machine;
+    None when no embedded train service runs in this process (a remote server's disk is its own)."""
+    with _lock:
+        running = _servers.get("train")
+    if running is None or not path.startswith("bios://"):
+        return None
+    return str(running.sessions.store.root.joinpath(*path.removeprefix("bios://").split("/")))
+
+
 def opened(client: Any) -> None:
     _register_exit_hook()
     with _lock:

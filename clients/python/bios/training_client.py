@@ -18,6 +18,20 @@ def _fb_input(data: Sequence[types.Datum], loss_fn: str, loss_fn_config: dict | 
                                           loss_fn_config=loss_fn_config or {})
 
 
+def loss_weight(data: Sequence[types.Datum]) -> float:
+    """The total loss weight of the data: Σ weights (the trained tokens, for 0/1 weights); 0 without weights."""
+    return float(sum(d.loss_fn_inputs["weights"].to_numpy().sum() for d in data if "weights" in d.loss_fn_inputs))
+
+
+def _output(event: Any, weight: float) -> types.ForwardBackwardOutput:
+    """The server's metrics (loss:sum, tokens:sum, ...) plus loss:mean = loss:sum / Σ weights, the loss per
+    trained token, which unlike the sum does not grow with the batch."""
+    output = wire.forward_backward_from_pb(event.forward_backward)
+    if weight > 0 and "loss:sum" in output.metrics:
+        output.metrics["loss:mean"] = output.metrics["loss:sum"] / weight
+    return output
+
+
 class TrainingClient:
     def __init__(self, service: Any, info: types.ModelInfo):
         self._service = service
@@ -33,14 +47,16 @@ class TrainingClient:
     def forward(self, data: Sequence[types.Datum], loss_fn: str = "cross_entropy",
                 loss_fn_config: dict | None = None) -> APIFuture[types.ForwardBackwardOutput]:
         future = self._ops.submit(forward=_fb_input(data, loss_fn, loss_fn_config))
-        return APIFuture(future, lambda e: wire.forward_backward_from_pb(e.forward_backward))
+        weight = loss_weight(data)
+        return APIFuture(future, lambda e: _output(e, weight))
 
     def forward_backward(self, data: Sequence[types.Datum], loss_fn: str | Callable = "cross_entropy",
                          loss_fn_config: dict | None = None) -> APIFuture[types.ForwardBackwardOutput]:
         if callable(loss_fn):
             return self.forward_backward_custom(data, loss_fn)
         future = self._ops.submit(forward_backward=_fb_input(data, loss_fn, loss_fn_config))
-        return APIFuture(future, lambda e: wire.forward_backward_from_pb(e.forward_backward))
+        weight = loss_weight(data)
+        return APIFuture(future, lambda e: _output(e, weight))
 
     def forward_backward_custom(self, data: Sequence[types.Datum], loss_fn: Callable) -> APIFuture[types.ForwardBackwardOutput]:
         """A loss computed here in torch on the model's logprobs; the server applies its gradient.

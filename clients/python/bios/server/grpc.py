@@ -150,10 +150,23 @@ def add_port(server: grpc.aio.Server, address: str) -> int:
     return server.add_insecure_port(address)
 
 
-def add_health_port_argument(parser: Any) -> None:
-    parser.add_argument("--health-port", type=int, default=int(os.environ.get("BIOS_HEALTH_PORT", "0")),
+def add_host_argument(parser: Any) -> None:
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: every interface)")
+
+
+def add_health_port_argument(parser: Any, prefix: str = "") -> None:
+    """--health-port (with a prefix, e.g. `render-`: --render-health-port, for one of several services)."""
+    default = int(os.environ.get("BIOS_HEALTH_PORT", "0")) if not prefix else 0
+    parser.add_argument(f"--{prefix}health-port", type=int, default=default,
                         help="also serve grpc.health.v1 alone on this plaintext port, for kubelet probes when TLS "
-                             "is on (0 = off; env BIOS_HEALTH_PORT)")
+                             "is on (0 = off" + ("; env BIOS_HEALTH_PORT)" if not prefix else ")"))
+
+
+def warn_if_open(service: str, host: str, api_keys: ApiKeys | None) -> None:
+    """Listening beyond this machine with no API keys lets anyone who reaches the port use it: say so."""
+    if api_keys is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("%s: listening on %s without API keys: anyone who can reach this port can use it "
+                    "(set BIOS_API_KEYS_FILE, or --host 127.0.0.1 for this machine only)", service, host)
 
 
 def add_allow_local_paths_argument(parser: Any) -> None:

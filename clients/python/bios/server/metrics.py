@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 GRPC_REQUESTS = Counter("bios_grpc_requests", "gRPC requests handled, by final status code.",
                         ["service", "method", "code"])
@@ -12,6 +12,24 @@ GRPC_DURATION = Histogram("bios_grpc_request_duration_seconds", "gRPC request la
 GRPC_IN_FLIGHT = Gauge("bios_grpc_requests_in_flight", "gRPC requests being handled.", ["service", "method"])
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
-    """Expose /metrics over HTTP on its own port (the default registry includes process metrics)."""
-    start_http_server(port, addr=host)
+def serve_metrics(port: int, host: str = "0.0.0.0", service: str | None = None) -> None:
+    """Expose /metrics over HTTP on its own port (the default registry includes process metrics). `service`:
+    only that service's metrics (and the process's), for a process running several (`bios serve all`)."""
+    start_http_server(port, addr=host, registry=ServiceView(service) if service else REGISTRY)
+
+
+class ServiceView:
+    """The default registry as one service sees it: its own `bios_<service>_*` families, the shared gRPC families
+    with only its samples, and the process-wide ones (no `bios_` prefix, or `bios_process_*`)."""
+
+    def __init__(self, service: str):
+        self.service = service
+
+    def collect(self):
+        for family in REGISTRY.collect():
+            name = family.name
+            if name.startswith("bios_grpc_"):
+                family.samples = [s for s in family.samples if s.labels.get("service") == self.service]
+            elif name.startswith("bios_") and not name.startswith((f"bios_{self.service}_", "bios_process_")):
+                continue
+            yield family

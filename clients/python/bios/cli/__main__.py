@@ -1,0 +1,5 @@
+import sys
+
+from bios.cli import main
+
+sys.exit(main())
