@@ -160,9 +160,16 @@ class BaseModelPool:
             if entry.weights not in self._models:
                 if self.mirror is not None:
                     self.mirror.send("base", entry)
-                base = BaseModel(entry.weights, load_weights(entry.weights, self.device), self.device, self.ranks)
-                if self.ranks is not None:
+                if self.ranks is None:
+                    base = BaseModel(entry.weights, load_weights(entry.weights, self.device), self.device)
+                else:
+                    # A base that needs sharding may not fit on one GPU: load it on the CPU (a checkpoint in the
+                    # base dtype stays memory-mapped, its pages shared by the node's ranks), then shard it layer by
+                    # layer, each moved to this rank's device as it is sharded, then move what stays whole.
+                    on_cpu = DeviceConfig(torch.device("cpu"), self.device.dtype, self.device.activation_checkpointing)
+                    base = BaseModel(entry.weights, load_weights(entry.weights, on_cpu), self.device, self.ranks)
                     self.ranks.shard(base)
+                    base.causal_lm.to(self.device.device)
                 self._models[entry.weights] = base
             return self._models[entry.weights]
 
