@@ -13,8 +13,8 @@ import grpc
 
 from bios.server.auth import ApiKeys
 from bios.server.grpc import (add_allow_local_paths_argument, add_health_port_argument, add_host_argument, add_port,
-                              build_server, mark_not_serving, mark_serving, start_health_server, wait_for_signal,
-                              warn_if_open)
+                              build_server, catch_stop_signals, mark_not_serving, mark_serving, start_health_server,
+                              wait_for_signal, warn_if_open)
 from bios.server.metrics import serve_metrics
 from render_service import service
 from render_service.workers import RenderWorkers
@@ -59,13 +59,13 @@ async def start(host: str = "127.0.0.1", port: int = 0, api_keys: ApiKeys | None
 
 async def serve(host: str, port: int, metrics_port: int, workers: int, health_port: int,
                 allow_local_paths: bool = False) -> None:
-    api_keys = ApiKeys.from_env()
+    api_keys, signalled = ApiKeys.from_env(), catch_stop_signals()
     warn_if_open("render service", host, api_keys)
     running = await start(host, port, api_keys, workers, health_port or None, allow_local_paths)
     if metrics_port:
         serve_metrics(metrics_port)
     logging.info("render service listening on %s:%d (metrics on :%d)", host, running.port, metrics_port)
-    await wait_for_signal(running.stop)
+    await wait_for_signal(running.stop, signalled)
 
 
 def add_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:

@@ -81,7 +81,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bios.server.grpc import wait_for_signal
+    from bios.server.grpc import catch_stop_signals, wait_for_signal
 
     parser = argparse.ArgumentParser(prog="python -m tinker_gateway", description=__doc__)
     add_server_arguments(parser)
@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def run() -> None:
+        signalled = catch_stop_signals()
         running = await start(args.host, args.tinker_port, args.train_address, ApiKeys.from_env(), args.pod_ordinal)
         logging.info("tinker gateway on %s:%d -> train service %s", args.host, running.port,
                      running.app.train_address)
-        await wait_for_signal(running.stop)
+        await wait_for_signal(running.stop, signalled)
 
     asyncio.run(run())

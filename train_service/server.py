@@ -18,8 +18,8 @@ from bios import placement
 from bios.errors import UnavailableError
 from bios.server.auth import ApiKeys
 from bios.server.grpc import (add_allow_local_paths_argument, add_health_port_argument, add_host_argument, add_port,
-                              build_server, mark_not_serving, mark_serving, start_health_server, wait_for_signal,
-                              warn_if_open)
+                              build_server, catch_stop_signals, mark_not_serving, mark_serving, start_health_server,
+                              wait_for_signal, warn_if_open)
 from bios.server.metrics import serve_metrics
 from train_service import follower, metrics, service
 from train_service.checkpoints import CheckpointStore
@@ -109,7 +109,7 @@ async def start(host: str = "127.0.0.1", port: int = 0, checkpoint_dir: str | No
 async def serve(host: str, port: int, checkpoint_dir: str | None, metrics_port: int, health_port: int,
                 pod: int | None, device: DeviceConfig, limits: Limits, allow_local_paths: bool = False,
                 ranks: Ranks | None = None) -> None:
-    api_keys = ApiKeys.from_env()
+    api_keys, signalled = ApiKeys.from_env(), catch_stop_signals()
     warn_if_open("train service", host, api_keys)
     running = await start(host, port, checkpoint_dir, api_keys, health_port or None, pod, device, limits,
                           allow_local_paths, ranks)
@@ -120,7 +120,7 @@ async def serve(host: str, port: int, checkpoint_dir: str | None, metrics_port: 
                  f", rank 0 of {ranks.world}" if ranks else "")
     if ranks is not None:
         asyncio.create_task(_exit_when_a_rank_fails(running))
-    await wait_for_signal(lambda: running.stop(grace=drain_seconds()))
+    await wait_for_signal(lambda: running.stop(grace=drain_seconds()), signalled)
 
 
 async def _exit_when_a_rank_fails(running: TrainServer) -> None:

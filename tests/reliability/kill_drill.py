@@ -203,13 +203,17 @@ def reference_losses(steps: int) -> dict[int, float]:
     return {s: losses[2 * s] for s in range(steps + 1)}  # forward after step 0, then per step: fb, forward
 
 
-def drill(trials: int, seed: int = 0) -> Report:
+def drill(trials: int, seed: int = 0, cuts: int = 0, max_trials: int = 0) -> Report:
+    """`trials` trials, then more (up to `max_trials`) until `cuts` kills have landed inside a write: where a kill
+    lands depends on the machine's speed, and a drill whose kills all fell between writes proves little."""
     started = time.monotonic()
     report, rng = Report(), random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="bios-kill-drill-") as tmp:
         checkpoints = Path(tmp)
-        for k in range(trials):
+        k = 0
+        while k < trials or (report.kills_inside_a_write < cuts and k < max_trials):
             trial(k, checkpoints, report, rng)
+            k += 1
         left = hidden_leftovers(checkpoints)  # the last kill's, checked by one more start
         report.kills_inside_a_write += any(p.name.startswith((".tmp-", ".old-")) for p in left)
         server = Server(checkpoints)
@@ -217,7 +221,7 @@ def drill(trials: int, seed: int = 0) -> Report:
             if remaining := hidden_leftovers(checkpoints):
                 report.problems.append(f"final restart: leftovers {remaining}")
             report.leftovers_removed += len(left)
-            verify(server, checkpoints, report, trials - 1)
+            verify(server, checkpoints, report, k - 1)
         finally:
             server.kill()
     reference = reference_losses(max((s for s, _ in report.loss_checks), default=0))

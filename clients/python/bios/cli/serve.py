@@ -61,9 +61,9 @@ def run(args: Any, console: Console) -> int:
 
 
 async def _serve(args: Any, console: Console) -> None:
-    from bios.server.grpc import wait_for_signal
+    from bios.server.grpc import catch_stop_signals, wait_for_signal
 
-    stops: list = []
+    signalled, stops = catch_stop_signals(), []
 
     async def stop_all() -> None:
         for stop in stops:
@@ -75,7 +75,7 @@ async def _serve(args: Any, console: Console) -> None:
         await stop_all()  # what did start stops cleanly before the error is shown
         raise
     logging.getLogger("bios.cli").info("serving until SIGTERM or Ctrl-C")
-    await wait_for_signal(stop_all)
+    await wait_for_signal(stop_all, signalled)
 
 
 async def _start(args: Any, console: Console, stops: list) -> None:

@@ -190,15 +190,22 @@ async def start_health_server(health_servicer: Any, host: str, port: int) -> tup
     return server, bound
 
 
-async def wait_for_signal(stop: Callable[[], Any]) -> None:
-    """Wait until SIGTERM or SIGINT, then await `stop()` (graceful drain) once."""
+def catch_stop_signals() -> asyncio.Event:
+    """Handle SIGTERM and SIGINT from now on by setting the returned event. Install it before starting anything, so
+    a signal that arrives while services start (after the first announced itself) still drains them."""
     import signal
 
     loop = asyncio.get_running_loop()
     event = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, event.set)
-    await event.wait()
+    return event
+
+
+async def wait_for_signal(stop: Callable[[], Any], signalled: asyncio.Event | None = None) -> None:
+    """Wait until SIGTERM or SIGINT (caught since `signalled` was made, else from now), then await `stop()`
+    (graceful drain) once."""
+    await (signalled or catch_stop_signals()).wait()
     log.info("signal received: draining")
     await stop()
 
