@@ -25,7 +25,7 @@ proto: $(STAMP)
 		--grpc_python_out=$(PROTO_OUT) $(PROTO_SRC)
 
 demo: install
-	$(PY) -m bios.demo
+	$(PY) -m bios_server.demo
 
 test: install
 	$(PY) -m pytest -q tests

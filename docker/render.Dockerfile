@@ -31,8 +31,9 @@ RUN groupadd --system --gid 10001 bios \
  && useradd --system --uid 10001 --gid 10001 --home-dir /home/bios --create-home --shell /usr/sbin/nologin bios \
  && mkdir -p /var/cache/bios && chown 10001:10001 /var/cache/bios
 COPY --from=deps /opt/venv /opt/venv
-# Only what the render service imports: the shared `bios` package (server plumbing, wire types) and render_service.
+# Only what the render service imports: `bios` (wire types, errors), `bios_server` (server plumbing), render_service.
 COPY clients/python/bios /app/clients/python/bios
+COPY clients/python/bios_server /app/clients/python/bios_server
 COPY --from=stubs /out/bios/v1/ /app/clients/python/bios/v1/
 COPY render_service /app/render_service
 # Byte-compile once here: at run time the root filesystem is read-only (k8s securityContext).

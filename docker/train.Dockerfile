@@ -46,6 +46,7 @@ RUN groupadd --system --gid 10001 bios \
  && chown -R 10001:10001 /var/cache/bios /var/lib/bios
 # The train service imports the shared `bios` package, render_service (model registry, tokenizers) and train_service.
 COPY clients/python/bios /app/clients/python/bios
+COPY clients/python/bios_server /app/clients/python/bios_server
 COPY --from=stubs /out/bios/v1/ /app/clients/python/bios/v1/
 COPY render_service /app/render_service
 COPY train_service /app/train_service

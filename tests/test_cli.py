@@ -46,7 +46,7 @@ def base_env(**extra: str) -> dict[str, str]:
 
 def bios(*args: str, env: dict | None = None, input: str | None = None, timeout: float = 300
          ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bios.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "bios_server.cli", *args], cwd=REPO, capture_output=True, text=True,
                           input=input, timeout=timeout, env=env if env is not None else base_env())
 
 
@@ -60,7 +60,7 @@ def stack(tmp_path_factory):
     """`bios serve all` on loopback ports; `env` points every CLI call at it."""
     tmp = tmp_path_factory.mktemp("cli")
     ports = {name: free_port() for name in ("render_metrics", "train_metrics")}
-    command = [sys.executable, "-m", "bios.cli", "serve", "all", "--host", "127.0.0.1", "--render-port", "0",
+    command = [sys.executable, "-m", "bios_server.cli", "serve", "all", "--host", "127.0.0.1", "--render-port", "0",
                "--train-port", "0", "--tinker-port", "0", "--render-metrics-port", str(ports["render_metrics"]),
                "--train-metrics-port", str(ports["train_metrics"]), "--checkpoint-dir", str(tmp / "checkpoints")]
     proc = subprocess.Popen(command, cwd=REPO, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -328,7 +328,7 @@ def test_serve_all_metrics_per_service_and_the_open_bind_warning(stack):
     assert stack.lines[0].endswith(f"metrics on :{stack.ports['render_metrics']}")
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bios.cli", "serve", "render", "--host", "0.0.0.0", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "bios_server.cli", "serve", "render", "--host", "0.0.0.0", "--port",
                              str(port), "--metrics-port", "0"], cwd=REPO, env=base_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -179,7 +179,7 @@ def test_a_client_that_only_renders_starts_no_train_service():
     """Services (and channels) come up on first use: rendering with the embedded default never loads torch."""
     code = """
 import sys, bios
-from bios import embedded
+from bios_server import embedded
 client = bios.ServiceClient()
 tokens = client.render_client("ultrasafe", "ultrasafe/usf-mini").build_generation_prompt(
     [{"role": "user", "content": "hi"}]).to_ints()

@@ -19,7 +19,7 @@ import bios
 from bios import types
 from bios.errors import BiosError
 from bios.futures import LoopThread
-from bios.server.auth import ApiKeys
+from bios_server.auth import ApiKeys
 from bios_cookbook import renderers
 
 CONVS = {

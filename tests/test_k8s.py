@@ -588,7 +588,7 @@ def test_model_registry_and_api_keys_are_mounted_where_the_env_points(overlay):
         keys = json.loads(base64.b64decode(secret["data"][path[len(mount["mountPath"]):].lstrip("/")]))
         assert keys["keys"] and all(key.startswith("PLACEHOLDER") for key in keys["keys"]), where
         try:
-            from bios.server.auth import ApiKeys
+            from bios_server.auth import ApiKeys
         except ImportError:  # the loader moved: the JSON shape above is still checked
             continue
         assert ApiKeys(keys.get("keys", keys)).tenant("Bearer " + next(iter(keys["keys"]))) == "dev-tenant"

@@ -138,9 +138,9 @@ def test_seed000_first_example_against_separately_started_services(tmp_path):
         _wait_healthy(f"127.0.0.1:{train_port}", procs[1])
         script = (
             "import sys; sys.path.insert(0, 'tests')\n"
-            "from pathlib import Path\nfrom seed_code import examples\nimport bios.embedded\n"
+            "from pathlib import Path\nfrom seed_code import examples\nimport bios_server.embedded\n"
             f"for b in examples(Path({str(SEED_000)!r}))[:4]: exec(compile(b.code, b.title, 'exec'))\n"
-            "print('EMBEDDED', bios.embedded._addresses)\n"
+            "print('EMBEDDED', bios_server.embedded._addresses)\n"
         )
         env_client = {**env, "BIOS_RENDER_ADDRESS": f"127.0.0.1:{render_port}",
                       "BIOS_TRAIN_ADDRESS": f"127.0.0.1:{train_port}"}

@@ -14,7 +14,7 @@ import zstandard
 import bios
 from bios import types as btypes
 from bios.futures import LoopThread
-from bios.server.auth import ApiKeys
+from bios_server.auth import ApiKeys
 from tinker_stack import MODEL, apply_environment, start_stack, tinker_environment, write_registry
 
 tinker = pytest.importorskip("tinker")

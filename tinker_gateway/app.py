@@ -25,7 +25,7 @@ from tinker.proto import tinker_public_pb2 as tpb
 
 from bios import placement
 from bios.errors import BiosError
-from bios.server.auth import DEFAULT_TENANT, ApiKeys
+from bios_server.auth import DEFAULT_TENANT, ApiKeys
 from tinker_gateway import wire
 from tinker_gateway.backend import Backend
 from tinker_gateway.gateway import Caller, Gateway

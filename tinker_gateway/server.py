@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from bios import placement
-from bios.server.auth import ApiKeys
+from bios_server.auth import ApiKeys
 from tinker_gateway.app import GatewayApp
 
 DEFAULT_PORT = 8000
@@ -81,7 +81,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bios.server.grpc import catch_stop_signals, wait_for_signal
+    from bios_server.grpc import catch_stop_signals, wait_for_signal
 
     parser = argparse.ArgumentParser(prog="python -m tinker_gateway", description=__doc__)
     add_server_arguments(parser)

@@ -12,7 +12,7 @@ import grpc
 
 from bios import types
 from bios.errors import InvalidArgumentError, NotFoundError, status_of
-from bios.server.auth import current_tenant
+from bios_server.auth import current_tenant
 from bios.v1 import train_pb2, train_pb2_grpc
 from render_service.tokenizers import get_tokenizer
 from train_service import metrics

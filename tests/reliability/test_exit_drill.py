@@ -47,7 +47,7 @@ with bios.ServiceClient() as service_client:
         training_client.forward_backward([datum])
         training_client.optim_step(types.AdamParams(learning_rate=1e-3))
     training_client.save_state("after-with")
-from bios import embedded
+from bios_server import embedded
 saved = [p for p in os.listdir(checkpoints) if os.path.isdir(os.path.join(checkpoints, p, "state", "after-with"))]
 print("saved before exit:", len(saved), "services running:", sorted(embedded._addresses))
 '''

@@ -17,7 +17,7 @@ import bios
 from bios import types
 from bios.errors import InternalError, UnavailableError
 from bios.futures import LoopThread
-from bios.server.metrics import GRPC_REQUESTS
+from bios_server.metrics import GRPC_REQUESTS
 
 CONV = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
 

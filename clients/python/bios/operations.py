@@ -23,6 +23,7 @@ from bios.v1 import train_pb2, train_pb2_grpc
 
 log = logging.getLogger("bios.operations")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+_CLOSE = object()  # in the outbox: half-close the stream (the server answers what it has, then ends it with OK)
 
 
 class OperationStream:
@@ -41,6 +42,7 @@ class OperationStream:
         self._pending: dict[int, tuple[train_pb2.OperationRequest, concurrent.futures.Future]] = {}
         self._outbox: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
+        self._closing = False
 
     def submit(self, **op: Any) -> concurrent.futures.Future:
         """Queue one operation (e.g. forward_backward=...); the future resolves to its OperationEvent."""
@@ -55,15 +57,27 @@ class OperationStream:
         return future
 
     def close(self) -> None:
-        """End the stream; unanswered operations keep running on the server."""
-        if self._task is not None:
-            self._loop.call(self._task.cancel)
+        """End the stream (a half-close: the server answers what it has, then ends it); unanswered operations
+        keep running on the server."""
+        self._loop.call(self._request_close)
+
+    async def finish(self, timeout: float = 5.0) -> None:
+        """close(), and wait (at most `timeout` s) for the server to end the stream."""
+        self._request_close()
+        if self._task is not None and not self._task.done():
+            await asyncio.wait({self._task}, timeout=timeout)
+
+    def _request_close(self) -> None:
+        self._closing = True
+        if self._outbox is not None:
+            self._outbox.put_nowait(_CLOSE)
 
     def pending(self) -> list[concurrent.futures.Future]:
         with self._lock:
             return [f for _, f in self._pending.values()]
 
     def _enqueue(self, request: train_pb2.OperationRequest) -> None:
+        self._closing = False
         if self._outbox is None:
             self._outbox = asyncio.Queue()
         self._outbox.put_nowait(request)
@@ -104,9 +118,11 @@ class OperationStream:
         async def write() -> None:
             for request in resend:
                 await call.write(request)
-            while True:
+            while not self._closing:
                 request = await self._outbox.get()
-                await call.write(request)
+                if request is not _CLOSE:
+                    await call.write(request)
+            await call.done_writing()
 
         writer = asyncio.create_task(write())
         try:

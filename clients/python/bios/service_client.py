@@ -8,12 +8,13 @@ import os
 import time
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from bios import embedded, placement, types, wire
+from bios import lifecycle, placement, types, wire
 from bios.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, from_status
 from bios.futures import LoopThread
 from bios.channel import open_channel
@@ -56,8 +57,9 @@ class ServiceClient:
         self._pod: int | None = None  # the train pod this client is pinned to
         self._inflight: set[concurrent.futures.Future] = set()  # submitted, not yet answered (close() waits)
         self._inflight_lock = threading.Lock()  # its own: done-callbacks take it on the loop thread
+        self._streams: weakref.WeakSet = weakref.WeakSet()  # training clients' operation streams
         self._closed = False
-        embedded.opened(self)
+        lifecycle.opened(self)
 
     @property
     def train_address(self) -> str:
@@ -72,7 +74,7 @@ class ServiceClient:
             if self._addresses[service] is None:
                 if self._closed:
                     raise FailedPreconditionError("this ServiceClient is closed; open another one")
-                self._addresses[service] = embedded.address(service, self)
+                self._addresses[service] = lifecycle.embedded_address(service, self)
             return self._addresses[service]
 
     def _track(self, future: concurrent.futures.Future) -> concurrent.futures.Future:
@@ -297,7 +299,7 @@ class ServiceClient:
     def close(self, wait: bool = True, timeout: float | None = None) -> None:
         """Wait for every operation submitted through this client (unless `wait=False`; at most `timeout`
         seconds, reported if exceeded), close the session and the channels. The embedded services stop when
-        the last client using them closes (at interpreter exit at the latest, see bios.embedded)."""
+        the last client using them closes (at interpreter exit at the latest, see bios.lifecycle)."""
         self._shutdown(wait, timeout, retry=True)
 
     def _shutdown(self, wait: bool, timeout: float | None, retry: bool) -> None:
@@ -317,8 +319,10 @@ class ServiceClient:
         finally:
             with self._lock:
                 self._closed = True
+            # Half-closed streams end with OK on the server; a channel closed under them would cancel them.
+            concurrent.futures.wait([self._loop.submit(stream.finish()) for stream in list(self._streams)], 5.0)
             concurrent.futures.wait([self._loop.submit(channel.close()) for channel in self._channels], 5.0)
-            embedded.closed(self)
+            lifecycle.closed(self)
 
     async def _close_session_once(self, request: train_pb2.CloseSessionRequest) -> None:
         await self._train.CloseSession(request, metadata=self._metadata, timeout=5.0)

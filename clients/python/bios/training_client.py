@@ -40,6 +40,7 @@ class TrainingClient:
         self._info = info
         self._ops = OperationStream(service._loop, service._train, info.model_id, service._metadata,
                                     track=service._track)
+        service._streams.add(self._ops)
         self._tokenizer = None
 
     # ---- ordered operations -----------------------------------------------------------------------

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from typing import Any
 
-from bios.cli.output import Console
+from bios_server.cli.output import Console
 
 SERVICES = {"render": "the render service (as python -m render_service)",
             "train": "the train service (as python -m train_service)",
@@ -36,7 +36,7 @@ def register(command, common, with_server_flags: bool = True) -> None:
 
 
 def add_server_flags(parser: Any, service: str) -> None:
-    from bios.server.grpc import add_allow_local_paths_argument, add_host_argument
+    from bios_server.grpc import add_allow_local_paths_argument, add_host_argument
     from render_service import server as render_server
     from tinker_gateway import server as tinker_server
     from train_service import server as train_server
@@ -61,7 +61,7 @@ def run(args: Any, console: Console) -> int:
 
 
 async def _serve(args: Any, console: Console) -> None:
-    from bios.server.grpc import catch_stop_signals, wait_for_signal
+    from bios_server.grpc import catch_stop_signals, wait_for_signal
 
     signalled, stops = catch_stop_signals(), []
 
@@ -80,9 +80,9 @@ async def _serve(args: Any, console: Console) -> None:
 
 async def _start(args: Any, console: Console, stops: list) -> None:
     """Start the chosen services; each one's stop goes into `stops` (in the order to call them)."""
-    from bios.server.auth import ApiKeys
-    from bios.server.grpc import warn_if_open
-    from bios.server.metrics import serve_metrics
+    from bios_server.auth import ApiKeys
+    from bios_server.grpc import warn_if_open
+    from bios_server.metrics import serve_metrics
 
     keys, service = ApiKeys.from_env(), args.service
     several = service == "all"

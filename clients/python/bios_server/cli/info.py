@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from bios.cli.output import Console
+from bios_server.cli.output import Console
 
 
 def register(command, common) -> None:

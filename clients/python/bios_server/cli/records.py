@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bios.cli.output import UsageError
+from bios_server.cli.output import UsageError
 
 
 @dataclass

@@ -21,8 +21,8 @@ from bios.channel import CHANNEL_OPTIONS
 from google.protobuf.message import DecodeError
 
 from bios.errors import InvalidArgumentError, status_of
-from bios.server.auth import DEFAULT_TENANT, ApiKeys, set_tenant
-from bios.server.metrics import GRPC_DURATION, GRPC_IN_FLIGHT, GRPC_REQUESTS
+from bios_server.auth import DEFAULT_TENANT, ApiKeys, set_tenant
+from bios_server.metrics import GRPC_DURATION, GRPC_IN_FLIGHT, GRPC_REQUESTS
 
 log = logging.getLogger("bios.server")
 

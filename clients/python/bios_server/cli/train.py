@@ -18,10 +18,10 @@ import time
 from collections import deque
 from typing import Any
 
-from bios.cli import connect, non_negative_int, positive_float, positive_int
-from bios.cli.output import Console, Progress, UsageError
-from bios.cli.records import at_line, read_records, read_tools
-from bios.cli.render import DEFAULT_MODEL, add_data_arguments
+from bios_server.cli import connect, non_negative_int, positive_float, positive_int
+from bios_server.cli.output import Console, Progress, UsageError
+from bios_server.cli.records import at_line, read_records, read_tools
+from bios_server.cli.render import DEFAULT_MODEL, add_data_arguments
 
 IN_FLIGHT = 4  # steps submitted ahead of the one being reported: the engine never waits for this process
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")  # the server's rule, with room for -stepN
@@ -99,7 +99,7 @@ class Run:
             self.epoch_sums = [0.0, 0.0, 0, time.monotonic()]
 
     def saved(self, kind: str, checkpoint: Any) -> None:
-        from bios import embedded
+        from bios_server import embedded
 
         directory = embedded.checkpoint_directory(checkpoint.path)
         where = f"on disk: {directory}" if directory else "on the train service's disk, under its --checkpoint-dir"

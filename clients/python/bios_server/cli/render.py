@@ -11,8 +11,8 @@ import json
 from itertools import groupby
 from typing import Any
 
-from bios.cli.output import Console, UsageError
-from bios.cli.records import read_records, read_tools
+from bios_server.cli.output import Console, UsageError
+from bios_server.cli.records import read_records, read_tools
 
 DEFAULT_MODEL = "ultrasafe/usf-mini"
 

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bios.cli import connect
-from bios.cli.output import Console, UsageError, size
+from bios_server.cli import connect
+from bios_server.cli.output import Console, UsageError, size
 
 CHECKPOINT_PATH = re.compile(r"^bios://[A-Za-z0-9-]+/(state|sampler)/[A-Za-z0-9][A-Za-z0-9._-]*$")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
@@ -56,7 +56,7 @@ def checked_path(path: str) -> str:
 
 
 def run_list(args: Any, console: Console) -> int:
-    from bios import embedded
+    from bios_server import embedded
 
     checkpoints = sorted(connect(args, ("train",)).list_checkpoints(args.model_id), key=lambda c: c.created_unix_ms)
     for c in checkpoints:

@@ -22,7 +22,7 @@ import re
 import sys
 from typing import Any, Callable
 
-from bios.cli.output import Console, UsageError, quiet_third_parties, setup_logging
+from bios_server.cli.output import Console, UsageError, quiet_third_parties, setup_logging
 
 USER_ERROR_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "ALREADY_EXISTS",
                     "OUT_OF_RANGE", "UNAUTHENTICATED", "PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED")
@@ -101,7 +101,7 @@ def common_options() -> argparse.ArgumentParser:
 def build_parser(argv: list[str] | None = None) -> Parser:
     """The whole parser; the servers' flags (their modules load torch) only when the command is `serve`."""
     from bios import __version__
-    from bios.cli import checkpoints, info, render, sample, serve, train
+    from bios_server.cli import checkpoints, info, render, sample, serve, train
 
     argv = sys.argv[1:] if argv is None else argv
     common = common_options()

@@ -7,9 +7,9 @@ import json
 import sys
 from typing import Any
 
-from bios.cli import connect, non_negative_float, positive_int
-from bios.cli.output import Console
-from bios.cli.records import read_tools
+from bios_server.cli import connect, non_negative_float, positive_int
+from bios_server.cli.output import Console
+from bios_server.cli.records import read_tools
 
 FIELDS = {"base_model": "--model", "model_path": "--model", "renderer": "--renderer", "renderer.tokenizer": "--model"}
 

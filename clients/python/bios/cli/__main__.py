@@ -1,5 +1,0 @@
-import sys
-
-from bios.cli import main
-
-sys.exit(main())
