@@ -24,6 +24,7 @@ from tinker_gateway import SUPPORTED_SDK_VERSIONS, wire
 from tinker_gateway.backend import Backend
 from tinker_gateway.state import PROTO, Call, Futures, Model, Reply, Sampler, Session, json_reply, log
 from tinker_gateway.wire import GatewayError, bad
+from train_service import checkpoint_layout as layout
 
 TTL_RANGE = (3600, 10 * 365 * 86400)  # Tinker's: one hour to ten years
 
@@ -457,7 +458,7 @@ class Gateway:
 
     async def weights_info(self, caller: Caller, tinker_path: str) -> dict[str, Any]:
         path = wire.to_bios_path(tinker_path, "tinker_path")
-        model_id = path[len("bios://"):].split("/", 1)[0]
+        model_id = layout.split(path)[0]
         found = [c for c in await self._checkpoints(caller, model_id) if c.path == path]
         if not found:
             raise GatewayError(404, f"tinker_path: no checkpoint at {tinker_path}")

@@ -16,6 +16,7 @@ from tinker import types as tt
 from tinker.proto import tinker_public_pb2 as tpb
 
 from bios.v1 import train_pb2, types_pb2
+from train_service import checkpoint_layout as layout
 
 USER_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.OUT_OF_RANGE,
@@ -52,9 +53,9 @@ def category(code: grpc.StatusCode) -> str:
 
 # ---- checkpoint paths: tinker://<run>/weights/<name> <-> bios://<model_id>/state/<name> -------------
 
-_KINDS = {"weights": "state", "sampler_weights": "sampler"}
+_KINDS = {"weights": layout.STATE, "sampler_weights": layout.SAMPLER}
 _SEGMENTS = {v: k for k, v in _KINDS.items()}
-CHECKPOINT_TYPES = {"state": "training", "sampler": "sampler"}
+CHECKPOINT_TYPES = {layout.STATE: "training", layout.SAMPLER: "sampler"}
 
 
 def to_bios_path(path: str, field: str = "path") -> str:
@@ -63,11 +64,11 @@ def to_bios_path(path: str, field: str = "path") -> str:
     if len(parts) != 3 or parts[1] not in _KINDS or not parts[0] or not parts[2]:
         raise bad(f"{field}: {path!r} is not a checkpoint path (tinker://<run_id>/weights/<name> or "
                   "tinker://<run_id>/sampler_weights/<name>)")
-    return f"bios://{parts[0]}/{_KINDS[parts[1]]}/{parts[2]}"
+    return layout.path(parts[0], _KINDS[parts[1]], parts[2])
 
 
 def to_tinker_path(path: str) -> str:
-    model_id, kind, name = path[len("bios://"):].split("/", 2)
+    model_id, kind, name = layout.split(path)
     return f"tinker://{model_id}/{_SEGMENTS[kind]}/{name}"
 
 

@@ -1,7 +1,5 @@
-"""Checkpoints on disk, written atomically, addressed as bios://<model_id>/<kind>/<name>.
+"""Checkpoints on disk, written atomically (the layout: train_service.checkpoint_layout).
 
-Layout: <root>/<model_id>/<kind>/<name>/ with adapter_model.safetensors + adapter_config.json (plain
-PEFT format: `PeftModel.from_pretrained(base, dir)` loads it), optimizer.pt for states, meta.json.
 A checkpoint is built in a hidden temporary directory and renamed into place, so a reader sees the
 old one or the new one, never half of one. A process killed part-way leaves hidden directories behind;
 the next store opened on the root removes them (and puts back a checkpoint whose overwrite was cut short
@@ -14,7 +12,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -26,35 +23,19 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from safetensors.torch import load_file, save_file
 
-from bios.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from bios.errors import FailedPreconditionError, NotFoundError
 from bios.v1 import train_pb2
-
-KINDS = ("state", "sampler")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-OPTIMIZER = "optimizer.pt"
-META = "meta.json"
-NOT_EXPORTED = (OPTIMIZER, META)  # the service's own files; an export is the plain PEFT adapter
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_PATH = re.compile(r"^bios://([A-Za-z0-9-]+)/(state|sampler)/(.+)$")
-
-
-def validate_name(name: str, field: str = "name") -> str:
-    if not _NAME.match(name or "") or ".." in name:
-        raise InvalidArgumentError(f"{field}: {name!r} is not a valid checkpoint name "
-                                   "(1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit)")
-    return name
-
+from train_service import checkpoint_layout as layout
+from train_service.checkpoint_layout import validate_name  # noqa: F401 - re-exported for callers
 
 log = logging.getLogger("bios.checkpoints")
-LOCK_FILE = ".lock"  # every open store holds a shared flock on it; recovery needs it exclusive
 
 
 class CheckpointStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.root / LOCK_FILE, "a")  # noqa: SIM115 - held (flocked) for the store's lifetime
+        self._lock = open(self.root / layout.LOCK_FILE, "a")  # noqa: SIM115 - held (flocked) for the store's lifetime
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # another live store writes here: its hidden directories may be in progress
@@ -67,13 +48,10 @@ class CheckpointStore:
         """Undo what killed writes left: temporaries and trash go, an overwrite cut short between its two
         renames gets its previous checkpoint back. Only safe while no other process writes to the root."""
         cleaned = []
-        for entry in sorted(self.root.glob("*/*/.*")):
-            kind = entry.name.split("-", 1)[0]
-            if not entry.is_dir() or kind not in (".tmp", ".old", ".del"):
-                continue
-            name = entry.name[len(".old-"):-len("-12345678")]
+        for entry in layout.hidden_entries(self.root):
+            name = layout.unhidden_name(entry)
             final = entry.with_name(name)
-            if kind == ".old" and _NAME.match(name) and not final.exists():
+            if entry.name.startswith(".old-") and layout.NAME.match(name) and not final.exists():
                 os.rename(entry, final)
                 log.warning("checkpoints: restored %s (its overwrite was interrupted)", final)
                 continue
@@ -85,20 +63,12 @@ class CheckpointStore:
         return cleaned
 
     def directory(self, model_id: str, kind: str, name: str) -> Path:
-        return self.root / model_id / kind / validate_name(name)
-
-    def parse(self, path: str, field: str = "path") -> tuple[str, str, str]:
-        match = _PATH.match(path or "")
-        if not match:
-            raise InvalidArgumentError(f"{field}: {path!r} is not a checkpoint path (bios://<model_id>/<kind>/<name>)")
-        model_id, kind, name = match.groups()
-        validate_name(name, field)
-        return model_id, kind, name
+        return layout.directory(self.root, model_id, kind, name)
 
     def locate(self, path: str, tenant: str, field: str = "path") -> tuple[Path, dict[str, Any]]:
         """The directory and metadata of an existing checkpoint of `tenant` (others' are invisible)."""
-        directory = self.directory(*self.parse(path, field))
-        meta_file = directory / META
+        directory = self.directory(*layout.parse(path, field))
+        meta_file = directory / layout.META
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
         if meta is None or meta.get("tenant") != tenant:
             raise NotFoundError(f"{field}: no checkpoint at {path}")
@@ -109,24 +79,24 @@ class CheckpointStore:
         """Run `fill(tmpdir)` to write the files, then publish the directory atomically. `replace=False`:
         FAILED_PRECONDITION when a checkpoint of this name exists."""
         final = self.directory(model_id, kind, name)
-        if not replace and (final / META).is_file():
+        if not replace and (final / layout.META).is_file():
             raise FailedPreconditionError(f"name: a {kind} checkpoint named {name!r} exists on model {model_id} "
                                           "(save it under another name, or overwrite it)")
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=final.parent))
         try:
             fill(tmp)
-            path = f"bios://{model_id}/{kind}/{name}"
+            path = layout.path(model_id, kind, name)
             meta = {**meta, "id": path, "path": path, "kind": kind, "name": name, "model_id": model_id, "tenant": tenant,
                     "created_unix_ms": int(time.time() * 1000)}
             meta["size_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
-            (tmp / META).write_text(json.dumps(meta))
+            (tmp / layout.META).write_text(json.dumps(meta))
             for f in tmp.iterdir():  # durable before it becomes visible
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
             old = None
             if final.exists():
-                old = final.with_name(f".old-{name}-{uuid.uuid4().hex[:8]}")
+                old = layout.hidden(final, ".old", uuid.uuid4().hex[:8])
                 os.rename(final, old)
             os.rename(tmp, final)
             _fsync_directory(final.parent)  # the rename itself survives a crash
@@ -139,9 +109,7 @@ class CheckpointStore:
 
     def list(self, tenant: str, model_ids: set[str] | None = None) -> list[train_pb2.Checkpoint]:
         out = []
-        for meta_file in sorted(self.root.glob(f"*/*/*/{META}")):
-            if meta_file.parent.name.startswith("."):
-                continue
+        for meta_file in layout.meta_files(self.root):
             meta = json.loads(meta_file.read_text())
             if meta.get("tenant") == tenant and (model_ids is None or meta["model_id"] in model_ids):
                 out.append(to_pb(meta))
@@ -149,7 +117,7 @@ class CheckpointStore:
 
     def delete(self, path: str, tenant: str) -> None:
         directory, _ = self.locate(path, tenant)
-        trash = directory.with_name(f".del-{directory.name}-{uuid.uuid4().hex[:8]}")
+        trash = layout.hidden(directory, ".del", uuid.uuid4().hex[:8])
         os.rename(directory, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -174,14 +142,14 @@ def to_pb(meta: dict[str, Any]) -> train_pb2.Checkpoint:
 
 def write_adapter(directory: Path, config: PeftLoraConfig, state: dict[str, torch.Tensor]) -> None:
     """PEFT format: `PeftModel.from_pretrained(base, directory)` loads it."""
-    save_file(state, str(directory / ADAPTER_WEIGHTS))
+    save_file(state, str(directory / layout.ADAPTER_WEIGHTS))
     config.save_pretrained(str(directory))
 
 
 def read_adapter(directory: Path, field: str) -> tuple[PeftLoraConfig, dict[str, torch.Tensor]]:
     try:
         config = PeftLoraConfig.from_pretrained(str(directory))
-        return config, load_file(str(directory / ADAPTER_WEIGHTS), device="cpu")
+        return config, load_file(str(directory / layout.ADAPTER_WEIGHTS), device="cpu")
     except (OSError, ValueError, TypeError) as exc:
         raise FailedPreconditionError(f"{field}: the checkpoint's adapter files cannot be read: {exc}") from None
 
@@ -191,10 +159,10 @@ def write_optimizer(directory: Path, optimizer: torch.optim.Optimizer, step: int
     cpu = {k: {n: v.detach().cpu() if torch.is_tensor(v) else v for n, v in s.items()}
            for k, s in state["state"].items()}
     torch.save({"optimizer": {"state": cpu, "param_groups": state["param_groups"]}, "step": step},
-               directory / OPTIMIZER)
+               directory / layout.OPTIMIZER)
 
 
 def read_optimizer(directory: Path, field: str) -> dict:
-    if not (directory / OPTIMIZER).is_file():
+    if not (directory / layout.OPTIMIZER).is_file():
         raise FailedPreconditionError(f"{field}: the checkpoint holds no optimizer state (a sampler checkpoint?)")
-    return torch.load(directory / OPTIMIZER, map_location="cpu", weights_only=True)
+    return torch.load(directory / layout.OPTIMIZER, map_location="cpu", weights_only=True)

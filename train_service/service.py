@@ -17,7 +17,7 @@ from bios.v1 import train_pb2, train_pb2_grpc
 from render_service.tokenizers import get_tokenizer
 from train_service import metrics
 from train_service import sampler as sampling
-from train_service.checkpoints import NOT_EXPORTED
+from train_service.checkpoint_layout import NOT_EXPORTED
 from train_service.engine import Engine
 from train_service.scheduler import Limits, SampleWork
 from train_service.sessions import SessionManager, TrainingModel

@@ -24,8 +24,10 @@ from bios.errors import BiosError, FailedPreconditionError, InvalidArgumentError
 from bios.v1 import train_pb2
 from render_service.model_registry import ModelEntry, resolve
 from render_service.tokenizers import load_tokenizer
+from train_service import checkpoint_layout as layout
 from train_service import checkpoints, data, optimizer
-from train_service.checkpoints import CheckpointStore, validate_name
+from train_service.checkpoint_layout import validate_name
+from train_service.checkpoints import CheckpointStore
 from train_service.lora import Adapter
 from train_service.losses import get_loss
 from train_service.metrics import CHECKPOINT_BYTES
@@ -117,7 +119,7 @@ class TrainingModel:
             self._write_adapter(directory)
             checkpoints.write_optimizer(directory, self.optimizer, self.step)
 
-        checkpoint = self.store.write(self.model_id, self.tenant, "state", request.name, self._meta(metadata), fill,
+        checkpoint = self.store.write(self.model_id, self.tenant, layout.STATE, request.name, self._meta(metadata), fill,
                                       replace=not request.fail_if_exists)
         CHECKPOINT_BYTES.inc(checkpoint.size_bytes)
         return checkpoint
@@ -126,7 +128,7 @@ class TrainingModel:
         validate_name(request.name, "save_weights_for_sampler.name")
         metadata = (wire.json_object(request.metadata_json, "save_weights_for_sampler.metadata_json")
                     if request.metadata_json else {})
-        checkpoint = self.store.write(self.model_id, self.tenant, "sampler", request.name, self._meta(metadata),
+        checkpoint = self.store.write(self.model_id, self.tenant, layout.SAMPLER, request.name, self._meta(metadata),
                                       self._write_adapter)
         CHECKPOINT_BYTES.inc(checkpoint.size_bytes)
         return checkpoint
