@@ -18,8 +18,10 @@ from typing import Any, Awaitable, Callable
 from tinker import types as tt
 from tinker.proto import tinker_public_pb2 as tpb
 
+from bios import types
+from bios import wire as bios_wire
 from bios.errors import BiosError
-from bios.v1 import train_pb2, types_pb2
+from bios.v1 import train_pb2
 from tinker_gateway import SUPPORTED_SDK_VERSIONS, wire
 from tinker_gateway.backend import Backend
 from tinker_gateway.state import PROTO, Call, Futures, Model, Reply, Sampler, Session, json_reply, log
@@ -175,9 +177,9 @@ class Gateway:
         if request.optimizer_config.type != "adamw":
             raise bad(f"optimizer_config.type: only adamw is supported, got {request.optimizer_config.type!r}")
         lora = request.lora_config or tt.LoraConfig(rank=32)
-        pb = types_pb2.LoraConfig(rank=lora.rank, seed=secrets.randbelow(2**31) if lora.seed is None else lora.seed,
-                                  train_attn=lora.train_attn, train_mlp=lora.train_mlp,
-                                  train_unembed=lora.train_unembed)
+        pb = bios_wire.lora_config_to_pb(types.LoraConfig(
+            rank=lora.rank, seed=secrets.randbelow(2**31) if lora.seed is None else lora.seed,
+            train_attn=lora.train_attn, train_mlp=lora.train_mlp, train_unembed=lora.train_unembed))
 
         async def work() -> Reply:
             info = await self.backend.call("CreateModel", train_pb2.CreateModelRequest(

@@ -15,6 +15,8 @@ import numpy as np
 from tinker import types as tt
 from tinker.proto import tinker_public_pb2 as tpb
 
+from bios import types
+from bios import wire as bios_wire
 from bios.v1 import train_pb2, types_pb2
 from train_service import checkpoint_layout as layout
 
@@ -205,8 +207,9 @@ def forward_backward_output(out: train_pb2.ForwardBackwardOutput) -> bytes:
 def adam_params(params: Any) -> types_pb2.AdamParams:
     if not isinstance(params, tt.AdamParams):
         raise bad(f"optim_params: only Adam is supported, got {getattr(params, 'type', type(params).__name__)}")
-    return types_pb2.AdamParams(learning_rate=params.learning_rate, beta1=params.beta1, beta2=params.beta2,
-                                eps=params.eps, weight_decay=params.weight_decay, grad_clip_norm=params.grad_clip_norm)
+    return bios_wire.adam_params_to_pb(types.AdamParams(
+        learning_rate=params.learning_rate, beta1=params.beta1, beta2=params.beta2, eps=params.eps,
+        weight_decay=params.weight_decay, grad_clip_norm=params.grad_clip_norm))
 
 
 def optim_step_metrics(response: train_pb2.OptimStepResponse) -> dict[str, float]:

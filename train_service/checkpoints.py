@@ -23,6 +23,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from safetensors.torch import load_file, save_file
 
+from bios import types, wire
 from bios.errors import FailedPreconditionError, NotFoundError
 from bios.v1 import train_pb2
 from train_service import checkpoint_layout as layout
@@ -131,11 +132,10 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def to_pb(meta: dict[str, Any]) -> train_pb2.Checkpoint:
-    return train_pb2.Checkpoint(
+    return wire.checkpoint_to_pb(types.Checkpoint(
         id=meta["id"], path=meta["path"], kind=meta["kind"], name=meta["name"], model_id=meta["model_id"],
-        base_model=meta.get("base_model", ""), step=meta.get("step", 0),
-        metadata_json=json.dumps(meta.get("metadata", {})), size_bytes=meta.get("size_bytes", 0),
-        created_unix_ms=meta.get("created_unix_ms", 0))
+        base_model=meta.get("base_model", ""), step=meta.get("step", 0), metadata=meta.get("metadata", {}),
+        size_bytes=meta.get("size_bytes", 0), created_unix_ms=meta.get("created_unix_ms", 0)))
 
 
 # ---- the files inside a checkpoint directory ----------------------------------------------------------

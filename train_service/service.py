@@ -10,10 +10,10 @@ from typing import Any, AsyncIterator, Callable
 
 import grpc
 
-from bios import types
+from bios import wire
 from bios.errors import InvalidArgumentError, NotFoundError, status_of
-from bios_server.auth import current_tenant
 from bios.v1 import train_pb2, train_pb2_grpc
+from bios_server.auth import current_tenant
 from render_service.tokenizers import get_tokenizer
 from train_service import metrics
 from train_service import sampler as sampling
@@ -25,11 +25,6 @@ from train_service.sessions import SessionManager, TrainingModel
 _DONE = object()
 _STOP_REASONS = {"stop": train_pb2.STOP_REASON_STOP, "length": train_pb2.STOP_REASON_LENGTH}
 EXPORT_CHUNK_BYTES = 1 << 20
-
-
-def _lora(pb) -> types.LoraConfig:
-    return types.LoraConfig(rank=pb.rank or 32, alpha=pb.alpha if pb.HasField("alpha") else None, seed=pb.seed,
-                            train_attn=pb.train_attn, train_mlp=pb.train_mlp, train_unembed=pb.train_unembed)
 
 
 def _model_info(model: TrainingModel, limits: Limits) -> train_pb2.ModelInfo:
@@ -71,7 +66,7 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
             self.engine.submit("control", lambda: self.sessions.mirror.send("drop", keys))
 
     async def CreateModel(self, request, context):
-        lora, tenant = _lora(request.lora), current_tenant()
+        lora, tenant = wire.lora_config_from_pb(request.lora), current_tenant()
         # Loading weights can take minutes for a real model: off the engine, which keeps serving others.
         entry, base, lora = await asyncio.to_thread(self.sessions.prepare_model, request.session_id, tenant,
                                                     request.base_model, lora, request.from_state)

@@ -72,8 +72,7 @@ class TrainingClient:
     def optim_step(self, adam_params: types.AdamParams | None = None) -> APIFuture[types.OptimStepResponse]:
         params = adam_params or types.AdamParams()
         future = self._ops.submit(optim_step=train_pb2.OptimStepRequest(adam_params=wire.adam_params_to_pb(params)))
-        return APIFuture(future, lambda e: types.OptimStepResponse(metrics=dict(e.optim_step.metrics),
-                                                                    step=e.optim_step.step))
+        return APIFuture(future, lambda e: wire.optim_step_response_from_pb(e.optim_step))
 
     def train(self, data: Sequence[types.Datum], loss_fn: str | Callable = "cross_entropy",
               learning_rate: float = 1e-4, **kwargs: Any) -> types.TrainingResult:

@@ -7,7 +7,8 @@ from typing import Any, Literal, Sequence, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-_NUMPY_DTYPES = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float64": np.float64, "bool": np.bool_}
+_NUMPY_DTYPES = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float64": np.float64, "bool": np.bool_,
+                 "float16": np.float16}
 
 
 class _Base(BaseModel):
@@ -92,15 +93,15 @@ class TensorData(_Base):
     """A flat list of numbers plus dtype and shape (row-major)."""
 
     data: list[float] | list[int] | list[bool]
-    dtype: Literal["int64", "int32", "float32", "float64", "bool"]
+    dtype: Literal["int64", "int32", "float32", "float64", "bool", "float16"]
     shape: list[int] | None = None
 
     @classmethod
     def from_numpy(cls, array: np.ndarray) -> "TensorData":
         array = np.asarray(array)
         dtype = {"i": "int64", "u": "int64", "b": "bool"}.get(array.dtype.kind, "float32")
-        if array.dtype == np.float64:
-            dtype = "float64"
+        if array.dtype in (np.float64, np.float16):  # kept: only other float widths become float32
+            dtype = str(array.dtype)
         return cls(data=array.reshape(-1).tolist(), dtype=dtype, shape=list(array.shape))
 
     @classmethod

@@ -28,7 +28,7 @@ _TO_PB_DTYPE = {
 }
 _FROM_PB_DTYPE = {v: k for k, v in _TO_PB_DTYPE.items()}
 _NAMES = {types_pb2.DTYPE_FLOAT32: "float32", types_pb2.DTYPE_FLOAT64: "float64", types_pb2.DTYPE_INT32: "int32",
-          types_pb2.DTYPE_INT64: "int64", types_pb2.DTYPE_BOOL: "bool"}
+          types_pb2.DTYPE_INT64: "int64", types_pb2.DTYPE_BOOL: "bool", types_pb2.DTYPE_FLOAT16: "float16"}
 
 
 class WireError(InvalidArgumentError):
@@ -94,6 +94,11 @@ def datum_to_pb(datum: types.Datum) -> types_pb2.Datum:
     )
 
 
+def datum_from_pb(pb: types_pb2.Datum) -> types.Datum:
+    return types.Datum(model_input=model_input_from_pb(pb.model_input),
+                       loss_fn_inputs={k: tensor_data_from_pb(v) for k, v in pb.loss_fn_inputs.items()})
+
+
 # ---- parameters -----------------------------------------------------------------------------------
 
 def sampling_params_to_pb(params: types.SamplingParams) -> types_pb2.SamplingParams:
@@ -114,8 +119,21 @@ def sampling_params_to_pb(params: types.SamplingParams) -> types_pb2.SamplingPar
     return pb
 
 
+def sampling_params_from_pb(pb: types_pb2.SamplingParams) -> types.SamplingParams:
+    """Unset optional fields take their defaults; `stop` comes back as a list (strings, else token ids)."""
+    stop: list[str] | list[int] | None = list(pb.stop_strings) or list(pb.stop_token_ids) or None
+    return types.SamplingParams(max_tokens=pb.max_tokens or None,
+                                temperature=pb.temperature if pb.HasField("temperature") else 1.0,
+                                top_p=pb.top_p if pb.HasField("top_p") else 1.0, top_k=pb.top_k, stop=stop,
+                                seed=pb.seed if pb.HasField("seed") else None)
+
+
 def adam_params_to_pb(params: types.AdamParams) -> types_pb2.AdamParams:
     return types_pb2.AdamParams(**params.model_dump())
+
+
+def adam_params_from_pb(pb: types_pb2.AdamParams) -> types.AdamParams:
+    return types.AdamParams(**{name: getattr(pb, name) for name in types.AdamParams.model_fields})
 
 
 def lora_config_to_pb(config: types.LoraConfig) -> types_pb2.LoraConfig:
@@ -124,6 +142,12 @@ def lora_config_to_pb(config: types.LoraConfig) -> types_pb2.LoraConfig:
     if config.alpha is not None:
         pb.alpha = config.alpha
     return pb
+
+
+def lora_config_from_pb(pb: types_pb2.LoraConfig) -> types.LoraConfig:
+    """rank 0 (unset) is 32; alpha unset is None (2 * rank)."""
+    return types.LoraConfig(rank=pb.rank or 32, alpha=pb.alpha if pb.HasField("alpha") else None, seed=pb.seed,
+                            train_attn=pb.train_attn, train_mlp=pb.train_mlp, train_unembed=pb.train_unembed)
 
 
 # ---- chat messages -------------------------------------------------------------------------------
@@ -286,6 +310,11 @@ def conversation_to_pb(messages: Sequence[Mapping[str, Any]], tools: Sequence[Ma
 
 # ---- results --------------------------------------------------------------------------------------
 
+def checkpoint_to_pb(checkpoint: types.Checkpoint) -> train_pb2.Checkpoint:
+    return train_pb2.Checkpoint(**checkpoint.model_dump(exclude={"metadata"}),
+                                metadata_json=json.dumps(checkpoint.metadata))
+
+
 def checkpoint_from_pb(pb: train_pb2.Checkpoint) -> types.Checkpoint:
     return types.Checkpoint(id=pb.id, path=pb.path, kind=pb.kind, name=pb.name, model_id=pb.model_id,
                             base_model=pb.base_model, step=pb.step,
@@ -293,18 +322,47 @@ def checkpoint_from_pb(pb: train_pb2.Checkpoint) -> types.Checkpoint:
                             size_bytes=pb.size_bytes, created_unix_ms=pb.created_unix_ms)
 
 
+_STOP_REASONS = {train_pb2.STOP_REASON_STOP: "stop", train_pb2.STOP_REASON_LENGTH: "length"}
+_TO_PB_STOP_REASONS = {v: k for k, v in _STOP_REASONS.items()}
+
+
+def sample_response_to_pb(response: types.SampleResponse) -> train_pb2.SampleResponse:
+    """An unscored prompt position (None) travels as NaN."""
+    sequences = [train_pb2.SampledSequence(tokens=s.tokens, logprobs=s.logprobs or [],
+                                           stop_reason=_TO_PB_STOP_REASONS[s.stop_reason]) for s in response.sequences]
+    prompt = [float("nan") if x is None else x for x in response.prompt_logprobs or []]
+    return train_pb2.SampleResponse(sequences=sequences, prompt_logprobs=prompt)
+
+
 def sample_response_from_pb(pb: train_pb2.SampleResponse) -> types.SampleResponse:
-    reasons = {train_pb2.STOP_REASON_STOP: "stop", train_pb2.STOP_REASON_LENGTH: "length"}
     sequences = [types.SampledSequence(tokens=list(s.tokens), logprobs=list(s.logprobs) or None,
-                                       stop_reason=reasons.get(s.stop_reason, "length")) for s in pb.sequences]
+                                       stop_reason=_STOP_REASONS.get(s.stop_reason, "length")) for s in pb.sequences]
     prompt = [None if np.isnan(x) else x for x in pb.prompt_logprobs] or None
     return types.SampleResponse(sequences=sequences, prompt_logprobs=prompt)
+
+
+def forward_backward_to_pb(output: types.ForwardBackwardOutput) -> train_pb2.ForwardBackwardOutput:
+    return train_pb2.ForwardBackwardOutput(
+        loss_fn_outputs=[train_pb2.LossFnOutput(tensors={k: tensor_data_to_pb(v) for k, v in out.items()})
+                         for out in output.loss_fn_outputs], metrics=output.metrics)
 
 
 def forward_backward_from_pb(pb: train_pb2.ForwardBackwardOutput) -> types.ForwardBackwardOutput:
     return types.ForwardBackwardOutput(
         loss_fn_outputs=[{k: tensor_data_from_pb(v) for k, v in out.tensors.items()} for out in pb.loss_fn_outputs],
         metrics=dict(pb.metrics))
+
+
+def optim_step_response_to_pb(response: types.OptimStepResponse) -> train_pb2.OptimStepResponse:
+    return train_pb2.OptimStepResponse(metrics=response.metrics, step=response.step)
+
+
+def optim_step_response_from_pb(pb: train_pb2.OptimStepResponse) -> types.OptimStepResponse:
+    return types.OptimStepResponse(metrics=dict(pb.metrics), step=pb.step)
+
+
+def model_info_to_pb(info: types.ModelInfo) -> train_pb2.ModelInfo:
+    return train_pb2.ModelInfo(**info.model_dump())
 
 
 def model_info_from_pb(pb: train_pb2.ModelInfo) -> types.ModelInfo:
