@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import weakref
 from typing import Any
 
@@ -33,6 +34,18 @@ DEVICE_MEMORY_BYTES = Gauge("bios_train_device_memory_bytes",
 def _resident_bytes() -> float:
     with open("/proc/self/statm") as f:  # current resident set, in pages
         return float(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+
+
+def record_operation(kind: str | None, started: float, future: Any) -> None:
+    """Latency of each operation from submission to answer (a done callback), and what it processed."""
+    OPERATION_SECONDS.labels(kind or "none").observe(time.perf_counter() - started)
+    if future.cancelled() or future.exception() is not None:
+        return
+    event = future.result()
+    if kind in ("forward", "forward_backward"):
+        TOKENS.labels(kind).inc(event.forward_backward.metrics["tokens:sum"])
+    elif kind == "optim_step":
+        OPTIMIZER_STEPS.inc()
 
 
 def record_pass(kind: str, requests: int, tokens: int) -> None:

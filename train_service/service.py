@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -131,57 +130,6 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
 
     # ---- the ordered operation stream -------------------------------------------------------------
 
-    async def _submit(self, model: TrainingModel, request: train_pb2.OperationRequest) -> asyncio.Future:
-        """The future of this sequence number's event (the original one when the number was seen before)."""
-        loop = asyncio.get_running_loop()
-        kind = request.WhichOneof("op")
-        started = time.perf_counter()
-
-        def failed(exc: Exception) -> asyncio.Future:
-            future = loop.create_future()
-            future.set_exception(exc)
-            return future
-
-        prepared: Any = None
-        if kind in ("forward", "forward_backward") and request.seq not in model.results and request.seq > model.max_seq:
-            try:  # validation and decoding off the event loop: a request may hold 10^5 datums
-                prepared = await asyncio.to_thread(model.forward_work, getattr(request, kind),
-                                                   kind == "forward_backward", self.engine.limits)
-            except Exception as exc:  # noqa: BLE001 - answered as this operation's error
-                prepared = exc
-
-        def submit() -> asyncio.Future:
-            if self.sessions.models.get(model.model_id) is not model:  # deleted (or its session closed) meanwhile
-                raise NotFoundError(f"model_id: model {model.model_id} was deleted")
-            if isinstance(prepared, Exception):
-                raise prepared
-            if prepared is not None:
-                output = prepared.finish
-                prepared.finish = lambda work: train_pb2.OperationEvent(seq=request.seq,
-                                                                        forward_backward=output(work))
-                work = prepared
-            else:
-                work = self._operation(model, request, kind)
-            future = asyncio.wrap_future(self.engine.submit(model.model_id, work))
-            future.add_done_callback(lambda f: _record(kind, started, f))
-            return future
-
-        return model.submit_once(request.seq, submit, failed)
-
-    def _operation(self, model: TrainingModel, request: train_pb2.OperationRequest, kind: str | None) -> Callable:
-        event = lambda **kw: train_pb2.OperationEvent(seq=request.seq, **kw)  # noqa: E731
-        ops = {
-            "optim_step": lambda: event(optim_step=model.optim_step(request.optim_step)),
-            "save_state": lambda: event(checkpoint=model.save_state(request.save_state)),
-            "save_weights_for_sampler": lambda: event(
-                checkpoint=model.save_weights_for_sampler(request.save_weights_for_sampler)),
-            "load_state": lambda: event(load_state=train_pb2.LoadStateResponse(
-                step=model.load_state(request.load_state.path, request.load_state.load_optimizer))),
-        }
-        if kind not in ops:
-            raise InvalidArgumentError(f"op: request seq {request.seq} names no operation")
-        return ops[kind]
-
     async def _answer(self, seq: int, future: asyncio.Future) -> train_pb2.OperationEvent:
         try:
             # Shielded: a dropped stream must not cancel the operation; a resubmission picks its result up.
@@ -202,7 +150,7 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
                         model = self.sessions.model(request.model_id, tenant)
                     elif request.model_id and request.model_id != model.model_id:
                         raise InvalidArgumentError(f"model_id: this stream is for {model.model_id}")
-                    await pending.put((request.seq, await self._submit(model, request)))
+                    await pending.put((request.seq, await self.sessions.submit_operation(model, request, self.engine)))
                 await pending.put(_DONE)
             except Exception as exc:  # noqa: BLE001 - ends the stream with a status
                 await pending.put(exc)
@@ -276,18 +224,6 @@ def _coalesce(steps: list[list[tuple[int, int, float]]]) -> train_pb2.SampleDelt
             delta.tokens.append(token)
             delta.logprobs.append(logprob)
     return train_pb2.SampleDeltas(deltas=[merged[i] for i in sorted(merged)])
-
-
-def _record(kind: str | None, started: float, future: asyncio.Future) -> None:
-    """Latency of each operation from submission to answer, and what it processed."""
-    metrics.OPERATION_SECONDS.labels(kind or "none").observe(time.perf_counter() - started)
-    if future.cancelled() or future.exception() is not None:
-        return
-    event = future.result()
-    if kind in ("forward", "forward_backward"):
-        metrics.TOKENS.labels(kind).inc(event.forward_backward.metrics["tokens:sum"])
-    elif kind == "optim_step":
-        metrics.OPTIMIZER_STEPS.inc()
 
 
 def add_to_server(sessions: SessionManager, engine: Engine) -> Callable[[grpc.aio.Server], list[str]]:

@@ -8,8 +8,10 @@ first), so a bad request never corrupts a session.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +30,10 @@ from train_service import checkpoint_layout as layout
 from train_service import checkpoints, data, optimizer
 from train_service.checkpoint_layout import validate_name
 from train_service.checkpoints import CheckpointStore
+from train_service.engine import Engine
 from train_service.lora import Adapter
 from train_service.losses import get_loss
-from train_service.metrics import CHECKPOINT_BYTES
+from train_service.metrics import CHECKPOINT_BYTES, record_operation
 from train_service.models import BaseModel, BaseModelPool, load_weights
 from train_service.replay import Mirror
 from train_service.scheduler import ForwardWork, Limits
@@ -81,6 +84,9 @@ class TrainingModel:
             self.results.popitem(last=False)
         return future
 
+    def is_new(self, seq: int) -> bool:
+        return seq not in self.results and seq > self.max_seq
+
     # ---- forward / forward_backward: validated here, computed in passes by the engine -----------------
 
     def forward_work(self, request: train_pb2.ForwardBackwardInput, backward: bool,
@@ -90,6 +96,21 @@ class TrainingModel:
         loss, needed = get_loss(name, config)
         rows = data.decode_data(list(request.data), self.base.vocab_size, needed, self.base.max_context, limits)
         return ForwardWork(self, rows, loss, config, backward, _forward_output, name)
+
+    def operation(self, request: train_pb2.OperationRequest, kind: str | None) -> Callable[[], Any]:
+        """The engine call of an operation other than forward / forward_backward, answering its event."""
+        event = lambda **kw: train_pb2.OperationEvent(seq=request.seq, **kw)  # noqa: E731
+        ops = {
+            "optim_step": lambda: event(optim_step=self.optim_step(request.optim_step)),
+            "save_state": lambda: event(checkpoint=self.save_state(request.save_state)),
+            "save_weights_for_sampler": lambda: event(
+                checkpoint=self.save_weights_for_sampler(request.save_weights_for_sampler)),
+            "load_state": lambda: event(load_state=train_pb2.LoadStateResponse(
+                step=self.load_state(request.load_state.path, request.load_state.load_optimizer))),
+        }
+        if kind not in ops:
+            raise InvalidArgumentError(f"op: request seq {request.seq} names no operation")
+        return ops[kind]
 
     # ---- operations (engine thread) -------------------------------------------------------------------
 
@@ -338,6 +359,46 @@ class SessionManager:
         merged = PeftModel.from_pretrained(load_weights(entry.weights), str(directory)).merge_and_unload()
         merged.save_pretrained(str(out))
         self.tokenizer(entry).save_pretrained(str(out))
+
+    # ---- the ordered operation stream (event loop) -----------------------------------------------------
+
+    async def submit_operation(self, model: TrainingModel, request: train_pb2.OperationRequest,
+                               engine: Engine) -> asyncio.Future:
+        """The future of this sequence number's event (the original one when the number was seen before)."""
+        loop = asyncio.get_running_loop()
+        kind = request.WhichOneof("op")
+        started = time.perf_counter()
+
+        def failed(exc: Exception) -> asyncio.Future:
+            future = loop.create_future()
+            future.set_exception(exc)
+            return future
+
+        prepared: Any = None
+        if kind in ("forward", "forward_backward") and model.is_new(request.seq):
+            try:  # validation and decoding off the event loop: a request may hold 10^5 datums
+                prepared = await asyncio.to_thread(model.forward_work, getattr(request, kind),
+                                                   kind == "forward_backward", engine.limits)
+            except Exception as exc:  # noqa: BLE001 - answered as this operation's error
+                prepared = exc
+
+        def submit() -> asyncio.Future:
+            if self.models.get(model.model_id) is not model:  # deleted (or its session closed) meanwhile
+                raise NotFoundError(f"model_id: model {model.model_id} was deleted")
+            if isinstance(prepared, Exception):
+                raise prepared
+            if prepared is not None:
+                output = prepared.finish
+                prepared.finish = lambda work: train_pb2.OperationEvent(seq=request.seq,
+                                                                        forward_backward=output(work))
+                work = prepared
+            else:
+                work = model.operation(request, kind)
+            future = asyncio.wrap_future(engine.submit(model.model_id, work))
+            future.add_done_callback(lambda f: record_operation(kind, started, f))
+            return future
+
+        return model.submit_once(request.seq, submit, failed)
 
     # ---- removal: nothing on the shared base changes, so this needs no engine turn ----------------------
 
