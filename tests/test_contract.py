@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -14,23 +15,32 @@ def test_protos_compile_from_scratch(tmp_path):
                     f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}", *protos],
                    check=True, cwd=REPO / "protos")
     # Import the fresh modules in a clean interpreter and compare descriptors with the installed stubs.
+    names = [p.removeprefix("bios/v1/").removesuffix(".proto") for p in protos]
     probe = f"""
 import sys
 sys.path.insert(0, {str(tmp_path)!r})
 import importlib
-fresh = {{n: importlib.import_module(f"bios.v1.{{n}}_pb2").DESCRIPTOR.serialized_pb for n in ("types", "render", "train")}}
+fresh = {{n: importlib.import_module(f"bios.v1.{{n}}_pb2").DESCRIPTOR.serialized_pb for n in {names!r}}}
 importlib.import_module("bios.v1.train_pb2_grpc")
 print(sorted(importlib.import_module("bios.v1.train_pb2").DESCRIPTOR.services_by_name))
-sys.stdout.write(repr({{k: len(v) for k, v in fresh.items()}}))
+print(repr({{k: len(v) for k, v in fresh.items()}}))
+sys.stdout.write(repr({{k: v.hex() for k, v in fresh.items()}}))
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert "TrainService" in out.stdout
     from bios.v1 import render_pb2, train_pb2, types_pb2
 
-    sizes = eval(out.stdout.splitlines()[-1])  # noqa: S307 - our own probe's repr of a dict of ints
+    sizes = eval(out.stdout.splitlines()[-2])  # noqa: S307 - our own probe's repr of a dict of ints
     assert sizes == {"types": len(types_pb2.DESCRIPTOR.serialized_pb),
                      "render": len(render_pb2.DESCRIPTOR.serialized_pb),
                      "train": len(train_pb2.DESCRIPTOR.serialized_pb)}
+    # The whole FileDescriptorProto, byte for byte: any drift between protos/ and the stubs in use fails.
+    fresh = {k: bytes.fromhex(v) for k, v in eval(out.stdout.splitlines()[-1]).items()}  # noqa: S307 - as above
+    installed = {n: importlib.import_module(f"bios.v1.{n}_pb2").DESCRIPTOR.serialized_pb for n in names}
+    assert set(fresh) == {"types", "render", "train"} and fresh == installed
+    # The generated Python (messages, stubs, type hints) is what this protoc writes today, file for file.
+    for generated in sorted((tmp_path / "bios" / "v1").iterdir()):
+        assert (REPO / "clients/python/bios/v1" / generated.name).read_bytes() == generated.read_bytes(), generated.name
 
 
 def test_generated_code_is_not_committed():
