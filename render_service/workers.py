@@ -15,18 +15,18 @@ import multiprocessing
 
 from bios.errors import UnavailableError
 from bios.v1 import render_pb2
+from render_service.batch import render_batch
 
 MIN_SLICE = 16  # conversations: smaller slices cost more in IPC than they gain
 
 
 def _render_slice(data: bytes, allow_local_paths: bool) -> bytes:
-    from render_service.service import render_batch  # imported in the worker
-
     return render_batch(render_pb2.RenderBatchRequest.FromString(data), allow_local_paths).SerializeToString()
 
 
 def _warm_up() -> None:
-    import render_service.service  # noqa: F401  (imports torch-free render code once, at start)
+    """Each worker's initializer: unpickling it imports this module, and with it batch (the torch-free render
+    code), once at start rather than in the first slice."""
 
 
 class RenderWorkers:

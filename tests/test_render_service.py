@@ -163,7 +163,7 @@ def test_declarative_templates_over_grpc(client, local, tmp_path):
 
 
 def test_oversized_conversation_is_refused(remote):
-    from render_service.service import MAX_BYTES_PER_CONVERSATION
+    from render_service.batch import MAX_BYTES_PER_CONVERSATION
 
     huge = [{"role": "user", "content": "x" * (MAX_BYTES_PER_CONVERSATION + 1)}]
     with pytest.raises(ResourceExhaustedError, match="messages: .* over the limit"):

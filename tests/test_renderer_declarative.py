@@ -11,10 +11,9 @@ from hypothesis import strategies as st
 
 from parity_cases import fixture_tokenizer
 from render_service.renderers import RenderError, get_renderer
-from render_service.renderers.declarative import (
-    TEMPLATES_DIR,
+from render_service.renderers.declarative import TEMPLATES_DIR, DeclarativeRenderer
+from render_service.renderers.declarative_schema import (
     ConversationTemplate,
-    DeclarativeRenderer,
     EmptyFormatter,
     ListFormatter,
     StringFormatter,

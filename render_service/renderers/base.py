@@ -1,19 +1,21 @@
 """The renderer contract: messages -> segments of text -> tokens with per-token attribution.
 
-A family renderer only says which text each message becomes (`segments`); this base class turns the
-segments into tokens in ONE tokenizer pass (so BPE merges across wrapper/body boundaries are exactly
-what the chat template gives) and derives weights, prompts and stop sequences from the attribution.
+A family renderer only says which text each message becomes (`segments`) and which tokens end a turn
+(`get_stop_sequences`); this abstract base turns the segments into tokens in ONE tokenizer pass (so BPE
+merges across wrapper/body boundaries are exactly what the chat template gives) and derives weights,
+prompts and stop strings from the attribution. The generic renderer is chat_template.ChatTemplateRenderer.
 """
 
 from __future__ import annotations
 
-import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from bios.errors import InvalidArgumentError
 from bios.rendered import AttributionRun, RenderedTokens
 from bios.types import ModelInput, Tokens
+from render_service.renderers.fast_tokenize import encode_segments
 
 Message = dict[str, Any]
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
@@ -159,23 +161,13 @@ def validate_sft_roles(roles: Iterable[str], field: str = "content_sft_roles") -
     return set(roles)
 
 
-# apply_chat_template's own parameters: an option of the same name would collide with them.
-_RESERVED_OPTIONS = frozenset({"conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",
-                               "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
-                               "return_assistant_tokens_mask", "tokenizer_kwargs"})
+class BaseRenderer(ABC):
+    """Base of every renderer family: a subclass defines `segments` and `get_stop_sequences` (and usually
+    `parse_response`); rendering, prompts, supervised weights and the option/tokenizer checks are shared."""
 
-
-class BaseRenderer:
-    """Base of every renderer. Subclasses override `segments` (and usually `parse_response`).
-
-    Without an override the tokenizer's own chat template is rendered, with attribution recovered
-    from it (see chat_template.py), so any HF tokenizer with a template works.
-    """
-
-    name = "chat_template"
-    # The options a family reads (named like the template variables they stand for). None: the tokenizer's chat
-    # template is rendered, so its options are the variables that template mentions, plus `chat_template` itself.
-    option_names: tuple[str, ...] | None = None
+    name: str
+    # The options a family reads (named like the template variables they stand for); any other is refused.
+    option_names: tuple[str, ...] = ()
     # The family's special tokens: each must be one token of the tokenizer, or the ids would spell it out as text
     # (a renderer paired with another family's tokenizer). Empty: the renderer follows the tokenizer's own template.
     special_tokens: tuple[str, ...] = ()
@@ -187,7 +179,6 @@ class BaseRenderer:
         self.tokenizer = tokenizer
         self.options = options
         self._special_ids: dict[str, Any] = {}  # per-renderer cache of looked-up token ids
-        self._stop_ids: list[int] | None = None
         self._check_options()
 
     def check_tokenizer(self, tokenizer_name: str | None = None) -> None:
@@ -213,41 +204,23 @@ class BaseRenderer:
 
     def _check_options(self) -> None:
         """An option nothing reads would be dropped without a word: refuse it, naming it."""
-        if self.option_names is not None:
-            for key in self.options:
-                if key not in self.option_names:
-                    known = ", ".join(self.option_names) or "none"
-                    raise RenderError(f"renderer.options.{key}: not an option of the {self.name} renderer "
-                                      f"(its options: {known})")
-            return
-        template = self.options.get("chat_template") or getattr(self.tokenizer, "chat_template", None) or ""
-        source = template if isinstance(template, str) else " ".join(map(str, dict(template).values()))
         for key in self.options:
-            if key in _RESERVED_OPTIONS:
-                raise RenderError(f"renderer.options.{key}: reserved (set by the renderer itself)")
-            if key != "chat_template" and not re.search(rf"\b{re.escape(key)}\b", source):
-                raise RenderError(f"renderer.options.{key}: the chat template does not read this variable")
+            if key not in self.option_names:
+                known = ", ".join(self.option_names) or "none"
+                raise RenderError(f"renderer.options.{key}: not an option of the {self.name} renderer "
+                                  f"(its options: {known})")
 
     # ---- what a family defines ----------------------------------------------------------------
 
+    @abstractmethod
     def segments(
         self, messages: Sequence[Message], tools: list[dict] | None, add_generation_prompt: bool
     ) -> list[Segment]:
-        from render_service.renderers.chat_template import chat_template_segments
+        """The conversation's text, cut into attributed segments."""
 
-        return chat_template_segments(self.tokenizer, messages, tools, add_generation_prompt, self.options)
-
+    @abstractmethod
     def get_stop_sequences(self) -> list[int]:
-        """Token ids that end an assistant turn: eos plus the template's own turn-end token."""
-        from render_service.renderers.chat_template import detected_stop_tokens
-
-        if self._stop_ids is None:  # found once per renderer: detection renders a probe chat
-            if getattr(self.tokenizer, "chat_template", None):
-                self._stop_ids = detected_stop_tokens(self.tokenizer, **self.options)
-            else:
-                eos = self.tokenizer.eos_token_id
-                self._stop_ids = [eos] if eos is not None else []
-        return list(self._stop_ids)
+        """Token ids that end an assistant turn."""
 
     def get_stop_strings(self) -> list[str]:
         return [self.tokenizer.convert_ids_to_tokens(i) for i in self.get_stop_sequences()]
@@ -341,13 +314,12 @@ def tokenize_segments(tokenizer: Any, segments: Sequence[Segment], roles: Sequen
     The ids are exactly `tokenizer(joined text, add_special_tokens=False)`'s; fast_tokenize reproduces them
     (and where each token starts) without the HF call wherever that is proven exact, else makes the call.
     """
-    from render_service.renderers.fast_tokenize import encode_segments
-
     ids, counts = encode_segments(tokenizer, [seg.text for seg in segments])
     return _attribute(ids, counts, segments, roles)
 
 
-def _attribute(ids: list[int], counts: Sequence[int], segments: Sequence[Segment], roles: Sequence[str]) -> RenderedTokens:
+def _attribute(ids: list[int], counts: Sequence[int], segments: Sequence[Segment],
+               roles: Sequence[str]) -> RenderedTokens:
     """Attribution runs from how many tokens start in each segment (per segment, not per token)."""
     lengths: list[int] = []
     keys: list[tuple[int, bool, bool]] = []

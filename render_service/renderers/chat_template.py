@@ -1,4 +1,4 @@
-"""Attribution for any HF tokenizer's own chat template (the generic renderer, `chat_template`/`default`).
+"""The generic renderer (`chat_template`/`default`): any HF tokenizer's own chat template, with attribution.
 
 The template is opaque Jinja, so the text is always the template's own output (ids == apply_chat_template,
 always) and only the attribution is recovered:
@@ -29,7 +29,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from render_service.renderers.base import Message, RenderError, Segment, text_of
+from render_service.renderers.base import BaseRenderer, Message, RenderError, Segment, text_of
+from render_service.renderers.registry import register_renderer
 
 MARKERS, MARKERS_STRIPPED, PREFIX_DIFF, NONE = "markers", "markers_stripped", "prefix_diff", "none"
 _MARK_FIRST, _MARK_LAST = 0xF0000, 0xFFFFD  # Supplementary Private Use Area-A
@@ -418,3 +419,49 @@ def detected_stop_tokens(tokenizer: Any, **options: Any) -> list[int]:
     ctx = _Context(tokenizer, probe, None, True, options)
     ids = {tokenizer.convert_tokens_to_ids(t) for t in ctx.eot}
     return sorted(i for i in ids if isinstance(i, int) and i != getattr(tokenizer, "unk_token_id", None))
+
+
+# apply_chat_template's own parameters: an option of the same name would collide with them.
+_RESERVED_OPTIONS = frozenset({"conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",
+                               "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+                               "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+class ChatTemplateRenderer(BaseRenderer):
+    """The tokenizer's own chat template, rendered as is, with attribution recovered from it (above), so any HF
+    tokenizer with a template works."""
+
+    name = "chat_template"
+
+    def __init__(self, tokenizer: Any, **options: Any):
+        self._stop_ids: list[int] | None = None
+        super().__init__(tokenizer, **options)
+
+    def _check_options(self) -> None:
+        """Its options are the variables the template mentions, plus `chat_template` itself."""
+        template = self.options.get("chat_template") or getattr(self.tokenizer, "chat_template", None) or ""
+        source = template if isinstance(template, str) else " ".join(map(str, dict(template).values()))
+        for key in self.options:
+            if key in _RESERVED_OPTIONS:
+                raise RenderError(f"renderer.options.{key}: reserved (set by the renderer itself)")
+            if key != "chat_template" and not re.search(rf"\b{re.escape(key)}\b", source):
+                raise RenderError(f"renderer.options.{key}: the chat template does not read this variable")
+
+    def segments(
+        self, messages: Sequence[Message], tools: list[dict] | None, add_generation_prompt: bool
+    ) -> list[Segment]:
+        return chat_template_segments(self.tokenizer, messages, tools, add_generation_prompt, self.options)
+
+    def get_stop_sequences(self) -> list[int]:
+        """Token ids that end an assistant turn: eos plus the template's own turn-end token."""
+        if self._stop_ids is None:  # found once per renderer: detection renders a probe chat
+            if getattr(self.tokenizer, "chat_template", None):
+                self._stop_ids = detected_stop_tokens(self.tokenizer, **self.options)
+            else:
+                eos = self.tokenizer.eos_token_id
+                self._stop_ids = [eos] if eos is not None else []
+        return list(self._stop_ids)
+
+
+register_renderer("chat_template", ChatTemplateRenderer, aliases=("default",),
+                  description="any HF tokenizer's own chat template, with attribution recovered from it")

@@ -1,24 +1,14 @@
 """Declarative conversation templates (seed 003): a chat format written as data, rendered with full attribution.
 
-A `ConversationTemplate` holds one formatter per role. A formatter is a list of `TemplateComponent`s:
-
-* `string`: literal text with placeholders `{{content}}` (the message text) and `{{reasoning_content}}`;
-* `token`: one vocabulary token by name (`bos_token` / `eos_token` mean the tokenizer's own);
-* `token_id`: token ids, written as their text (they must round-trip through the tokenizer);
-* `tools`: the request's tools as JSON, one per line.
+The template format (a `ConversationTemplate`: one formatter of `TemplateComponent`s per role) and its
+validation are in declarative_schema.py; this module renders it.
 
 Attribution: placeholder substitutions are message body (is_content). In the assistant formatter everything up to
 the first placeholder is the header, i.e. the generation prompt (scaffolding); from there on the text of
 components with `mask: true` (the default) is what the model samples, up to and including the stop token (the
 first special token written after the first placeholder, else eos, unless `stop_tokens` names them); text after
-the stop token and `mask: false` components are scaffolding. Other fields:
-
-* `system_formatter`, `tools_formatter` (its `{{content}}` is the tools JSON; written after the first system
-  message, or first), `role_formatters` (e.g. `tool`, `developer`), `tool_call_formatter` (its `{{content}}` is
-  each call's `{"name", "arguments"}` JSON, appended to the assistant's content);
-* `separator` (written between consecutive messages, and before a generation prompt), `special_starter` (once at
-  the start), `special_stopper` (once at the end of a conversation rendered without a generation prompt; sampled
-  when it ends an assistant turn whose formatter wrote no stop token).
+the stop token and `mask: false` components are scaffolding. `special_stopper` is sampled when it ends an
+assistant turn whose formatter wrote no stop token.
 
 Load one with `ConversationTemplate.from_file(path)` (JSON, or YAML when PyYAML is installed) and render it with
 `get_renderer("declarative", tokenizer, template=path_or_template)` (a bare name such as "chatml" means the
@@ -29,149 +19,22 @@ special-token text inside content becomes the special token, as HF chat template
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence, Union
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing import Any, Sequence
 
 from render_service.renderers.base import BaseRenderer, Message, RenderError, Segment, text_of
+from render_service.renderers.declarative_schema import (
+    PLACEHOLDER_RE,
+    PLACEHOLDERS,
+    BaseFormatter,
+    ConversationTemplate,
+    ListFormatter,
+    StringFormatter,
+    TemplateComponent,
+)
 from render_service.renderers.registry import register_renderer
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "templates"  # bundled templates, e.g. chatml.json
-PLACEHOLDER_RE = re.compile(r"\{\{\s*(\w+)\s*\}\}")
-PLACEHOLDERS = ("content", "reasoning_content")
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TemplateComponent(_Model):
-    """The smallest unit of a template: a string (with placeholders), a token, token ids, or the tools list."""
-
-    type: Literal["token", "token_id", "string", "tools"]
-    content: Union[str, int, list[int], list[str]] = ""
-    mask: bool = True  # in the assistant formatter: part of what the model samples (False: scaffolding)
-
-    @model_validator(mode="after")
-    def _check(self) -> "TemplateComponent":
-        if self.type in ("token", "string") and not isinstance(self.content, str):
-            raise ValueError(f"{self.type} component: content must be a string, got {self.content!r}")
-        if self.type in ("token", "string") and not self.content:
-            raise ValueError(f"{self.type} component: content cannot be empty")
-        if self.type == "token_id" and not (isinstance(self.content, int) or (
-                isinstance(self.content, list) and self.content and all(isinstance(i, int) for i in self.content))):
-            raise ValueError(f"token_id component: content must be an int or a list of ints, got {self.content!r}")
-        if self.type == "string":
-            unknown = set(PLACEHOLDER_RE.findall(self.content)) - set(PLACEHOLDERS)
-            if unknown:
-                raise ValueError(f"string component: unknown placeholder(s) {sorted(unknown)}; known: {PLACEHOLDERS}")
-        return self
-
-
-class _Formatter(_Model):
-    template: list[TemplateComponent] = Field(default_factory=list)
-
-    def has_placeholder(self) -> bool:
-        return any(c.type == "string" and PLACEHOLDER_RE.search(c.content) for c in self.template)
-
-
-class EmptyFormatter(_Formatter):
-    """Fixed text: the message's content is not written (for datasets that are already formatted)."""
-
-    type: Literal["empty"] = "empty"
-
-    @model_validator(mode="after")
-    def _no_placeholders(self) -> "EmptyFormatter":
-        if self.has_placeholder():
-            raise ValueError("empty formatter: must not contain placeholders")
-        return self
-
-
-class StringFormatter(_Formatter):
-    """Components with `{{content}}` (and optionally `{{reasoning_content}}`) placeholders."""
-
-    type: Literal["string"] = "string"
-
-    @model_validator(mode="after")
-    def _needs_placeholder(self) -> "StringFormatter":
-        if not self.has_placeholder():
-            raise ValueError("string formatter: needs a {{content}} placeholder")
-        return self
-
-
-class ListFormatter(_Formatter):
-    """The template once per item (content parts of a message, or tools), joined by `separator`."""
-
-    type: Literal["list"] = "list"
-    separator: str = ""
-
-
-Formatter = Annotated[Union[EmptyFormatter, StringFormatter, ListFormatter], Field(discriminator="type")]
-
-
-class ConversationTemplate(_Model):
-    user_formatter: Formatter
-    assistant_formatter: Formatter
-    system_formatter: Formatter | None = None
-    tools_formatter: Formatter | None = None
-    role_formatters: dict[str, Formatter] = Field(default_factory=dict)
-    tool_call_formatter: Formatter | None = None
-    separator: TemplateComponent | None = None
-    special_starter: TemplateComponent | None = None
-    special_stopper: TemplateComponent | None = None
-    stop_tokens: list[str] | None = None
-    template_name: str | None = None
-
-    @field_validator("separator", "special_starter", "special_stopper")
-    @classmethod
-    def _plain_component(cls, value: TemplateComponent | None) -> TemplateComponent | None:
-        if value is not None and (value.type == "tools" or PLACEHOLDER_RE.search(str(value.content))):
-            raise ValueError("separator/special_starter/special_stopper: must be a string, token or token_id "
-                             "component without placeholders")
-        return value
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "ConversationTemplate":
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise RenderError(f"template: cannot read {path}: {exc}") from exc
-        if path.suffix.lower() in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError as exc:
-                raise RenderError(f"template: {path} is YAML but PyYAML is not installed; use JSON") from exc
-            try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError as exc:  # no file excerpt in the message: only where it failed
-                mark = getattr(exc, "problem_mark", None)
-                where = f" (line {mark.line + 1})" if mark else ""
-                raise RenderError(f"template: {path} is not valid YAML{where}") from None
-        else:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise RenderError(f"template: {path} is not valid JSON: {exc}") from None
-        return cls.from_data(data, str(path))
-
-    @classmethod
-    def from_data(cls, data: Any, source: str = "template") -> "ConversationTemplate":
-        """Validate a parsed JSON/YAML object; errors name the field, never echo the input."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}"
-                                 for e in exc.errors(include_url=False, include_input=False, include_context=False))
-            raise RenderError(f"template: {source}: {problems}") from None
-
-    def formatter_for(self, role: str) -> _Formatter | None:
-        if role in self.role_formatters:
-            return self.role_formatters[role]
-        return {"user": self.user_formatter, "assistant": self.assistant_formatter,
-                "system": self.system_formatter}.get(role)
 
 
 class _Piece:
@@ -222,7 +85,7 @@ class DeclarativeRenderer(BaseRenderer):
     def _tools_text(self, tools: list[dict] | None) -> str:
         return "\n".join(json.dumps(t, ensure_ascii=False) for t in tools or [])
 
-    def _pieces(self, formatter: _Formatter, values: dict[str, str], items: list[str] | None,
+    def _pieces(self, formatter: BaseFormatter, values: dict[str, str], items: list[str] | None,
                 tools: list[dict] | None) -> list[_Piece]:
         """Formatter output for one message (or the tools block) as literal / body pieces."""
         if isinstance(formatter, ListFormatter):

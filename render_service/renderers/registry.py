@@ -11,7 +11,8 @@ from typing import Any
 
 from render_service.renderers.base import BaseRenderer, RenderError
 
-FAMILY_MODULES = ("chatml", "qwen25", "qwen3", "llama3", "deepseek_v3", "gpt_oss", "mistral_nemo", "declarative")
+FAMILY_MODULES = ("chat_template", "chatml", "qwen25", "qwen3", "llama3", "deepseek_v3", "gpt_oss", "mistral_nemo",
+                  "declarative")
 
 _RENDERERS: dict[str, type[BaseRenderer]] = {}
 _ALIASES: dict[str, str] = {}
@@ -64,8 +65,6 @@ def list_renderers() -> list[tuple[str, list[str], str]]:
     ]
 
 
-register_renderer("chat_template", BaseRenderer, aliases=("default",),
-                  description="any HF tokenizer's own chat template, with attribution recovered from it")
 for _module in FAMILY_MODULES:
     try:
         importlib.import_module(f"render_service.renderers.{_module}")

@@ -51,7 +51,7 @@ def test_missing_and_forbidden_names_look_the_same(matrix):
 
 def test_the_embedded_default_allows_local_paths(matrix):
     """The operator's allowance: the same directory name resolves when local paths are allowed."""
-    from render_service.service import renderer_for
+    from render_service.batch import renderer_for
 
     spec = bad_inputs.spec(tokenizer=matrix.ctx.tokenizer_dir)
     assert renderer_for(spec, allow_local_paths=True).render([{"role": "user", "content": "Hi"}]).token_ids
