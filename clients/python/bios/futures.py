@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from typing import Any, Awaitable, Callable, Coroutine, Generic, TypeVar
+from typing import Any, Callable, Coroutine, Generic, TypeVar
+
+from bios.errors import DeadlineExceededError
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -61,8 +63,6 @@ class APIFuture(Generic[T]):
         try:
             value = self._future.result(timeout)
         except concurrent.futures.TimeoutError:
-            from bios.errors import DeadlineExceededError
-
             raise DeadlineExceededError(f"no result within {timeout} s (the operation keeps running)") from None
         return self._transform(value) if self._transform else value
 
@@ -83,13 +83,3 @@ class APIFuture(Generic[T]):
     def then(self, transform: Callable[[T], U]) -> "APIFuture[U]":
         inner = self._transform
         return APIFuture(self._future, (lambda v: transform(inner(v))) if inner else transform)
-
-
-def completed(value: T) -> APIFuture[T]:
-    future: concurrent.futures.Future = concurrent.futures.Future()
-    future.set_result(value)
-    return APIFuture(future)
-
-
-async def gather_futures(futures: list[Awaitable[T]]) -> list[T]:
-    return list(await asyncio.gather(*futures))
