@@ -8,7 +8,7 @@ PROTO_OUT := clients/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install proto demo test bench serve-render serve-train clean
+.PHONY: install proto demo lint test test-fast bench serve-render serve-train clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
@@ -27,8 +27,19 @@ proto: $(STAMP)
 demo: install
 	$(PY) -m bios_server.demo
 
-test: install
-	$(PY) -m pytest -q tests
+# ruff (lint + format check), mypy on the packages, import-linter's boundary contracts (pyproject.toml)
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy -p bios -p bios_server
+	$(VENV)/bin/lint-imports
+
+test: lint
+	$(PY) -m pytest -q --durations=20 tests
+
+# The inner loop: lint, then the tests not marked slow or network (pytest.ini markers; under 2 minutes)
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow and not network" tests
 
 bench: install
 	$(PY) -m benchmarks

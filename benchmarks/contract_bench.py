@@ -28,11 +28,11 @@ def main() -> list[dict]:
     for n in (1024, 8192):
         ids = rng.integers(0, 151_936, n).tolist()
 
-        def packed():
+        def packed(ids=ids):
             wire = types_pb2.EncodedTextChunk(tokens=ids).SerializeToString()
             return list(types_pb2.EncodedTextChunk.FromString(wire).tokens)
 
-        def raw_bytes():
+        def raw_bytes(ids=ids, n=n):
             wire = types_pb2.Tensor(dtype=types_pb2.DTYPE_INT32, shape=[n],
                                     data=np.asarray(ids, dtype="<i4").tobytes()).SerializeToString()
             return np.frombuffer(types_pb2.Tensor.FromString(wire).data, dtype="<i4").tolist()

@@ -62,7 +62,7 @@ def main(rounds: int = 3) -> list[dict]:
         params = types.SamplingParams(max_tokens=32, temperature=1.0, seed=2)
         steps: dict[int, list[float]] = {1: [], 2: []}
         samples: dict[int, list[float]] = {1: [], 2: []}
-        for ranks, (tc, sampler) in clients.items():  # warm up
+        for tc, sampler in clients.values():  # warm up
             tc.train(data, learning_rate=1e-4)
             sampler.sample(prompt, params, num_samples=4).result()
         for _ in range(rounds):  # alternate, so machine noise hits both alike

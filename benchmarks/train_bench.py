@@ -57,8 +57,7 @@ def step_time(client, repeats: int = 7) -> dict:
     from bios.v1 import train_pb2
     from train_service import worker
     from train_service.checkpoints import CheckpointStore
-    from train_service.scheduler import Limits
-    from train_service.scheduler import PassPlan
+    from train_service.scheduler import Limits, PassPlan
     from train_service.sessions import SessionManager
 
     data = _data(4, 256)

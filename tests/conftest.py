@@ -19,6 +19,34 @@ SEEDS = SHARED / "seeds"
 NODE_DIR = REPO / "clients" / "node"
 
 
+# `make test-fast` leaves these out (-m "not slow and not network"); `make test` runs everything.
+SLOW = {  # module: why it takes long
+    "test_docs": "runs every guide page's commands, each in fresh processes",
+    "test_cli": "every CLI command in a subprocess, each starting the services",
+    "test_tinker_cookbook": "tinker-cookbook recipes end to end, in separate processes",
+    "test_tinker_gateway": "the tinker SDK against a gateway and a train service",
+    "test_distributed": "torchrun with two ranks, killed and drained",
+    "test_gpu_check": "the GPU check script on CPU, once alone and once under torchrun",
+    "test_kill_drill": "kill -9 trials of a train service process",
+    "test_exit_drill": "scripts that exit with work unawaited, in subprocesses",
+    "test_render_load": "32 clients against a render service",
+    "test_seeds": "every seed example, on the embedded default and on separate services",
+    "test_operate": "SIGTERM and restart of service processes",
+    "test_training_semantics": "training runs to convergence on the tiny model",
+    "test_tiny_model": "training runs to convergence on the tiny model",
+}
+NETWORK = {"test_node_client": "npm installs the Node client's dependencies"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in SLOW:
+            item.add_marker(pytest.mark.slow)
+        if module in NETWORK:
+            item.add_marker(pytest.mark.network)
+
+
 def need_fixtures() -> Path:
     if not FIXTURES.is_dir():
         pytest.skip(f"shared fixtures not found at {FIXTURES}: parity tests need ../shared/fixtures")

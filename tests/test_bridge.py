@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-
 from parity_cases import TOOLS, call, fixture_tokenizer
+
 from render_service.renderers import get_renderer
 from render_service.renderers.bridge import bridge_to_next_turn
 from render_service.renderers.registry import canonical_name

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 CONVS = [[{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}],
@@ -278,10 +277,8 @@ def test_sft_resume_sample_chat_checkpoints_export(stack, tmp_path):
 def test_sft_with_tools_trains_on_the_tokens_the_renderer_gives_with_those_tools(stack):
     """The first step's loss is the base model's (a new LoRA adapter starts as the identity) on exactly the data
     the renderer makes of each record with its tools: inline tools, and --tools for records without them."""
-    from bios import types
-    from bios.compose import to_datum
-
     import bios as bios_client
+    from bios.compose import to_datum
 
     records = [{"messages": TOOL_CHAT, "tools": TOOLS}, {"messages": CONVS[0]}]
     inline = write(stack.files, "with_tools.jsonl", *records)

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
 import time
 
 import pytest
+from conftest import REPO
 
 import bios
 from bios import types
 from bios.futures import LoopThread
 from bios_cookbook import renderers
-from conftest import REPO
 
 CONVS = [
     [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}],
@@ -144,6 +143,7 @@ def test_train_on_conversations_and_chat(client):
     assert sampler.chat(CONVS[1][:1]).message["content"] == "Teal."
 
 
+@pytest.mark.network  # pip installs the light client's dependencies into a fresh virtualenv
 def test_client_installs_and_runs_without_torch(tmp_path, services, data):
     """A fresh virtualenv with only the light client's dependencies trains and samples through the services."""
     venv = tmp_path / "venv"
@@ -167,12 +167,24 @@ datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
 tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4)
 print("loss", tc.train([datum], learning_rate=1e-3).loss)
 out = tc.sample(types.ModelInput.from_ints(tokens[:3]), types.SamplingParams(max_tokens=2)).result()
+tokenizer = tc.get_tokenizer()  # through the train service: this install has no transformers
+assert type(tokenizer).__name__ == "ServedTokenizer", type(tokenizer)
+assert tokenizer.encode("Hello.", add_special_tokens=False) == tokens[-4:-2], (tokenizer.encode("Hello."), tokens)
+assert tokenizer.decode(tokens) == "<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello.<|im_end|>\\n"
+assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 151645 and "im_start" in tokenizer.chat_template
 print("sampled", len(out.sequences[0].tokens), sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "peft")))
+try:  # no address: the embedded default, which this install cannot run
+    bios.ServiceClient().list_checkpoints()
+except bios.BiosError as exc:
+    print("embedded:", type(exc).__name__, exc)
 """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BIOS_")}
     done = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
+                          cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sampled 2 []" in done.stdout
+    assert "embedded: FailedPreconditionError train_address: no address given" in done.stdout
+    assert "needs the full install" in done.stdout
 
 
 def test_a_client_that_only_renders_starts_no_train_service():

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import REPO
 
 import bios
 from bios import types
 from bios.v1 import train_pb2, train_pb2_grpc
-from conftest import REPO
 from train_service import launch
 
 MODEL = "ultrasafe/usf-mini"

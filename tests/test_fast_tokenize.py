@@ -17,10 +17,10 @@ import random
 import re
 
 import pytest
+from conftest import FIXTURES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import FIXTURES
 from render_service.renderers import fast_tokenize as ft
 
 # tokenizer -> the path it must take

@@ -6,10 +6,10 @@ import hashlib
 import json
 
 import pytest
-
-from bios_cookbook import renderers
 from conftest import need_fixtures
 from parity_cases import fixture_tokenizer
+
+from bios_cookbook import renderers
 from render_service.renderers.base import Segment, tokenize_segments
 
 RENDERER_OF = {"Qwen--Qwen2.5-7B-Instruct": "qwen2.5", "Qwen--Qwen3-8B": "qwen3",

@@ -19,8 +19,8 @@ import bios
 from bios import types
 from bios.errors import BiosError
 from bios.futures import LoopThread
-from bios_server.auth import ApiKeys
 from bios_cookbook import renderers
+from bios_server.auth import ApiKeys
 
 CONVS = {
     "a": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven is prime."}],

@@ -11,9 +11,9 @@ from bios.v1 import types_pb2
 from render_service.model_registry import resolve
 from train_service import data as request_data
 from train_service import passes
-from train_service.scheduler import Limits
 from train_service.losses import get_loss
 from train_service.models import BaseModelPool
+from train_service.scheduler import Limits
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ import json
 import math
 import subprocess
 
-import pytest
-
 from conftest import NODE_DIR
 
 CONV = [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}]

@@ -14,13 +14,13 @@ import urllib.request
 
 import grpc
 import pytest
+from conftest import REPO
 
 import bios
 from bios import types
 from bios.errors import NotFoundError, UnauthenticatedError
 from bios.futures import LoopThread
 from bios_server.auth import ApiKeys
-from conftest import REPO
 
 CONV = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]
 
@@ -216,9 +216,9 @@ def test_tls_connection_with_a_test_certificate(tmp_path, monkeypatch):
 
 
 def test_sigterm_drains_and_restart_lists_checkpoints(tmp_path, qwen3_tokenizer):
-    from bios_cookbook import renderers
-
     from test_seeds import _wait_healthy
+
+    from bios_cookbook import renderers
 
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "BIOS_DRAIN_SECONDS": "20"}

@@ -11,10 +11,10 @@ import socket
 import subprocess
 
 import pytest
+from conftest import NODE_DIR
 
 from bios import placement
 from bios.errors import FailedPreconditionError
-from conftest import NODE_DIR
 
 
 def test_ids_and_paths_name_their_pod():

@@ -35,9 +35,9 @@ def test_remote_equals_local(remote, local):
     assert remote.build_supervised_example(CONV) == local.build_supervised_example(CONV)
     assert remote.get_stop_sequences() == local.get_stop_sequences() == [151645]
     assert remote.get_stop_strings() == ["<|im_end|>"]
-    r, l = remote.render(CONV, add_generation_prompt=True), local.render(CONV, add_generation_prompt=True)
+    r, here = remote.render(CONV, add_generation_prompt=True), local.render(CONV, add_generation_prompt=True)
     assert (r.token_ids, r.message_indices, r.message_roles, r.sampled_mask, r.is_content) == (
-        l.token_ids, l.message_indices, l.message_roles, l.sampled_mask, l.is_content)
+        here.token_ids, here.message_indices, here.message_roles, here.sampled_mask, here.is_content)
 
 
 def test_prefill_over_grpc(remote, local):

@@ -8,8 +8,8 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from parity_cases import fixture_tokenizer
+
 from render_service.renderers import RenderError, get_renderer
 from render_service.renderers.declarative import TEMPLATES_DIR, DeclarativeRenderer
 from render_service.renderers.declarative_schema import (

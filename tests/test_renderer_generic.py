@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import FIXTURES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import FIXTURES
 from parity_cases import CASES, TOOLS, assert_parity, call, fixture_tokenizer, hf_ids
+
 from render_service.renderers import RenderError, get_renderer
 from render_service.renderers.chat_template import attribution_methods
 

@@ -13,11 +13,21 @@ import hashlib
 import json
 
 import pytest
+from conftest import FIXTURES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from parity_cases import (
+    CASES,
+    SYSTEM,
+    TOOLS,
+    USER,
+    assert_parity,
+    assert_structural_attribution,
+    call,
+    fixture_tokenizer,
+    hf_ids,
+)
 
-from conftest import FIXTURES
-from parity_cases import CASES, SYSTEM, TOOLS, USER, assert_parity, call, fixture_tokenizer, hf_ids, assert_structural_attribution
 from render_service.renderers import RenderError, get_renderer, renderer_for_model
 from render_service.renderers.base import text_of
 

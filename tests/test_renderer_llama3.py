@@ -10,8 +10,17 @@ from datetime import datetime
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from parity_cases import (CASES, TOOLS, assert_bodies_attributed, assert_parity, assert_supervised_is_prompt_then_sample,
-                          call, decode, fixture_tokenizer, hf_ids)
+from parity_cases import (
+    CASES,
+    TOOLS,
+    assert_bodies_attributed,
+    assert_parity,
+    assert_supervised_is_prompt_then_sample,
+    call,
+    decode,
+    fixture_tokenizer,
+    hf_ids,
+)
 
 from render_service.renderers import RenderError, get_renderer, renderer_for_model
 from render_service.renderers.registry import canonical_name

@@ -11,8 +11,8 @@ import unicodedata
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from parity_cases import CASES, TOOLS, assert_parity, assert_structural_attribution, call, fixture_tokenizer, hf_ids
 
-from parity_cases import CASES, TOOLS, assert_parity, call, fixture_tokenizer, hf_ids, assert_structural_attribution
 from render_service.renderers import RenderError, get_renderer, renderer_for_model
 from render_service.renderers.base import text_of
 

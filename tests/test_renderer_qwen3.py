@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from parity_cases import CASES, TOOLS, assert_parity, call, fixture_tokenizer, hf_ids
-from render_service.renderers import RenderError, get_renderer, renderer_for_model
 from test_renderer_qwen25 import (
     PROPERTY_SETTINGS,
     applicable,
@@ -18,6 +16,8 @@ from test_renderer_qwen25 import (
     expected_calls,
     sampled_tokens,
 )
+
+from render_service.renderers import RenderError, get_renderer, renderer_for_model
 
 FIXTURE = "Qwen--Qwen3-8B"
 FEATURES = {"tools", "reasoning"}

@@ -12,7 +12,6 @@ import asyncio
 import json
 
 import pytest
-
 from conftest import SEEDS, need_fixtures
 
 LOAD_DATASET = '''

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from tinker_stack import MODEL, start_stack, tinker_environment, write_registry
 
 from bios.futures import LoopThread
-from tinker_stack import MODEL, start_stack, tinker_environment, write_registry
 
 pytest.importorskip("tinker_cookbook")
 pytestmark = pytest.mark.timeout(900)

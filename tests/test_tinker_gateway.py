@@ -10,12 +10,12 @@ import httpx
 import numpy as np
 import pytest
 import zstandard
+from tinker_stack import MODEL, apply_environment, start_stack, tinker_environment, write_registry
 
 import bios
 from bios import types as btypes
 from bios.futures import LoopThread
 from bios_server.auth import ApiKeys
-from tinker_stack import MODEL, apply_environment, start_stack, tinker_environment, write_registry
 
 tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
@@ -285,9 +285,10 @@ def test_api_keys_map_to_tenants_and_ids_are_checked(tmp_path, monkeypatch):
 def test_a_gateway_forwards_to_the_gateway_of_the_pod_an_id_names(tmp_path, monkeypatch):
     """Two train pods, a gateway beside each (as in k8s/); each pod's ordinal is its gateway's port, so the
     peer template is http://127.0.0.1:{pod}. A request that reaches the other pod's gateway is forwarded."""
+    from test_placement import free_port
+
     from tinker_gateway import server as gateway_server
     from train_service import server as train_server
-    from test_placement import free_port
 
     monkeypatch.setenv("BIOS_MODEL_REGISTRY", str(write_registry(tmp_path)))
     loop = LoopThread.named("tinker-placement-tests")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import threading
 
 import pytest
-
-import bios
 import torch
 
+import bios
 from bios import types
 from bios_cookbook import renderers
 

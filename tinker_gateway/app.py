@@ -26,6 +26,7 @@ from tinker.proto import tinker_public_pb2 as tpb
 from bios import placement
 from bios.errors import BiosError
 from bios_server.auth import DEFAULT_TENANT, ApiKeys
+from render_service.model_registry import registered
 from tinker_gateway import wire
 from tinker_gateway.backend import Backend
 from tinker_gateway.gateway import Caller, Gateway
@@ -192,8 +193,6 @@ class GatewayApp:
             return {"status": "accepted"}
 
         async def capabilities(c: Context) -> Any:
-            from render_service.model_registry import registered
-
             return {"supported_models": [{"model_name": name, "trainable": True, "sampleable": True}
                                          for name in sorted(registered())]}
 

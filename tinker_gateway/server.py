@@ -17,6 +17,7 @@ import uvicorn
 
 from bios import placement
 from bios_server.auth import ApiKeys
+from bios_server.grpc import catch_stop_signals, wait_for_signal
 from tinker_gateway.app import GatewayApp
 
 DEFAULT_PORT = 8000
@@ -81,8 +82,6 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bios_server.grpc import catch_stop_signals, wait_for_signal
-
     parser = argparse.ArgumentParser(prog="python -m tinker_gateway", description=__doc__)
     add_server_arguments(parser)
     args = parser.parse_args(argv)

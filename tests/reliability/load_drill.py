@@ -144,7 +144,7 @@ def drill(rounds: int, clients: int = CLIENTS) -> Report:
         pool = [Client(address, i, expected) for i in range(clients)]
         with concurrent.futures.ThreadPoolExecutor(clients) as threads:
             for r in range(rounds):
-                for errors in threads.map(lambda c: c.round(r * REQUESTS_PER_ROUND), pool):
+                for errors in threads.map(lambda c, r=r: c.round(r * REQUESTS_PER_ROUND), pool):
                     report.errors += errors
                 report.requests += clients * REQUESTS_PER_ROUND
                 report.rss_mb.append(rss_mb(process.pid))

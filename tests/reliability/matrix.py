@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
 from bad_inputs import GOOD, MODEL, OK, Case, Context, cases, datum, render
+
 from bios.channel import CHANNEL_OPTIONS
 from bios.v1 import render_pb2_grpc, train_pb2_grpc
 from bios.v1 import train_pb2 as T

@@ -3,10 +3,9 @@ and field, and both services answering a good request exactly as before after ea
 
 from __future__ import annotations
 
+import bad_inputs
 import grpc
 import pytest
-
-import bad_inputs
 from bad_inputs import cases
 from matrix import Matrix, passed
 

@@ -9,10 +9,10 @@ import os
 import subprocess
 import sys
 
+import exit_drill
 import pytest
 
 import bios
-import exit_drill
 from bios import types
 from bios.errors import FailedPreconditionError
 

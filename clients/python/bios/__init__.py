@@ -6,9 +6,23 @@
 """
 
 import importlib
+import importlib.metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version (the full install is `bios`, the light client `bios-client`); both
+    read it from bios/VERSION when built, which is also the answer where bios runs uninstalled (the images)."""
+    for distribution in ("bios", "bios-client"):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return (Path(__file__).with_name("VERSION")).read_text().strip()
+
+
+__version__ = _version()
 # Exports load on first use: `import bios.errors` (the train engine's core does) pulls in no client or gRPC code.
 _EXPORTS = {"APIFuture": "bios.futures", "BiosError": "bios.errors", "InvalidArgumentError": "bios.errors",
             "NotFoundError": "bios.errors", "RenderClient": "bios.render_client",

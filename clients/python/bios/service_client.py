@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import importlib
+import importlib.util
 import logging
 import os
 import time
@@ -17,6 +19,7 @@ import grpc
 from bios import lifecycle, placement, types, wire
 from bios.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, from_status
 from bios.futures import LoopThread
+from bios.tokenizer import load as load_tokenizer
 from bios.channel import open_channel
 from bios.v1 import render_pb2_grpc, train_pb2, train_pb2_grpc
 
@@ -276,20 +279,18 @@ class ServiceClient:
         return wire.model_info_from_pb(self._unary("GetInfo", train_pb2.GetInfoRequest(model_id=model_id)))
 
     def get_tokenizer(self, name: str) -> Any:
-        """The tokenizer of a model: resolved locally when possible, else fetched from the train service."""
-        from bios_cookbook import tokenizer_utils
-
-        try:
-            return tokenizer_utils.get_tokenizer(name)
-        except NotFoundError:
-            pass
+        """The tokenizer of a model: resolved on this machine by the full install (bios_cookbook, found by name:
+        the light client lacks it), else from the files the train service sends (bios.tokenizer)."""
+        if importlib.util.find_spec("bios_cookbook") is not None:
+            try:
+                return importlib.import_module("bios_cookbook.tokenizer_utils").get_tokenizer(name)
+            except NotFoundError:
+                pass
         files = self._unary("GetTokenizer", train_pb2.GetTokenizerRequest(name=name)).files
         directory = Path(tempfile.mkdtemp(prefix="bios-tokenizer-"))
         for file_name, content in files.items():
             (directory / Path(file_name).name).write_bytes(content)
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(directory))
+        return load_tokenizer(directory)
 
     def render_client(self, renderer: str, tokenizer: str, **options: Any):
         from bios.render_client import RenderClient

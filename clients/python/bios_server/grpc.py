@@ -10,16 +10,16 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 from typing import Any, Callable, Iterable
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bios.channel import CHANNEL_OPTIONS
-from google.protobuf.message import DecodeError
-
 from bios.errors import InvalidArgumentError, status_of
 from bios_server.auth import DEFAULT_TENANT, ApiKeys, set_tenant
 from bios_server.metrics import GRPC_DURATION, GRPC_IN_FLIGHT, GRPC_REQUESTS
@@ -115,7 +115,7 @@ def _decoder(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
     if deserialize is None:
         return lambda raw: raw
     message_type = getattr(deserialize, "__self__", None)
-    name = message_type.DESCRIPTOR.full_name if hasattr(message_type, "DESCRIPTOR") else "request"
+    name = getattr(getattr(message_type, "DESCRIPTOR", None), "full_name", "request")
 
     def decode(raw: bytes) -> Any:
         try:
@@ -193,8 +193,6 @@ async def start_health_server(health_servicer: Any, host: str, port: int) -> tup
 def catch_stop_signals() -> asyncio.Event:
     """Handle SIGTERM and SIGINT from now on by setting the returned event. Install it before starting anything, so
     a signal that arrives while services start (after the first announced itself) still drains them."""
-    import signal
-
     loop = asyncio.get_running_loop()
     event = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

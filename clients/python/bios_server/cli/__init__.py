@@ -17,11 +17,13 @@ you give print one line and exit with status 2; --debug shows the traceback inst
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
-from typing import Any, Callable
+from typing import Callable, NoReturn
 
+from bios import __version__
+from bios.errors import BiosError
+from bios_server.cli import checkpoints, info, render, sample, serve, train
 from bios_server.cli.output import Console, UsageError, quiet_third_parties, setup_logging
 
 USER_ERROR_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "ALREADY_EXISTS",
@@ -41,53 +43,13 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line (argparse would print the usage block first)
+    def error(self, message: str) -> NoReturn:  # one line (argparse would print the usage block first)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}")
-    return value
-
-
-def common_options() -> argparse.ArgumentParser:
+def common_options() -> Parser:
     """-v, --debug and --color, accepted before or after the command (defaults filled in by main)."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     group = common.add_argument_group("output")
     group.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                        help="more log output (-v info, -vv debug, third-party libraries included; default: quiet)")
@@ -100,9 +62,6 @@ def common_options() -> argparse.ArgumentParser:
 
 def build_parser(argv: list[str] | None = None) -> Parser:
     """The whole parser; the servers' flags (their modules load torch) only when the command is `serve`."""
-    from bios import __version__
-    from bios_server.cli import checkpoints, info, render, sample, serve, train
-
     argv = sys.argv[1:] if argv is None else argv
     common = common_options()
     parser = Parser(prog="bios", description=__doc__, formatter_class=Formatter, parents=[common])
@@ -156,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def describe(exc: BaseException, fields: dict[str, str]) -> tuple[bool, str]:
     """(is it the user's to fix?, one line). Server messages name a request field; the CLI names its flag."""
-    from bios.errors import BiosError
-
     if isinstance(exc, UsageError):
         return True, str(exc)
     if isinstance(exc, BiosError):
@@ -174,35 +131,6 @@ def describe(exc: BaseException, fields: dict[str, str]) -> tuple[bool, str]:
     return False, f"{type(exc).__name__}: {exc}"
 
 
-def connect(args: Any, services: tuple[str, ...] = ("render", "train"), timeout: float = 5.0):
-    """A ServiceClient; a configured address that does not answer within `timeout` is one clear error (the client
-    itself would retry for ~17 s first)."""
-    import bios
-
-    for service in services:
-        address = os.environ.get(f"BIOS_{service.upper()}_ADDRESS")
-        if address:
-            _probe(service, address, timeout)
-    return bios.ServiceClient()
-
-
-def _probe(service: str, address: str, timeout: float) -> None:
-    import grpc
-
-    ca = os.environ.get("BIOS_TLS_CA")
-    if ca:
-        with open(ca, "rb") as f:
-            channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=f.read()))
-    else:
-        channel = grpc.insecure_channel(address)
-    try:
-        grpc.channel_ready_future(channel).result(timeout=timeout)
-    except grpc.FutureTimeoutError:
-        raise UsageError(f"cannot reach the {service} service at {address} ($BIOS_{service.upper()}_ADDRESS) within "
-                         f"{timeout:.0f} s: is it running? (`bios serve {service}` starts one; unset the variable "
-                         "to run the services inside this command)") from None
-    finally:
-        channel.close()
 
 
 Register = Callable[[str, str], Parser]

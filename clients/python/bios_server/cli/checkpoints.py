@@ -18,7 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bios_server.cli import connect
+from safetensors import safe_open
+
+from bios_server import embedded
+from bios_server.cli.common import connect
 from bios_server.cli.output import Console, UsageError, size
 
 CHECKPOINT_PATH = re.compile(r"^bios://[A-Za-z0-9-]+/(state|sampler)/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -56,8 +59,6 @@ def checked_path(path: str) -> str:
 
 
 def run_list(args: Any, console: Console) -> int:
-    from bios_server import embedded
-
     checkpoints = sorted(connect(args, ("train",)).list_checkpoints(args.model_id), key=lambda c: c.created_unix_ms)
     for c in checkpoints:
         directory = embedded.checkpoint_directory(c.path)
@@ -121,8 +122,6 @@ def _base_model(client: Any, path: str) -> str:
 def check_vllm_adapter(directory: Path) -> int:
     """The adapter's rank, after checking what vLLM's LoRA loader (PEFTHelper, parse_fine_tuned_lora_name) accepts;
     UsageError naming the first thing it would refuse."""
-    from safetensors import safe_open
-
     config = json.loads((directory / "adapter_config.json").read_text())
     for key in ("r", "lora_alpha", "target_modules"):
         if not config.get(key):

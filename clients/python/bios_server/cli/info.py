@@ -7,7 +7,10 @@ import json
 import os
 from typing import Any
 
+from bios import __version__
 from bios_server.cli.output import Console
+from render_service.model_registry import registered
+from render_service.renderers import list_renderers
 
 
 def register(command, common) -> None:
@@ -17,10 +20,6 @@ def register(command, common) -> None:
 
 
 def gather() -> dict[str, Any]:
-    from bios import __version__
-    from render_service.model_registry import registered
-    from render_service.renderers import list_renderers
-
     models = [{"name": e.name, "renderer": e.renderer, "weights": e.weights, "tokenizer": e.tokenizer,
                "description": e.description} for e in registered().values()]
     renderers = [{"name": name, "aliases": aliases, "description": description}
@@ -34,7 +33,7 @@ def gather() -> dict[str, Any]:
 
 def devices() -> dict[str, Any]:
     """What `--device auto` resolves to here, and the CUDA devices torch sees."""
-    import torch
+    import torch  # noqa: PLC0415 - the one part of `bios info` that needs torch (seconds to load)
 
     cuda = [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())] \
         if torch.cuda.is_available() else []

@@ -11,15 +11,17 @@ import json
 from itertools import groupby
 from typing import Any
 
+from bios.v1 import render_pb2
 from bios_server.cli.output import Console, UsageError
 from bios_server.cli.records import read_records, read_tools
+from render_service.model_registry import resolve
+from render_service.renderers import RenderError, get_renderer
+from render_service.tokenizers import get_tokenizer
 
 DEFAULT_MODEL = "ultrasafe/usf-mini"
 
 
 def train_on_what_choices() -> list[str]:
-    from bios.v1 import render_pb2
-
     return [name.lower() for name, value in render_pb2.TrainOnWhat.items() if value]
 
 
@@ -47,10 +49,6 @@ def add_data_arguments(p) -> None:
 
 def load_renderer(tokenizer_name: str | None, renderer_name: str | None) -> tuple[Any, Any, str]:
     """(renderer, tokenizer, renderer name): the renderer follows the tokenizer unless given."""
-    from render_service.model_registry import resolve
-    from render_service.renderers import get_renderer
-    from render_service.tokenizers import get_tokenizer
-
     name = tokenizer_name or DEFAULT_MODEL
     entry = resolve(name, allow_local_paths=True, field="--tokenizer")
     tokenizer = get_tokenizer(name, allow_local_paths=True, field="--tokenizer")
@@ -60,8 +58,6 @@ def load_renderer(tokenizer_name: str | None, renderer_name: str | None) -> tupl
 
 
 def run(args: Any, console: Console) -> int:
-    from render_service.renderers import RenderError
-
     records = read_records(args.file, read_tools(args.tools))
     renderer, tokenizer, renderer_name = load_renderer(args.tokenizer, args.renderer)
     for n, record in enumerate(records):

@@ -7,7 +7,8 @@ import json
 import sys
 from typing import Any
 
-from bios_server.cli import connect, non_negative_float, positive_int
+from bios import types
+from bios_server.cli.common import connect, non_negative_float, positive_int
 from bios_server.cli.output import Console
 from bios_server.cli.records import read_tools
 
@@ -45,8 +46,6 @@ class Chat:
     """A sampler and its renderer: messages in, parsed replies out."""
 
     def __init__(self, args: Any):
-        from bios import types
-
         self.client = connect(args)
         model = args.model
         self.sampler = (self.client.create_sampling_client(model_path=model) if model.startswith("bios://")
@@ -58,8 +57,6 @@ class Chat:
         self.system = [{"role": "system", "content": args.system}] if args.system else []
 
     def replies(self, messages: list[dict], tools: list[dict] | None = None, n: int = 1) -> list[tuple[dict, bool, list]]:
-        from bios import types
-
         prompt = self.renderer.render([*self.system, *messages], tools=tools, add_generation_prompt=True)
         output = self.sampler.sample(types.ModelInput.from_ints(prompt.token_ids), self.params, num_samples=n).result()
         return [(*self.renderer.parse_response(s.tokens, tools), s.tokens) for s in output.sequences]

@@ -12,9 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Awaitable, Callable
 
+from bios_server.auth import ApiKeys
 from bios_server.cli.output import Console
+from bios_server.grpc import (
+    add_allow_local_paths_argument,
+    add_host_argument,
+    catch_stop_signals,
+    wait_for_signal,
+    warn_if_open,
+)
+from bios_server.metrics import serve_metrics
+from render_service import server as render_server
 
 SERVICES = {"render": "the render service (as python -m render_service)",
             "train": "the train service (as python -m train_service)",
@@ -36,10 +46,8 @@ def register(command, common, with_server_flags: bool = True) -> None:
 
 
 def add_server_flags(parser: Any, service: str) -> None:
-    from bios_server.grpc import add_allow_local_paths_argument, add_host_argument
-    from render_service import server as render_server
-    from tinker_gateway import server as tinker_server
-    from train_service import server as train_server
+    from tinker_gateway import server as tinker_server  # noqa: PLC0415 - loads torch: only for `bios serve`
+    from train_service import server as train_server  # noqa: PLC0415 - loads torch: only for `bios serve`
 
     if service == "render":
         render_server.add_arguments(parser)
@@ -61,9 +69,8 @@ def run(args: Any, console: Console) -> int:
 
 
 async def _serve(args: Any, console: Console) -> None:
-    from bios_server.grpc import catch_stop_signals, wait_for_signal
-
-    signalled, stops = catch_stop_signals(), []
+    signalled = catch_stop_signals()
+    stops: list[Callable[[], Awaitable[Any]]] = []
 
     async def stop_all() -> None:
         for stop in stops:
@@ -80,10 +87,6 @@ async def _serve(args: Any, console: Console) -> None:
 
 async def _start(args: Any, console: Console, stops: list) -> None:
     """Start the chosen services; each one's stop goes into `stops` (in the order to call them)."""
-    from bios_server.auth import ApiKeys
-    from bios_server.grpc import warn_if_open
-    from bios_server.metrics import serve_metrics
-
     keys, service = ApiKeys.from_env(), args.service
     several = service == "all"
 
@@ -95,32 +98,30 @@ async def _start(args: Any, console: Console, stops: list) -> None:
         console.print(f"{what} on {args.host}:{port}{extra}")
 
     if service in ("render", "all"):
-        from render_service import server as render_server
-
         warn_if_open("render service", args.host, keys)
-        running = await render_server.start(args.host, flag("port", "render_"), keys, args.workers,
+        render_running = await render_server.start(args.host, flag("port", "render_"), keys, args.workers,
                                             flag("health_port", "render_") or None, args.allow_local_paths)
-        stops.append(running.stop)
+        stops.append(render_running.stop)
         if metrics := flag("metrics_port", "render_"):
             serve_metrics(metrics, service="render" if several else None)
-        listening("render service", running.port, metrics, running.health_port)
+        listening("render service", render_running.port, metrics, render_running.health_port)
     train_address = None
     if service in ("train", "all"):
-        from train_service import server as train_server
+        from train_service import server as train_server  # noqa: PLC0415 - loads torch: only for `bios serve`
 
         warn_if_open("train service", args.host, keys)
         device, limits = train_server.engine_options(args)
-        running = await train_server.start(args.host, flag("port", "train_"), args.checkpoint_dir, keys,
+        train_running = await train_server.start(args.host, flag("port", "train_"), args.checkpoint_dir, keys,
                                            flag("health_port", "train_") or None, args.pod_ordinal, device, limits,
                                            args.allow_local_paths)
-        stops.append(lambda: running.stop(grace=train_server.drain_seconds()))
+        stops.append(lambda: train_running.stop(grace=train_server.drain_seconds()))
         if metrics := flag("metrics_port", "train_"):
             serve_metrics(metrics, service="train" if several else None)
-        listening(f"train service ({device.describe()}, {device.dtype_name})", running.port, metrics,
-                  running.health_port)
-        train_address = f"127.0.0.1:{running.port}"
+        listening(f"train service ({device.describe()}, {device.dtype_name})", train_running.port, metrics,
+                  train_running.health_port)
+        train_address = f"127.0.0.1:{train_running.port}"
     if service in ("tinker", "all"):
-        from tinker_gateway import server as tinker_server
+        from tinker_gateway import server as tinker_server  # noqa: PLC0415 - loads torch: only for `bios serve`
 
         warn_if_open("tinker gateway", args.host, keys)
         gateway = await tinker_server.start(args.host, args.tinker_port, train_address or args.train_address, keys,

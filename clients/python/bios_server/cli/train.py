@@ -18,7 +18,11 @@ import time
 from collections import deque
 from typing import Any
 
-from bios_server.cli import connect, non_negative_int, positive_float, positive_int
+from bios.compose import to_datum
+from bios.errors import BiosError
+from bios.training_client import loss_weight
+from bios_server import embedded
+from bios_server.cli.common import connect, non_negative_int, positive_float, positive_int
 from bios_server.cli.output import Console, Progress, UsageError
 from bios_server.cli.records import at_line, read_records, read_tools
 from bios_server.cli.render import DEFAULT_MODEL, add_data_arguments
@@ -57,9 +61,6 @@ class Run:
     """Where a run is: its data, its numbering (steps count from 1 across epochs) and what it reports."""
 
     def __init__(self, args: Any, console: Console, examples: list, first_step: int):
-        from bios.compose import to_datum
-        from bios.training_client import loss_weight
-
         self.args, self.console = args, console
         data = [to_datum(tokens, weights) for tokens, weights in examples]
         self.batches = [data[i:i + args.batch_size] for i in range(0, len(data), args.batch_size)]
@@ -99,8 +100,6 @@ class Run:
             self.epoch_sums = [0.0, 0.0, 0, time.monotonic()]
 
     def saved(self, kind: str, checkpoint: Any) -> None:
-        from bios_server import embedded
-
         directory = embedded.checkpoint_directory(checkpoint.path)
         where = f"on disk: {directory}" if directory else "on the train service's disk, under its --checkpoint-dir"
         self.emit({"event": "checkpoint", "kind": kind, "path": checkpoint.path, "step": checkpoint.step,
@@ -148,8 +147,6 @@ def _find_state(client: Any, path: str) -> Any:
 
 def _render(client: Any, args: Any, records: list, model: str) -> list:
     """Every record through the render service, each with its own tools; errors name the file's line."""
-    from bios.errors import BiosError
-
     renderer = client.render_client(args.renderer or "", model)  # "": the model's own renderer
     try:
         return renderer.build_supervised_examples([r.as_dict() for r in records], train_on_what=args.train_on_what)
