@@ -22,8 +22,8 @@ import torch
 from transformers import DynamicCache
 
 from bios.errors import FailedPreconditionError, InvalidArgumentError
-from train_service.passes import head_logprobs
 from train_service.lora import Adapter, Segment
+from train_service.passes import head_logprobs
 
 
 @dataclass(frozen=True)

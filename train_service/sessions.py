@@ -274,7 +274,7 @@ class SessionManager:
             return resolve(base_model, self.allow_local_paths)
         except BiosError:
             raise
-        except Exception as exc:  # a malformed registry file, a bad path
+        except Exception as exc:  # noqa: BLE001 - a malformed registry file, a bad path
             raise InvalidArgumentError(f"base_model: {exc}") from None
 
     # ---- creation: `prepare_*` loads weights (any thread), `create_*` adds the adapter (engine thread) ----

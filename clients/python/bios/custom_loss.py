@@ -14,7 +14,7 @@ from bios.futures import APIFuture
 
 
 def run_custom_loss(client: Any, data: list[types.Datum], loss_fn: Callable) -> APIFuture[types.ForwardBackwardOutput]:
-    import torch  # noqa: F401  (fails here, before any call, when the client has no torch)
+    import torch  # noqa: F401, PLC0415 - the light client has no torch: fail here, before any call
 
     probe = [types.Datum(model_input=d.model_input,
                          loss_fn_inputs={**d.loss_fn_inputs,

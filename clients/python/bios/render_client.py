@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import queue
 from collections import deque
 from collections.abc import Mapping
 from itertools import islice
 from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
-
 from google.protobuf import struct_pb2
 
 from bios import types, wire
@@ -112,8 +112,6 @@ class RenderClient:
     def conversations_to_data(self, path: str, train_on_what: str = "last_assistant_message",
                               max_length: int | None = None, lines_per_request: int = 256) -> Iterator[types.Datum]:
         """Stream a chat JSONL file through the render service: Datums come back as the file is read."""
-        import queue
-
         results: queue.Queue = queue.Queue(maxsize=8)  # bounded: the file is read no faster than it is used
         done = object()
 

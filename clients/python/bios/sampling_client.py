@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, AsyncIterator
-
-from bios import types, wire
-from bios.errors import from_status
-from bios.futures import APIFuture
-from bios.v1 import train_pb2
+import asyncio
+from typing import Any, AsyncIterator
 
 import grpc
 
-if TYPE_CHECKING:
-    from bios.compose import ChatResult
+from bios import compose, types, wire
+from bios.errors import from_status
+from bios.futures import APIFuture
+from bios.v1 import train_pb2
 
 
 class SamplingClient:
@@ -27,11 +25,9 @@ class SamplingClient:
         self.renderer_name = renderer
 
     def chat(self, messages: list[dict], renderer: Any = None, sampling_params: types.SamplingParams | None = None,
-             tools: list[dict] | None = None) -> "ChatResult":
+             tools: list[dict] | None = None) -> compose.ChatResult:
         """Render the prompt, sample, parse the reply: see bios.compose.chat."""
-        from bios.compose import chat
-
-        return chat(self, messages, renderer, sampling_params, tools)
+        return compose.chat(self, messages, renderer, sampling_params, tools)
 
     def get_tokenizer(self) -> Any:
         return self._service.get_tokenizer(self.tokenizer_name)
@@ -64,8 +60,6 @@ class SamplingClient:
         """Tokens as they are produced: yields (sequence_index, new_tokens) pairs, then the SampleResponse.
 
         Iterate it with `async for` on your own event loop; the gRPC stream is driven by the client's loop."""
-        import asyncio
-
         request = self._request(prompt, sampling_params, num_samples, False)
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()

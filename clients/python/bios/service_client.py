@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import importlib
 import importlib.util
 import logging
 import os
-import time
 import tempfile
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,13 @@ from typing import Any
 import grpc
 
 from bios import lifecycle, placement, types, wire
+from bios.channel import open_channel
 from bios.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, from_status
 from bios.futures import LoopThread
+from bios.render_client import RenderClient
+from bios.sampling_client import SamplingClient
 from bios.tokenizer import load as load_tokenizer
-from bios.channel import open_channel
+from bios.training_client import TrainingClient
 from bios.v1 import render_pb2_grpc, train_pb2, train_pb2_grpc
 
 DEFAULT_TIMEOUT = 600.0
@@ -195,8 +199,6 @@ class ServiceClient:
     def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
                                     train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = False,
                                     alpha: float | None = None):
-        from bios.training_client import TrainingClient
-
         lora = types.LoraConfig(rank=rank, alpha=alpha, seed=seed or 0, train_attn=train_attn,
                                 train_mlp=train_mlp, train_unembed=train_unembed)
         info = self._unary("CreateModel", train_pb2.CreateModelRequest(
@@ -204,13 +206,9 @@ class ServiceClient:
         return TrainingClient(self, wire.model_info_from_pb(info))
 
     async def create_lora_training_client_async(self, *args: Any, **kwargs: Any):
-        import asyncio
-
         return await asyncio.to_thread(self.create_lora_training_client, *args, **kwargs)
 
     def create_training_client_from_state(self, path: str, with_optimizer: bool = False):
-        from bios.training_client import TrainingClient
-
         self._place_for(path, "path")
         info = self._unary("CreateModel", train_pb2.CreateModelRequest(
             session_id=self.session_id, from_state=path, load_optimizer=with_optimizer))
@@ -220,13 +218,9 @@ class ServiceClient:
         return self.create_training_client_from_state(path, with_optimizer=True)
 
     async def create_training_client_from_state_async(self, path: str, with_optimizer: bool = False):
-        import asyncio
-
         return await asyncio.to_thread(self.create_training_client_from_state, path, with_optimizer)
 
     def create_sampling_client(self, base_model: str | None = None, model_path: str | None = None):
-        from bios.sampling_client import SamplingClient
-
         if bool(base_model) == bool(model_path):
             raise InvalidArgumentError("create_sampling_client: give exactly one of base_model or model_path")
         if model_path:
@@ -241,8 +235,6 @@ class ServiceClient:
                               model_path=info.model_path, tokenizer=info.tokenizer, renderer=info.renderer)
 
     async def create_sampling_client_async(self, *args: Any, **kwargs: Any):
-        import asyncio
-
         return await asyncio.to_thread(self.create_sampling_client, *args, **kwargs)
 
     # ---- checkpoints, info, tokenizers -----------------------------------------------------------
@@ -293,8 +285,6 @@ class ServiceClient:
         return load_tokenizer(directory)
 
     def render_client(self, renderer: str, tokenizer: str, **options: Any):
-        from bios.render_client import RenderClient
-
         return RenderClient(self, renderer, tokenizer, **options)
 
     def close(self, wait: bool = True, timeout: float | None = None) -> None:
@@ -336,7 +326,5 @@ class ServiceClient:
 
 
 async def _sleep(seconds: float) -> None:
-    import asyncio
-
     await asyncio.sleep(seconds)
 

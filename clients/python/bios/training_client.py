@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 from typing import Any, Callable, Sequence
 
-from bios import types, wire
+from bios import compose, types, wire
+from bios.custom_loss import run_custom_loss
 from bios.futures import APIFuture
 from bios.operations import OperationStream
 from bios.sampling_client import SamplingClient
@@ -65,8 +67,6 @@ class TrainingClient:
         `loss_fn(data, logprobs_list) -> (loss, metrics)`. The gradient g = dloss/dlogprobs is sent back
         as a weighted cross-entropy (weights = -g), whose gradient with respect to the model equals it.
         """
-        from bios.custom_loss import run_custom_loss
-
         return run_custom_loss(self, list(data), loss_fn)
 
     def optim_step(self, adam_params: types.AdamParams | None = None) -> APIFuture[types.OptimStepResponse]:
@@ -141,16 +141,12 @@ class TrainingClient:
     def train_on_conversations(self, conversations: Sequence[Sequence[dict]], renderer: Any = None, epochs: int = 1,
                                batch_size: int = 8, learning_rate: float = 1e-4, **kwargs: Any) -> list[types.TrainingResult]:
         """Render (through the render service unless a renderer object is given) and train; see bios.compose."""
-        from bios.compose import train_on_conversations
-
-        return train_on_conversations(self, conversations, renderer, epochs, batch_size, learning_rate, **kwargs)
+        return compose.train_on_conversations(self, conversations, renderer, epochs, batch_size, learning_rate, **kwargs)
 
     def chat(self, messages: list[dict], renderer: Any = None, sampling_params: types.SamplingParams | None = None,
              tools: list[dict] | None = None):
         """Render + sample with the current weights + parse; returns a ChatResult with the prompt attribution."""
-        from bios.compose import chat
-
-        return chat(self, messages, renderer, sampling_params, tools)
+        return compose.chat(self, messages, renderer, sampling_params, tools)
 
     # ---- info ----------------------------------------------------------------------------------
 
@@ -193,8 +189,6 @@ class TrainingClient:
         return self.save_weights_for_sampler(*args, **kwargs)
 
     async def sample_async(self, *args: Any, **kwargs: Any) -> APIFuture[types.SampleResponse]:
-        import asyncio
-
         return await asyncio.to_thread(self.sample, *args, **kwargs)
 
     async def train_async(self, *args: Any, **kwargs: Any) -> types.TrainingResult:

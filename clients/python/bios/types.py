@@ -127,7 +127,7 @@ class TensorData(_Base):
         return array.reshape(self.shape) if self.shape is not None else array
 
     def to_torch(self):
-        import torch
+        import torch  # noqa: PLC0415 - optional: the light client has no torch
 
         return torch.from_numpy(self.to_numpy())
 
