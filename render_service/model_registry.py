@@ -18,6 +18,7 @@ import re
 from functools import cache
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
 from pydantic import BaseModel, ConfigDict
 
 from bios.errors import InvalidArgumentError, NotFoundError
@@ -84,17 +85,15 @@ def _local_dir(name: str, allow_local_paths: bool) -> Path | None:
     if (models_dir := os.environ.get("BIOS_MODELS_DIR")) and (Path(models_dir) / name.replace("/", "--")).is_dir():
         return (Path(models_dir) / name.replace("/", "--")).resolve()
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # not in the cache, or not a valid repo id
+    except Exception:  # noqa: BLE001 - not in the cache, or not a valid repo id (the hub raises many kinds)
         return None
 
 
 def _renderer_of(name: str, directory: Path) -> str:
     """The family renderer of a model directory: by its name, or by the repo id its path spells
     ($BIOS_MODELS_DIR's `org--name`, the HF cache's `models--org--name/snapshots/<hash>`); else the generic one."""
-    from render_service.renderers import renderer_for_model
+    from render_service.renderers import renderer_for_model  # noqa: PLC0415 - the renderers import this registry
 
     folders = [directory.name, directory.parent.parent.name if directory.parent.name == "snapshots" else ""]
     candidates = [name, *(f.removeprefix("models--").replace("--", "/", 1) for f in folders if "--" in f)]

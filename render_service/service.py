@@ -183,7 +183,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
                                                  f"limit of {MAX_BYTES_PER_CONVERSATION} bytes per conversation")
                 numbered.append(("request", number, line))
 
-            def run(numbered=numbered):
+            def run(numbered=numbered, settings=settings, train_on=train_on, roles=roles):
                 renderer = self._renderer(settings.renderer)
                 data = list(data_from_lines(numbered, renderer, train_on, settings.max_length or None, roles))
                 count(renderer, sum(datum.model_input.length + 1 for datum in data), conversations=len(data))

@@ -11,11 +11,12 @@ from render_service.model_registry import resolve
 
 @lru_cache(maxsize=32)
 def load_tokenizer(source: str) -> Any:
+    # Both import transformers, seconds of start-up: only a process that loads a tokenizer pays for it.
     if source == "builtin:qwen3":
-        from render_service.builtin_tokenizers import qwen3_tokenizer
+        from render_service.builtin_tokenizers import qwen3_tokenizer  # noqa: PLC0415
 
         return qwen3_tokenizer()
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415
 
     return AutoTokenizer.from_pretrained(source, local_files_only=True)
 

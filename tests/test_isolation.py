@@ -1,5 +1,6 @@
 """Many sessions on one shared base model, through the client against real servers on loopback: every session's
-losses, logprobs, samples and errors equal the same session run alone (fp32 CPU, 1e-6), whatever the order in
+losses, logprobs, samples and errors equal the same session run alone (fp32 CPU, 1e-5: a pass shared with other
+rows sums in another order, ~2e-6 after a few Adam steps), whatever the order in
 which the sessions' operations arrive, whoever else shares their passes, and whatever the others do (train, get
 deleted, drive themselves into refused, non-finite steps).
 
@@ -103,7 +104,7 @@ def assert_same(got: list[Any], want: list[Any]) -> None:
 
 def _same(g: Any, w: Any) -> None:
     if isinstance(w, float):
-        assert isinstance(g, float) and (g == pytest.approx(w, rel=1e-6, abs=1e-6) or (math.isnan(g) and math.isnan(w)))
+        assert isinstance(g, float) and (g == pytest.approx(w, rel=1e-5, abs=1e-5) or (math.isnan(g) and math.isnan(w)))
     elif isinstance(w, (list, tuple)):
         assert type(g) is type(w) and len(g) == len(w), (g, w)
         for x, y in zip(g, w):

@@ -175,9 +175,8 @@ def test_bad_input_gets_clear_status_and_session_stays_usable(client, renderer):
 
 def test_resubmitted_sequence_number_returns_the_original_result(client, services):
     """Two requests with the same seq on the stream: one optimizer step, answered twice identically."""
-    from bios.v1 import train_pb2, train_pb2_grpc
-
     from bios import wire
+    from bios.v1 import train_pb2, train_pb2_grpc
 
     tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4)
     step = train_pb2.OptimStepRequest(adam_params=types_adam())

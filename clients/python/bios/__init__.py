@@ -28,7 +28,8 @@ _EXPORTS = {"APIFuture": "bios.futures", "BiosError": "bios.errors", "InvalidArg
             "NotFoundError": "bios.errors", "RenderClient": "bios.render_client",
             "SamplingClient": "bios.sampling_client", "ServiceClient": "bios.service_client",
             "TrainingClient": "bios.training_client", "types": "bios.types"}
-__all__ = sorted(_EXPORTS)
+__all__ = ["APIFuture", "BiosError", "InvalidArgumentError", "NotFoundError", "RenderClient", "SamplingClient",
+           "ServiceClient", "TrainingClient", "types"]  # = _EXPORTS, spelled out for linters and type checkers
 
 if TYPE_CHECKING:
     from bios import types
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
     from bios.sampling_client import SamplingClient
     from bios.service_client import ServiceClient
     from bios.training_client import TrainingClient
+
+
+assert sorted(__all__) == sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

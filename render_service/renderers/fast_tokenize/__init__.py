@@ -58,7 +58,7 @@ def get_fast_encoder(tokenizer: Any) -> FastEncoder | None:
             encoder, reason = FastEncoder(tokenizer), "fast"
         except Unsupported as exc:
             encoder, reason = None, f"slow path: {exc}"
-        except Exception as exc:  # anything unexpected while inspecting: stay exact
+        except Exception as exc:  # noqa: BLE001 - anything unexpected while inspecting: stay exact (slow path)
             encoder, reason = None, f"slow path: {type(exc).__name__}: {exc}"
         key = id(tokenizer)
         try:  # the entry goes when the tokenizer does (before its id can be reused)

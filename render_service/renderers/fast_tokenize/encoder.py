@@ -32,6 +32,8 @@ from collections import OrderedDict
 from itertools import accumulate
 from typing import Any, Sequence
 
+import tiktoken
+
 from render_service.renderers.fast_tokenize import whole_text
 from render_service.renderers.fast_tokenize.checks import (
     VERIFIED_PATTERNS,
@@ -193,13 +195,11 @@ class FastEncoder:
                     raise Unsupported("fastokens encodes the probe text differently from HF")
             if engine.encode_with_offsets(unicodedata.normalize("NFC", PROBE_TEXT)) is None:
                 raise Unsupported("fastokens declined the NFC probe text")
-        except Exception as exc:  # Unsupported, or fastokens refusing the tokenizer.json: the piece path stays
+        except Exception as exc:  # noqa: BLE001 - Unsupported, or fastokens refusing the tokenizer.json: piece path
             return None, f"{type(exc).__name__}: {exc}" if not isinstance(exc, Unsupported) else str(exc)
         return engine, ""
 
     def _init_tiktoken(self, spec: dict) -> None:
-        import tiktoken
-
         pattern, self.nfc = check_tiktoken(spec)
         model = spec["model"]
         vocab: dict[str, int] = model["vocab"]

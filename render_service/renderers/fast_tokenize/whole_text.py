@@ -43,7 +43,7 @@ class WholeTextEngine:
     def __init__(self, tokenizer: Any, spec: dict, token_lengths: list[int]):
         """`token_lengths`: the bytes each token id spells (checks.token_byte_lengths)."""
         try:
-            import fastokens
+            import fastokens  # noqa: PLC0415 - optional: without it the exact piece path stays
         except ImportError:
             raise Unsupported("fastokens is not installed") from None
         check_common(spec)
