@@ -17,9 +17,19 @@ import grpc
 from bios import placement
 from bios.errors import UnavailableError
 from bios_server.auth import ApiKeys
-from bios_server.grpc import (add_allow_local_paths_argument, add_health_port_argument, add_host_argument, add_port,
-                              build_server, catch_stop_signals, mark_not_serving, mark_serving, start_health_server,
-                              wait_for_signal, warn_if_open)
+from bios_server.grpc import (
+    add_allow_local_paths_argument,
+    add_health_port_argument,
+    add_host_argument,
+    add_port,
+    build_server,
+    catch_stop_signals,
+    mark_not_serving,
+    mark_serving,
+    start_health_server,
+    wait_for_signal,
+    warn_if_open,
+)
 from bios_server.metrics import serve_metrics
 from train_service import follower, metrics, service
 from train_service.checkpoints import CheckpointStore
