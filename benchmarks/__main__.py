@@ -43,8 +43,10 @@ def main(argv: list[str]) -> int:
             traceback.print_exc()
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
             failed.append(name)
-        print(f"##### benchmarks.{name}: {'FAILED' if name in failed else 'done'} "
-              f"in {time.perf_counter() - start:.1f}s", flush=True)
+        print(
+            f"##### benchmarks.{name}: {'FAILED' if name in failed else 'done'} in {time.perf_counter() - start:.1f}s",
+            flush=True,
+        )
     print(json.dumps({"benchmarks": results}, default=str))
     return 1 if failed else 0
 

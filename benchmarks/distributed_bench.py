@@ -35,8 +35,12 @@ def _data(seed: int, n: int = 8, length: int = 128):
     out = []
     for _ in range(n):
         ids = [rng.randrange(150_000) for _ in range(length + 1)]
-        out.append(types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
-                               loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * length}))
+        out.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(ids[:-1]),
+                loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * length},
+            )
+        )
     return out
 
 
@@ -50,13 +54,25 @@ def main(rounds: int = 3) -> list[dict]:
     try:
         for ranks in (1, 2):
             port = _port()
-            args = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--checkpoint-dir",
-                    checkpoints, "--device", "cpu"]
+            args = [
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--metrics-port",
+                "0",
+                "--checkpoint-dir",
+                checkpoints,
+                "--device",
+                "cpu",
+            ]
             servers[ranks] = launch.spawn(ranks, args, env={"HF_HUB_OFFLINE": "1"})
             launch.wait_serving(f"127.0.0.1:{port}", servers[ranks])
             service = bios.ServiceClient(train_address=f"127.0.0.1:{port}", render_address="unused:0")
-            clients[ranks] = (service.create_lora_training_client(base_model=MODEL, rank=8, seed=1),
-                              service.create_sampling_client(base_model=MODEL))
+            clients[ranks] = (
+                service.create_lora_training_client(base_model=MODEL, rank=8, seed=1),
+                service.create_sampling_client(base_model=MODEL),
+            )
         data = _data(1)
         prompt = types.ModelInput.from_ints(list(range(1000, 1016)))
         params = types.SamplingParams(max_tokens=32, temperature=1.0, seed=2)
@@ -79,10 +95,24 @@ def main(rounds: int = 3) -> list[dict]:
     two, one = statistics.median(steps[2]), statistics.median(steps[1])
     s2, s1 = statistics.median(samples[2]), statistics.median(samples[1])
     note = "reported (2 CPU ranks share 2 cores: overhead, not speed-up)"
-    rows = [{"name": "step time (8x128 tokens) on 2 CPU ranks / 1 rank", "value": two, "baseline": one,
-             "ratio": two / one, "target": note, "unit": "s"},
-            {"name": "sampling 4 x 32 tokens on 2 CPU ranks / 1 rank", "value": s2, "baseline": s1, "ratio": s2 / s1,
-             "target": note, "unit": "s"}]
+    rows = [
+        {
+            "name": "step time (8x128 tokens) on 2 CPU ranks / 1 rank",
+            "value": two,
+            "baseline": one,
+            "ratio": two / one,
+            "target": note,
+            "unit": "s",
+        },
+        {
+            "name": "sampling 4 x 32 tokens on 2 CPU ranks / 1 rank",
+            "value": s2,
+            "baseline": s1,
+            "ratio": s2 / s1,
+            "target": note,
+            "unit": "s",
+        },
+    ]
     return print_ratios("train service on several ranks", "distributed_bench", rows)
 
 

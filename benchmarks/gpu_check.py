@@ -51,18 +51,39 @@ H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's H200 SXM bf16 dense figure (no sparsi
 
 def qwen3_config(small: bool) -> transformers.Qwen3Config:
     if small:
-        dims = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+        dims = dict(
+            vocab_size=4096,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        )
     else:  # Qwen3-0.6B
-        dims = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                    num_attention_heads=16, num_key_value_heads=8, head_dim=128)
-    return transformers.Qwen3Config(**dims, max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                                    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-                                    attn_implementation="sdpa", use_cache=True)
+        dims = dict(
+            vocab_size=151936,
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+        )
+    return transformers.Qwen3Config(
+        **dims,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        attn_implementation="sdpa",
+        use_cache=True,
+    )
 
 
-def build(config: transformers.Qwen3Config, device: DeviceConfig, seed: int = 0,
-          ranks: distributed.Ranks | None = None) -> BaseModel:
+def build(
+    config: transformers.Qwen3Config, device: DeviceConfig, seed: int = 0, ranks: distributed.Ranks | None = None
+) -> BaseModel:
     """Random weights drawn on the CPU from `seed` (the same on every device and rank), then moved and cast."""
     torch.manual_seed(seed)
     model = transformers.Qwen3ForCausalLM(config)
@@ -73,8 +94,11 @@ def build(config: transformers.Qwen3Config, device: DeviceConfig, seed: int = 0,
 
 
 def adapter(base: BaseModel, name: str, seed: int, rank: int = 16):
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                     "gate_proj", "up_proj", "down_proj"])
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     a = base.new_adapter(name, config, seed=seed)
     with torch.no_grad():  # B away from zero, so the adapter changes the outputs
         for p in a.parameters():
@@ -140,17 +164,24 @@ def check_mfu(base, config, device, batch, length, repeats, peak_tflops) -> dict
     tokens = batch * length
     flops = model_flops_per_token(config, length) * tokens
     gpus = base.ranks.world if base.ranks is not None else 1
-    return {"tokens": tokens, "ranks": gpus, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "model_tflops_per_s": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / (peak_tflops * gpus),
-            "peak_memory_gib": peak_gib(device)}
+    return {
+        "tokens": tokens,
+        "ranks": gpus,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "model_tflops_per_s": flops / seconds / 1e12,
+        "mfu": flops / seconds / 1e12 / (peak_tflops * gpus),
+        "peak_memory_gib": peak_gib(device),
+    }
 
 
 def check_coalescing(base, config, device, sessions, batch, length, repeats) -> dict:
     loss, _ = get_loss("cross_entropy", {})
     adapters = [adapter(base, f"s{i}", 10 + i) for i in range(sessions)]
     optimizers = [new_optimizer(a.parameters()) for a in adapters]
-    parts = [Part(a, rows(batch, length, config.vocab_size, 10 + i), 0, batch, loss, {})
-             for i, a in enumerate(adapters)]
+    parts = [
+        Part(a, rows(batch, length, config.vocab_size, 10 + i), 0, batch, loss, {}) for i, a in enumerate(adapters)
+    ]
 
     def step_all():
         for o in optimizers:
@@ -171,8 +202,14 @@ def check_coalescing(base, config, device, sessions, batch, length, repeats) -> 
     peak_together = peak_gib(device)
     alone = timed(sequential, device, repeats)
     tokens = sessions * batch * length
-    return {"sessions": sessions, "tokens": tokens, "coalesced_tokens_per_s": tokens / together,
-            "sequential_tokens_per_s": tokens / alone, "ratio": alone / together, "peak_memory_gib": peak_together}
+    return {
+        "sessions": sessions,
+        "tokens": tokens,
+        "coalesced_tokens_per_s": tokens / together,
+        "sequential_tokens_per_s": tokens / alone,
+        "ratio": alone / together,
+        "peak_memory_gib": peak_together,
+    }
 
 
 def check_sampling(base, config, device, requests, samples, prompt_len, max_tokens) -> dict:
@@ -191,15 +228,26 @@ def check_sampling(base, config, device, requests, samples, prompt_len, max_toke
 
     def hf():
         with torch.inference_mode(), device.autocast(), base.router.route([passes.Segment(None, 0, len(ids))]):
-            model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=True, top_k=0,
-                           top_p=1.0, pad_token_id=0)
+            model.generate(
+                ids,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=0,
+            )
 
     reset_peak(device)
     seconds = timed(ours, device, 2)
     peak = peak_gib(device)
     tokens = requests * samples * max_tokens
-    out = {"rows": requests * samples, "max_tokens": max_tokens, "bios_tokens_per_s": tokens / seconds,
-           "peak_memory_gib": peak}
+    out = {
+        "rows": requests * samples,
+        "max_tokens": max_tokens,
+        "bios_tokens_per_s": tokens / seconds,
+        "peak_memory_gib": peak,
+    }
     if base.ranks is None:  # HF generate knows nothing of our ranks
         hf_seconds = timed(hf, device, 2)
         out.update(hf_generate_tokens_per_s=tokens / hf_seconds, ratio=hf_seconds / seconds)
@@ -222,33 +270,54 @@ def check_agreement(config, device, length) -> dict:
     rel = abs(dev_loss - cpu_loss) / abs(cpu_loss)
     cosine = float(torch.nn.functional.cosine_similarity(cpu_g, dev_g, dim=0))
     tolerance = 2e-2 if device.is_cuda else 1e-6  # bf16 keeps ~3 significant digits
-    return {"cpu_fp32_loss_per_token": cpu_loss, "device_loss_per_token": dev_loss, "relative_difference": rel,
-            "max_logprob_difference": float((cpu_lp - dev_lp).abs().max()), "gradient_cosine": cosine,
-            "tolerance": tolerance, "agree": bool(rel <= tolerance and cosine >= 0.99)}
+    return {
+        "cpu_fp32_loss_per_token": cpu_loss,
+        "device_loss_per_token": dev_loss,
+        "relative_difference": rel,
+        "max_logprob_difference": float((cpu_lp - dev_lp).abs().max()),
+        "gradient_cosine": cosine,
+        "tolerance": tolerance,
+        "agree": bool(rel <= tolerance and cosine >= 0.99),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--small", action="store_true", help="a tiny model and short sequences (for CPU runs)")
-    parser.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS,
-                        help="the device's dense bf16 peak for MFU (default: H200, %(default)s)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=H200_BF16_DENSE_TFLOPS,
+        help="the device's dense bf16 peak for MFU (default: H200, %(default)s)",
+    )
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--out", default=None, help="also write the JSON result to this file")
     args = parser.parse_args(argv)
 
     ranks = distributed.Ranks.from_env(use_cuda=args.device != "cpu")  # under torchrun
-    device = DeviceConfig.resolve(ranks.device if ranks is not None and args.device != "cpu" else args.device,
-                                  args.activation_checkpointing)
+    device = DeviceConfig.resolve(
+        ranks.device if ranks is not None and args.device != "cpu" else args.device, args.activation_checkpointing
+    )
     config = qwen3_config(args.small)
     leader = ranks is None or ranks.rank == 0
     say = print if leader else (lambda *a, **k: None)
-    sizes = dict(mfu=(2, 64, 2), coalesce=(8, 2, 32, 2), sample=(8, 4, 16, 8), agree=32) if args.small else dict(
-        mfu=(8, 2048, 5), coalesce=(8, 2, 512, 5), sample=(8, 4, 128, 128), agree=128)
-    report = {"device": device.describe(), "dtype": device.dtype_name, "torch": torch.__version__,
-              "transformers": transformers.__version__, "model": "qwen3-tiny" if args.small else "qwen3-0.6b-shaped",
-              "activation_checkpointing": args.activation_checkpointing, "ranks": ranks.world if ranks else 1}
+    sizes = (
+        dict(mfu=(2, 64, 2), coalesce=(8, 2, 32, 2), sample=(8, 4, 16, 8), agree=32)
+        if args.small
+        else dict(mfu=(8, 2048, 5), coalesce=(8, 2, 512, 5), sample=(8, 4, 128, 128), agree=128)
+    )
+    report = {
+        "device": device.describe(),
+        "dtype": device.dtype_name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "model": "qwen3-tiny" if args.small else "qwen3-0.6b-shaped",
+        "activation_checkpointing": args.activation_checkpointing,
+        "ranks": ranks.world if ranks else 1,
+    }
     started = time.perf_counter()
     base = build(config, device, ranks=ranks)
     batch, length, repeats = sizes["mfu"]
@@ -259,8 +328,10 @@ def main(argv: list[str] | None = None) -> dict:
     report["sampling"] = check_sampling(base, config, device, *sizes["sample"])
     say("sampling", report["sampling"], flush=True)
     del base
-    report["targets"] = {"mfu >= 0.35": report["forward_backward"]["mfu"] >= 0.35,
-                         "coalesced >= 4x sequential": report["coalescing"]["ratio"] >= 4.0}
+    report["targets"] = {
+        "mfu >= 0.35": report["forward_backward"]["mfu"] >= 0.35,
+        "coalesced >= 4x sequential": report["coalescing"]["ratio"] >= 4.0,
+    }
     if ranks is None:
         report["agreement"] = check_agreement(config, device, sizes["agree"])
         say("agreement", report["agreement"], flush=True)

@@ -14,10 +14,10 @@ run and interleaved, as
     HF      tokenizer.apply_chat_template(tokenize=True)    ids only
 
 each timed over the whole set after a warm-up. Rates are medians over several passes; each ratio (warm/HF,
-cold/HF: target >= 8 on first-time conversations; lists/HF; before/HF) is the median of per-pass ratios, every pass timed next to an HF pass, so
-a load spike from another process skews one pass, not the result. Also reported: whether every
-conversation's ids equal HF's, and whether the full attribution equals the slow path's. Conversations that a family's own
-HF template rejects are left out (counted in the JSON).
+cold/HF: target >= 8 on first-time conversations; lists/HF; before/HF) is the median of per-pass ratios, every
+pass timed next to an HF pass, so a load spike from another process skews one pass, not the result. Also
+reported: whether every conversation's ids equal HF's, and whether the full attribution equals the slow path's.
+Conversations that a family's own HF template rejects are left out (counted in the JSON).
 
     python -m benchmarks.render_bench [family ...]
 """
@@ -49,16 +49,31 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "ultrasafe": {"builtin": "ultrasafe/usf-mini"},
     "qwen2.5": {"fixture": "Qwen--Qwen2.5-7B-Instruct", "tools": True},
     "qwen3": {"fixture": "Qwen--Qwen3-8B", "tools": True, "reasoning": True},
-    "llama3.1": {"fixture": "meta-llama--Llama-3.1-8B-Instruct", "tools": True,
-                 "options": {"date_string": "26 Jul 2024"}},
-    "llama3.2": {"fixture": "meta-llama--Llama-3.2-1B-Instruct", "tools": True,
-                 "options": {"date_string": "26 Jul 2024"}},
+    "llama3.1": {
+        "fixture": "meta-llama--Llama-3.1-8B-Instruct",
+        "tools": True,
+        "options": {"date_string": "26 Jul 2024"},
+    },
+    "llama3.2": {
+        "fixture": "meta-llama--Llama-3.2-1B-Instruct",
+        "tools": True,
+        "options": {"date_string": "26 Jul 2024"},
+    },
     "mistral-nemo": {"fixture": "mistralai--Mistral-Nemo-Instruct-2407", "tools": True},
-    "gpt-oss": {"fixture": "openai--gpt-oss-20b", "tools": True, "reasoning": True,
-                "renderer_options": {"current_date": "2025-01-15"}, "pin_date": dt.datetime(2025, 1, 15)},
+    "gpt-oss": {
+        "fixture": "openai--gpt-oss-20b",
+        "tools": True,
+        "reasoning": True,
+        "renderer_options": {"current_date": "2025-01-15"},
+        "pin_date": dt.datetime(2025, 1, 15),
+    },
     # The fixture template concatenates arguments as text and renders several tool rounds inconsistently.
-    "deepseek-v3": {"fixture": "deepseek-ai--DeepSeek-V3", "tools": True, "string_arguments": True,
-                    "max_tool_turns": 1},
+    "deepseek-v3": {
+        "fixture": "deepseek-ai--DeepSeek-V3",
+        "tools": True,
+        "string_arguments": True,
+        "max_tool_turns": 1,
+    },
 }
 
 # ---- the conversations ---------------------------------------------------------------------------------
@@ -90,19 +105,44 @@ SYSTEM_PROMPTS = [
     "Tu es un assistant serviable. Réponds en français, poliment et précisément.",
 ]
 TOOLS = [
-    {"type": "function", "function": {
-        "name": "get_weather", "description": "Current weather for a city.",
-        "parameters": {"type": "object", "properties": {
-            "city": {"type": "string", "description": "City name"},
-            "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city"]}}},
-    {"type": "function", "function": {
-        "name": "get_time", "description": "Local time in a timezone.",
-        "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]}}},
-    {"type": "function", "function": {
-        "name": "search", "description": "Search the web and return the top results.",
-        "parameters": {"type": "object", "properties": {
-            "query": {"type": "string"}, "limit": {"type": "integer", "description": "At most this many"}},
-            "required": ["query"]}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather for a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "description": "City name"},
+                    "unit": {"type": "string", "enum": ["c", "f"]},
+                },
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "Local time in a timezone.",
+            "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "search",
+            "description": "Search the web and return the top results.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "query": {"type": "string"},
+                    "limit": {"type": "integer", "description": "At most this many"},
+                },
+                "required": ["query"],
+            },
+        },
+    },
 ]
 
 
@@ -115,21 +155,26 @@ def _text(rng: random.Random, lo: int, hi: int) -> str:
         elif r < 0.08:
             words.append(rng.choice(WORDS).capitalize() + rng.choice([".", ",", "?", "!", ":"]))
         elif r < 0.10:
-            words.append(str(rng.randint(0, 10**rng.randint(1, 9))))
+            words.append(str(rng.randint(0, 10 ** rng.randint(1, 9))))
         else:
             words.append(rng.choice(WORDS))
     return " ".join(words).strip() or "ok"
 
 
 def _call(rng: random.Random, k: int, string_arguments: bool) -> dict:
-    name, args = rng.choice([
-        ("get_weather", {"city": rng.choice(["Paris", "Oslo", "Tokyo", "São Paulo", "Zürich"])}),
-        ("get_time", {"tz": rng.choice(["UTC", "Europe/Paris", "Asia/Tokyo"])}),
-        ("search", {"query": _text(rng, 2, 8), "limit": rng.randint(1, 10)}),
-    ])
+    name, args = rng.choice(
+        [
+            ("get_weather", {"city": rng.choice(["Paris", "Oslo", "Tokyo", "São Paulo", "Zürich"])}),
+            ("get_time", {"tz": rng.choice(["UTC", "Europe/Paris", "Asia/Tokyo"])}),
+            ("search", {"query": _text(rng, 2, 8), "limit": rng.randint(1, 10)}),
+        ]
+    )
     call_id = f"call{k:05d}"[:9].ljust(9, "0")  # 9 alphanumerics: what Mistral's template demands
-    return {"id": call_id, "type": "function",
-            "function": {"name": name, "arguments": json.dumps(args) if string_arguments else args}}
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(args) if string_arguments else args},
+    }
 
 
 def conversations(spec: dict, n: int = N_CONVERSATIONS, seed: int = 1234) -> list[tuple[list[dict], list | None]]:
@@ -150,8 +195,13 @@ def conversations(spec: dict, n: int = N_CONVERSATIONS, seed: int = 1234) -> lis
                 calls += 1
                 call = _call(rng, calls, spec.get("string_arguments", False))
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
-                messages.append({"role": "tool", "tool_call_id": call["id"], "content": json.dumps(
-                    {"result": _text(rng, 1, 12), "ok": True})})
+                messages.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": call["id"],
+                        "content": json.dumps({"result": _text(rng, 1, 12), "ok": True}),
+                    }
+                )
             answer: dict[str, Any] = {"role": "assistant", "content": _text(rng, 3, 600 if long else 120)}
             if spec.get("reasoning") and rng.random() < 0.3:
                 answer["reasoning_content"] = _text(rng, 5, 80)
@@ -197,8 +247,9 @@ def hf_baseline(spec: dict) -> tuple[Any, Callable[[list[dict], list | None], An
     options = dict(spec.get("options", {}))
 
     def hf(messages, tools):
-        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=False,
-                                             add_generation_prompt=False, **options)
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=True, return_dict=False, add_generation_prompt=False, **options
+        )
 
     return tokenizer, hf
 
@@ -258,12 +309,25 @@ def bench_family(name: str, spec: dict, repeats: int = REPEATS) -> dict:
         return statistics.median(h / o for h, o in zip(t_hf, ours))
 
     return {
-        "family": name, "tokenizer": spec.get("fixture") or spec.get("builtin"), "conversations": n,
-        "rejected_by_template": rejected, "tokens_per_conversation": round(tokens / n, 1), "tokenize": status,
-        "render_cps": round(warm, 1), "render_cold_cps": round(cold, 1), "render_lists_cps": round(lists, 1), "before_cps": round(before, 1),
-        "hf_cps": round(hf_rate, 1), "ratio": round(ratio(t_warm), 2), "ratio_cold": round(ratio(t_cold), 2), "ratio_lists": round(ratio(t_lists), 2),
-        "ratio_before": round(ratio(t_before), 2), "ids_identical": identical == n, "identical_count": identical,
-        "attribution_identical_to_slow_path": same_attribution == n, "target": f">= {TARGET:g}",
+        "family": name,
+        "tokenizer": spec.get("fixture") or spec.get("builtin"),
+        "conversations": n,
+        "rejected_by_template": rejected,
+        "tokens_per_conversation": round(tokens / n, 1),
+        "tokenize": status,
+        "render_cps": round(warm, 1),
+        "render_cold_cps": round(cold, 1),
+        "render_lists_cps": round(lists, 1),
+        "before_cps": round(before, 1),
+        "hf_cps": round(hf_rate, 1),
+        "ratio": round(ratio(t_warm), 2),
+        "ratio_cold": round(ratio(t_cold), 2),
+        "ratio_lists": round(ratio(t_lists), 2),
+        "ratio_before": round(ratio(t_before), 2),
+        "ids_identical": identical == n,
+        "identical_count": identical,
+        "attribution_identical_to_slow_path": same_attribution == n,
+        "target": f">= {TARGET:g}",
     }
 
 
@@ -293,14 +357,20 @@ def main(families: list[str] | None = None) -> list[dict]:
             notes.append(f"{name}: FAILED ({type(exc).__name__}: {exc})")
             rows.append({"family": name, "error": f"{type(exc).__name__}: {exc}"})
 
-    print(f"\n== render service: renderer.render (full attribution) vs apply_chat_template(tokenize=True); "
-          f"{N_CONVERSATIONS} conversations, median of {REPEATS} passes ==")
-    print("   warm: steady state over the set (piece cache kept across passes); cold: piece cache emptied "
-          "before the pass (target: cold >= 8x);\n   lists: cold + reading the per-token lists; before: fast_tokenize "
-          "off (one HF offsets call per render).\n   ratios: median over passes of (HF pass time / our pass time)")
-    header = (f"{'family':13s} {'convs':>5s} {'tok/conv':>8s} {'HF/s':>7s} {'warm/s':>7s} {'cold/s':>7s} "
-              f"{'lists/s':>7s} {'before/s':>8s} {'warm':>5s} {'cold':>5s} {'lists':>5s} {'before':>6s}  "
-              f"{'ids = HF':9s} {'attr = slow':11s} tokenize path")
+    print(
+        f"\n== render service: renderer.render (full attribution) vs apply_chat_template(tokenize=True); "
+        f"{N_CONVERSATIONS} conversations, median of {REPEATS} passes =="
+    )
+    print(
+        "   warm: steady state over the set (piece cache kept across passes); cold: piece cache emptied "
+        "before the pass (target: cold >= 8x);\n   lists: cold + reading the per-token lists; before: fast_tokenize "
+        "off (one HF offsets call per render).\n   ratios: median over passes of (HF pass time / our pass time)"
+    )
+    header = (
+        f"{'family':13s} {'convs':>5s} {'tok/conv':>8s} {'HF/s':>7s} {'warm/s':>7s} {'cold/s':>7s} "
+        f"{'lists/s':>7s} {'before/s':>8s} {'warm':>5s} {'cold':>5s} {'lists':>5s} {'before':>6s}  "
+        f"{'ids = HF':9s} {'attr = slow':11s} tokenize path"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -309,10 +379,12 @@ def main(families: list[str] | None = None) -> list[dict]:
         same = "yes" if r["ids_identical"] else f"NO {r['identical_count']}/{r['conversations']}"
         attr = "yes" if r["attribution_identical_to_slow_path"] else "NO"
         flag = "" if r["ratio_cold"] >= TARGET else "  [below target]"
-        print(f"{r['family']:13s} {r['conversations']:5d} {r['tokens_per_conversation']:8.0f} {r['hf_cps']:7.0f} "
-              f"{r['render_cps']:7.0f} {r['render_cold_cps']:7.0f} {r['render_lists_cps']:7.0f} {r['before_cps']:8.0f} "
-              f"{r['ratio']:5.2f} {r['ratio_cold']:5.2f} {r['ratio_lists']:5.2f} {r['ratio_before']:6.2f}  "
-              f"{same:9s} {attr:11s} {r['tokenize']}{flag}")
+        print(
+            f"{r['family']:13s} {r['conversations']:5d} {r['tokens_per_conversation']:8.0f} {r['hf_cps']:7.0f} "
+            f"{r['render_cps']:7.0f} {r['render_cold_cps']:7.0f} {r['render_lists_cps']:7.0f} {r['before_cps']:8.0f} "
+            f"{r['ratio']:5.2f} {r['ratio_cold']:5.2f} {r['ratio_lists']:5.2f} {r['ratio_before']:6.2f}  "
+            f"{same:9s} {attr:11s} {r['tokenize']}{flag}"
+        )
     for note in notes:
         print(note)
     print(json.dumps({"render_bench": rows}))

@@ -4,7 +4,8 @@ The workload is render_bench's: its seeded, varied conversations for each family
 where the family has them), the ones the family's HF template accepts. Each pass builds supervised examples
 (ids + weights + attribution) for a batch of 256 of them in one `build_supervised_examples` call, through a
 render server started as its own process on loopback (as deployed), against render_bench's HF baseline
-(`apply_chat_template(tokenize=True)`) on the same conversations in this process, one at a time (one core). Ids are checked equal to HF's.
+(`apply_chat_template(tokenize=True)`) on the same conversations in this process, one at a time (one core).
+Ids are checked equal to HF's.
 
 Measured for a server rendering in its own process (--workers 1: one core) and with one render worker per
 core of this machine (--workers N); each for first-time conversations (never rendered before) and a second
@@ -42,10 +43,23 @@ def start_render_server(workers: int = 1):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "render_service", "--host", "127.0.0.1", "--port", str(port),
-                             "--metrics-port", "0", "--workers", str(workers),
-                             "--allow-local-paths"],  # the families' tokenizers are fixture directories
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "render_service",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--workers",
+            str(workers),
+            "--allow-local-paths",
+        ],  # the families' tokenizers are fixture directories
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -88,8 +102,9 @@ class Family:
 
 
 def measure(client, family: Family, workers: int, cores: int) -> list[dict]:
-    remote = client.render_client(family.name, family.source, **family.spec.get("options", {}),
-                                  **family.spec.get("renderer_options", {}))
+    remote = client.render_client(
+        family.name, family.source, **family.spec.get("options", {}), **family.spec.get("renderer_options", {})
+    )
     for _ in range(3):  # every worker process loads the tokenizer and builds its encoders
         remote.build_supervised_examples(family.batches[0][0])
     first, second, hf = [], [], []
@@ -115,9 +130,18 @@ def measure(client, family: Family, workers: int, cores: int) -> list[dict]:
     for label, times in (("first-time", first), ("again", second)):
         ratio = statistics.median(h / t for h, t in zip(hf, times))
         flag = "" if label == "again" or ratio >= TARGET else "  [below target]"
-        rows.append({"name": f"{family.name:12s} {where}, {label}{flag}", "family": family.name, "workers": workers,
-                     "value": BATCH / statistics.median(times), "baseline": BATCH / statistics.median(hf),
-                     "ratio": ratio, "target": f">= {TARGET:g} (first-time)", "unit": "conversations/s"})
+        rows.append(
+            {
+                "name": f"{family.name:12s} {where}, {label}{flag}",
+                "family": family.name,
+                "workers": workers,
+                "value": BATCH / statistics.median(times),
+                "baseline": BATCH / statistics.median(hf),
+                "ratio": ratio,
+                "target": f">= {TARGET:g} (first-time)",
+                "unit": "conversations/s",
+            }
+        )
     return rows
 
 
@@ -146,8 +170,12 @@ def main(names: list[str] | None = None) -> list[dict]:
             proc.wait(30)
     for note in notes:
         print(note)
-    return print_ratios(f"render service through gRPC: build_supervised_examples({BATCH} conversations) / HF "
-                        "in-process, render_bench's conversations, ids checked equal", "render_grpc_bench", rows)
+    return print_ratios(
+        f"render service through gRPC: build_supervised_examples({BATCH} conversations) / HF "
+        "in-process, render_bench's conversations, ids checked equal",
+        "render_grpc_bench",
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """Train-service benchmarks, each printed as a ratio against a baseline measured in the same run.
 
-    step time through gRPC / the same loop in-process                      target <= 1.05
-    peak memory of forward_backward, chunked LM head / naive full logits    target <= 0.20
-    aggregate tokens/s, 4 concurrent sessions / 1 session                   target >= 0.90
-    8 sessions x batch 2 x 256 tokens: coalesced / one request per pass     target >= 1.5
-    the same with 8 sessions x batch 1 x 16 tokens (overhead-bound)         reported
-    step time on a base holding 16 adapters / holding 1                     target <= 1.2
-    sampling tokens/s, bios sampler / HF generate (same model, in-process)  reported
-    num_samples=8 in one call / 8 sequential calls (tokens/s)               target >= 3.0
-    8 samplers sampling at once / one after another (tokens/s)              reported
+step time through gRPC / the same loop in-process                      target <= 1.05
+peak memory of forward_backward, chunked LM head / naive full logits    target <= 0.20
+aggregate tokens/s, 4 concurrent sessions / 1 session                   target >= 0.90
+8 sessions x batch 2 x 256 tokens: coalesced / one request per pass     target >= 1.5
+the same with 8 sessions x batch 1 x 16 tokens (overhead-bound)         reported
+step time on a base holding 16 adapters / holding 1                     target <= 1.2
+sampling tokens/s, bios sampler / HF generate (same model, in-process)  reported
+num_samples=8 in one call / 8 sequential calls (tokens/s)               target >= 3.0
+8 samplers sampling at once / one after another (tokens/s)              reported
 """
 
 from __future__ import annotations
@@ -37,8 +37,12 @@ def _data(n_data: int, length: int, seed: int = 0):
     out = []
     for _ in range(n_data):
         ids = rng.integers(0, 150_000, length + 1).tolist()
-        out.append(types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
-                               loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * length}))
+        out.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(ids[:-1]),
+                loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * length},
+            )
+        )
     return out
 
 
@@ -85,8 +89,13 @@ def step_time(client, repeats: int = 7) -> dict:
         grpc_times.append(_median_time(grpc_step, 1))
         local_times.append(_median_time(local_step, 1))
     g, local = statistics.median(grpc_times), statistics.median(local_times)
-    return {"name": "step time gRPC / in-process (4x256 tokens)", "value": g, "baseline": local, "ratio": g / local,
-            "target": "<= 1.05"}
+    return {
+        "name": "step time gRPC / in-process (4x256 tokens)",
+        "value": g,
+        "baseline": local,
+        "ratio": g / local,
+        "target": "<= 1.05",
+    }
 
 
 _MEMORY_CHILD = r"""
@@ -124,13 +133,20 @@ print(peak - before)
 
 def peak_memory() -> dict:
     """Peak resident memory added by one forward_backward on 4x1024 tokens, each variant in a fresh process."""
+
     def run(kind: str) -> int:
         out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, kind], capture_output=True, text=True, check=True)
         return int(out.stdout.strip().splitlines()[-1])
 
     chunked, naive = run("chunked"), run("naive")
-    return {"name": "peak memory forward_backward 4x1024: chunked / naive full logits", "value": chunked / 2**20,
-            "baseline": naive / 2**20, "ratio": chunked / naive, "target": "<= 0.20", "unit": "MiB"}
+    return {
+        "name": "peak memory forward_backward 4x1024: chunked / naive full logits",
+        "value": chunked / 2**20,
+        "baseline": naive / 2**20,
+        "ratio": chunked / naive,
+        "target": "<= 0.20",
+        "unit": "MiB",
+    }
 
 
 def concurrency(client, steps: int = 6) -> dict:
@@ -156,8 +172,14 @@ def concurrency(client, steps: int = 6) -> dict:
         return n * steps * tokens_per_step / (time.perf_counter() - start)
 
     one, four = run_sessions(1), run_sessions(4)
-    return {"name": "aggregate tokens/s: 4 concurrent sessions / 1 session", "value": four, "baseline": one,
-            "ratio": four / one, "target": ">= 0.90", "unit": "tokens/s"}
+    return {
+        "name": "aggregate tokens/s: 4 concurrent sessions / 1 session",
+        "value": four,
+        "baseline": one,
+        "ratio": four / one,
+        "target": ">= 0.90",
+        "unit": "tokens/s",
+    }
 
 
 class _TrainServers:
@@ -183,6 +205,7 @@ class _TrainServers:
 
 def _train_concurrently(clients, data, steps: int) -> float:
     """Each client trains `steps` steps on its data in its own thread; returns the elapsed seconds."""
+
     def work(c, d):
         for _ in range(steps):
             c.train(d, learning_rate=1e-4)
@@ -196,15 +219,18 @@ def _train_concurrently(clients, data, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def coalescing(servers: _TrainServers, sessions: int = 8, batch: int = 2, length: int = 256, steps: int = 2,
-               rounds: int = 2) -> dict:
+def coalescing(
+    servers: _TrainServers, sessions: int = 8, batch: int = 2, length: int = 256, steps: int = 2, rounds: int = 2
+) -> dict:
     """Tokens/s of `sessions` sessions training at once on one base: requests coalesced into shared passes
     (the default engine) vs one request per pass (--max-pass-requests 1), same work, measured alternately."""
     import bios
     from train_service.scheduler import Limits
 
-    addresses = {"coalesced": servers.start(device="cpu"),
-                 "one per pass": servers.start(device="cpu", limits=Limits(max_pass_ops=1))}
+    addresses = {
+        "coalesced": servers.start(device="cpu"),
+        "one per pass": servers.start(device="cpu", limits=Limits(max_pass_ops=1)),
+    }
     data = [_data(batch, length, seed=i) for i in range(sessions)]
     clients = {}
     for kind, address in addresses.items():
@@ -218,8 +244,14 @@ def coalescing(servers: _TrainServers, sessions: int = 8, batch: int = 2, length
             rates[kind].append(tokens / _train_concurrently(clients[kind], data, steps))
     together, alone = statistics.median(rates["coalesced"]), statistics.median(rates["one per pass"])
     target = ">= 1.5" if (batch, length) == (2, 256) else "reported"
-    return {"name": f"{sessions} sessions x batch {batch} x {length} tokens: coalesced / one request per pass",
-            "value": together, "baseline": alone, "ratio": together / alone, "target": target, "unit": "tokens/s"}
+    return {
+        "name": f"{sessions} sessions x batch {batch} x {length} tokens: coalesced / one request per pass",
+        "value": together,
+        "baseline": alone,
+        "ratio": together / alone,
+        "target": target,
+        "unit": "tokens/s",
+    }
 
 
 def adapter_count(servers: _TrainServers, repeats: int = 5) -> dict:
@@ -241,8 +273,14 @@ def adapter_count(servers: _TrainServers, repeats: int = 5) -> dict:
         for other in others:
             other.delete()
     a, c = statistics.median(alone), statistics.median(crowded)
-    return {"name": "step time (2x256 tokens) on a base holding 16 adapters / holding 1", "value": c, "baseline": a,
-            "ratio": c / a, "target": "<= 1.2", "unit": "s"}
+    return {
+        "name": "step time (2x256 tokens) on a base holding 16 adapters / holding 1",
+        "value": c,
+        "baseline": a,
+        "ratio": c / a,
+        "target": "<= 1.2",
+        "unit": "s",
+    }
 
 
 def sampler_groups(servers: _TrainServers, samplers: int = 8, max_tokens: int = 32) -> dict:
@@ -264,9 +302,14 @@ def sampler_groups(servers: _TrainServers, samplers: int = 8, max_tokens: int = 
     together = _median_time(at_once, 3)
     sequential = _median_time(lambda: [m.sample(prompt, params).result() for m in models], 3)
     tokens = samplers * max_tokens
-    return {"name": f"{samplers} models sampling {max_tokens} tokens at once / one after another (tokens/s)",
-            "value": tokens / together, "baseline": tokens / sequential, "ratio": sequential / together,
-            "target": "reported", "unit": "tokens/s"}
+    return {
+        "name": f"{samplers} models sampling {max_tokens} tokens at once / one after another (tokens/s)",
+        "value": tokens / together,
+        "baseline": tokens / sequential,
+        "ratio": sequential / together,
+        "target": "reported",
+        "unit": "tokens/s",
+    }
 
 
 def sampling(client, max_tokens: int = 64) -> list[dict]:
@@ -283,21 +326,44 @@ def sampling(client, max_tokens: int = 64) -> list[dict]:
     ours = _median_time(lambda: sampler.sample(types.ModelInput.from_ints(prompt), params).result(), 3)
     model = build_tiny_qwen3()
     ids = torch.tensor([prompt])
-    generate = lambda: model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens,  # noqa: E731
-                                      do_sample=True, top_k=0, top_p=1.0, pad_token_id=151643)
+
+    def generate():
+        return model.generate(
+            ids,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=151643,
+        )
+
     generate()
     hf = _median_time(generate, 3)
 
-    batched = _median_time(lambda: sampler.sample(types.ModelInput.from_ints(prompt), params, num_samples=8).result(), 3)
-    sequential = _median_time(lambda: [sampler.sample(types.ModelInput.from_ints(prompt), params).result()
-                                       for _ in range(8)], 1)
+    batched = _median_time(
+        lambda: sampler.sample(types.ModelInput.from_ints(prompt), params, num_samples=8).result(), 3
+    )
+    sequential = _median_time(
+        lambda: [sampler.sample(types.ModelInput.from_ints(prompt), params).result() for _ in range(8)], 1
+    )
     return [
-        {"name": f"sampling tokens/s ({max_tokens} tokens, via gRPC) / HF generate in-process",
-         "value": max_tokens / ours, "baseline": max_tokens / hf, "ratio": hf / ours, "target": "reported",
-         "unit": "tokens/s"},
-        {"name": "num_samples=8 in one call / 8 sequential calls (tokens/s)", "value": 8 * max_tokens / batched,
-         "baseline": 8 * max_tokens / sequential, "ratio": sequential / batched, "target": ">= 3.0",
-         "unit": "tokens/s"},
+        {
+            "name": f"sampling tokens/s ({max_tokens} tokens, via gRPC) / HF generate in-process",
+            "value": max_tokens / ours,
+            "baseline": max_tokens / hf,
+            "ratio": hf / ours,
+            "target": "reported",
+            "unit": "tokens/s",
+        },
+        {
+            "name": "num_samples=8 in one call / 8 sequential calls (tokens/s)",
+            "value": 8 * max_tokens / batched,
+            "baseline": 8 * max_tokens / sequential,
+            "ratio": sequential / batched,
+            "target": ">= 3.0",
+            "unit": "tokens/s",
+        },
     ]
 
 
@@ -308,8 +374,12 @@ def main() -> list[dict]:
     rows = [step_time(client), peak_memory(), concurrency(client)]
     servers = _TrainServers()
     try:
-        rows += [coalescing(servers), coalescing(servers, batch=1, length=16, steps=20), adapter_count(servers),
-                 sampler_groups(servers)]
+        rows += [
+            coalescing(servers),
+            coalescing(servers, batch=1, length=16, steps=20),
+            adapter_count(servers),
+            sampler_groups(servers),
+        ]
     finally:
         servers.close()
     rows += sampling(client)

@@ -45,8 +45,12 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=16, help="samples per problem; advantages are per group")
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--loss", choices=("ppo", "importance_sampling"), default="ppo")
-    parser.add_argument("--inner-steps", type=int, default=4,
-                        help="optimizer steps on each iteration's samples (ppo's clip keeps them close to the sampler)")
+    parser.add_argument(
+        "--inner-steps",
+        type=int,
+        default=4,
+        help="optimizer steps on each iteration's samples (ppo's clip keeps them close to the sampler)",
+    )
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of the RL steps")
     parser.add_argument("--warmup-lr", type=float, default=1e-2)
     parser.add_argument("--warmup-steps", type=int, default=20, help="supervised steps on both answers (format only)")
@@ -65,26 +69,35 @@ def main() -> None:
     stop = renderer.get_stop_sequences()
 
     # Warm-up: every problem with both answers, equally. It teaches the answer format, and nothing about which is right.
-    warmup = [to_datum(*renderer.build_supervised_example([{"role": "user", "content": q},
-                                                           {"role": "assistant", "content": word}]))
-              for q, _ in tasks for word in ANSWERS]
+    warmup = [
+        to_datum(
+            *renderer.build_supervised_example([{"role": "user", "content": q}, {"role": "assistant", "content": word}])
+        )
+        for q, _ in tasks
+        for word in ANSWERS
+    ]
     for step in range(args.warmup_steps):
         # the second half at a tenth of the rate settles near 50/50 (at the full rate the choice swings step to step)
         lr = args.warmup_lr if step < args.warmup_steps // 2 else args.warmup_lr / 10
         result = training.train(warmup, learning_rate=lr)
-    print(f"warm-up: {args.warmup_steps} steps on both answers, loss:mean {result.metrics['loss:mean']:.3f} "
-          f"(ln 2 = 0.693 is a 50/50 choice)", flush=True)
+    print(
+        f"warm-up: {args.warmup_steps} steps on both answers, loss:mean {result.metrics['loss:mean']:.3f} "
+        f"(ln 2 = 0.693 is a 50/50 choice)",
+        flush=True,
+    )
 
     rewards_seen = []
     for iteration in range(1, args.iterations + 1):
-        params = types.SamplingParams(max_tokens=3, temperature=args.temperature, stop=stop,
-                                      seed=args.seed * 1000 + iteration)
+        params = types.SamplingParams(
+            max_tokens=3, temperature=args.temperature, stop=stop, seed=args.seed * 1000 + iteration
+        )
         futures = [training.sample(prompt, params, num_samples=args.group_size) for prompt in prompts]
         data, rewards, groups_with_signal, sampled_tokens = [], [], 0, 0
         for (_question, answer), prompt, future in zip(tasks, prompts, futures):
             sequences = future.result().sequences
-            scores = [1.0 if renderer.parse_response(s.tokens)[0]["content"].strip() == answer else 0.0
-                      for s in sequences]
+            scores = [
+                1.0 if renderer.parse_response(s.tokens)[0]["content"].strip() == answer else 0.0 for s in sequences
+            ]
             rewards += scores
             baseline = sum(scores) / len(scores)
             if all(score == baseline for score in scores):
@@ -93,11 +106,16 @@ def main() -> None:
             context = prompt.to_ints()
             for sequence, score in zip(sequences, scores):
                 tokens, n = context + sequence.tokens, len(context)
-                data.append(types.Datum(
-                    model_input=types.ModelInput.from_ints(tokens[:-1]),
-                    loss_fn_inputs={"target_tokens": tokens[1:],
-                                    "logprobs": [0.0] * (n - 1) + list(sequence.logprobs),
-                                    "advantages": [0.0] * (n - 1) + [score - baseline] * len(sequence.tokens)}))
+                data.append(
+                    types.Datum(
+                        model_input=types.ModelInput.from_ints(tokens[:-1]),
+                        loss_fn_inputs={
+                            "target_tokens": tokens[1:],
+                            "logprobs": [0.0] * (n - 1) + list(sequence.logprobs),
+                            "advantages": [0.0] * (n - 1) + [score - baseline] * len(sequence.tokens),
+                        },
+                    )
+                )
                 sampled_tokens += len(sequence.tokens)
         loss = 0.0
         for _ in range(args.inner_steps if data else 0):
@@ -108,13 +126,28 @@ def main() -> None:
         rewards_seen.append(reward)
         per_token = loss / sampled_tokens if sampled_tokens else 0.0
         if args.json:
-            print(json.dumps({"iteration": iteration, "reward": reward, "groups_with_signal": groups_with_signal,
-                              "loss:sum": loss, "loss:mean": per_token}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "iteration": iteration,
+                        "reward": reward,
+                        "groups_with_signal": groups_with_signal,
+                        "loss:sum": loss,
+                        "loss:mean": per_token,
+                    }
+                ),
+                flush=True,
+            )
         else:
-            print(f"iteration {iteration:2d}: reward {reward:.3f}  groups with signal {groups_with_signal}/"
-                  f"{len(tasks)}  loss:sum {loss:8.3f}  loss:mean {per_token:7.4f} (per sampled token)", flush=True)
-    print(f"reward {rewards_seen[0]:.3f} -> {rewards_seen[-1]:.3f} in {args.iterations} iterations "
-          f"({args.loss}, {time.time() - started:.0f} s)")
+            print(
+                f"iteration {iteration:2d}: reward {reward:.3f}  groups with signal {groups_with_signal}/"
+                f"{len(tasks)}  loss:sum {loss:8.3f}  loss:mean {per_token:7.4f} (per sampled token)",
+                flush=True,
+            )
+    print(
+        f"reward {rewards_seen[0]:.3f} -> {rewards_seen[-1]:.3f} in {args.iterations} iterations "
+        f"({args.loss}, {time.time() - started:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,10 @@ def confine_options(name: str, options: dict[str, Any]) -> str:
     if isinstance(options.get("template"), str):  # declarative's template= option names a file too
         options["template"] = template_file(options["template"], "renderer.options.template")
     if "chat_template" in options:
-        raise renderers.RenderError("renderer.options.chat_template: this server does not run callers' chat "
-                                    "templates (use a declarative template, or the model's own)")
+        raise renderers.RenderError(
+            "renderer.options.chat_template: this server does not run callers' chat "
+            "templates (use a declarative template, or the model's own)"
+        )
     return name
 
 
@@ -65,8 +67,9 @@ def template_file(template: str, field: str) -> str:
     root = os.environ.get("BIOS_TEMPLATES_DIR")
     path = Path(root, template).resolve() if root else None  # relative names are relative to the directory
     if path is None or not path.is_relative_to(Path(root).resolve()) or not path.is_file():
-        raise renderers.RenderError(f"{field}: {template!r} is not a bundled template, and not under "
-                                    "$BIOS_TEMPLATES_DIR")
+        raise renderers.RenderError(
+            f"{field}: {template!r} is not a bundled template, and not under $BIOS_TEMPLATES_DIR"
+        )
     return str(path)
 
 
@@ -75,13 +78,15 @@ def renderer_for(spec: render_pb2.RendererSpec, allow_local_paths: bool) -> Base
     return _renderer(spec.name, spec.tokenizer, options, allow_local_paths)
 
 
-def conversation(pb: render_pb2.Conversation, field: str = "", extra_bytes: int = 0,
-                 ) -> tuple[list[dict], list[dict] | None]:
+def conversation(
+    pb: render_pb2.Conversation, field: str = "", extra_bytes: int = 0
+) -> tuple[list[dict], list[dict] | None]:
     """Messages and tools of a conversation; `field` prefixes the names in errors (e.g. "new_turn.")."""
     size = pb.ByteSize() + extra_bytes  # computed in C: reading every content field here would copy it once more
     if size > MAX_BYTES_PER_CONVERSATION:
-        raise ResourceExhaustedError(f"{field}messages: {size} bytes is over the limit of "
-                                     f"{MAX_BYTES_PER_CONVERSATION} per conversation")
+        raise ResourceExhaustedError(
+            f"{field}messages: {size} bytes is over the limit of {MAX_BYTES_PER_CONVERSATION} per conversation"
+        )
     return messages_from_pb(pb.messages, f"{field}messages"), tools_from_pb(pb.tools, f"{field}tools") or None
 
 
@@ -111,8 +116,9 @@ def sft_roles(roles: Any) -> list[str]:
     return roles
 
 
-def supervised_to_pb(renderer: BaseRenderer, messages, tools, train_on: str, sft_roles,
-                     into: render_pb2.SupervisedExample | None = None) -> render_pb2.SupervisedExample:
+def supervised_to_pb(
+    renderer: BaseRenderer, messages, tools, train_on: str, sft_roles, into: render_pb2.SupervisedExample | None = None
+) -> render_pb2.SupervisedExample:
     example = renderer.supervised_example(messages, train_on, tools, sft_roles)
     pb = render_pb2.SupervisedExample() if into is None else into
     wire.rendered_to_pb(example.rendered, into=pb.tokens)
@@ -125,8 +131,10 @@ def check_batch(request: render_pb2.RenderBatchRequest) -> None:
     if request.kind not in _RENDER_KINDS:
         raise renderers.RenderError(f"kind: unknown value {request.kind}")
     if len(request.conversations) > MAX_CONVERSATIONS_PER_BATCH:
-        raise ResourceExhaustedError(f"conversations: {len(request.conversations)} is over the limit of "
-                                     f"{MAX_CONVERSATIONS_PER_BATCH} per request; send several requests")
+        raise ResourceExhaustedError(
+            f"conversations: {len(request.conversations)} is over the limit of "
+            f"{MAX_CONVERSATIONS_PER_BATCH} per request; send several requests"
+        )
 
 
 def render_batch(request: render_pb2.RenderBatchRequest, allow_local_paths: bool) -> render_pb2.RenderBatchResponse:

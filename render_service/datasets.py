@@ -137,4 +137,3 @@ def batched(iterable: Iterable[T], n: int) -> Iterator[list[T]]:
     iterator = iter(iterable)
     while batch := list(islice(iterator, n)):
         yield batch
-

@@ -50,8 +50,14 @@ class ModelEntry(BaseModel):
 
 _STAND_IN = "development stand-in: tiny random Qwen3-architecture model with the real Qwen3 tokenizer"
 EMBEDDED = {
-    name: ModelEntry(name=name, weights="tiny:qwen3", tokenizer="builtin:qwen3", renderer="ultrasafe",
-                     description=_STAND_IN, vocab_size=151936)  # train_service.tiny_model.QWEN3_VOCAB_SIZE
+    name: ModelEntry(
+        name=name,
+        weights="tiny:qwen3",
+        tokenizer="builtin:qwen3",
+        renderer="ultrasafe",
+        description=_STAND_IN,
+        vocab_size=151936,
+    )  # train_service.tiny_model.QWEN3_VOCAB_SIZE
     for name in ("ultrasafe/usf-mini", "ultrasafe/usf-conversation", "ultrasafe/usf-healthcare")
 }
 
@@ -110,8 +116,9 @@ def resolve(name: str, allow_local_paths: bool = True, field: str = "base_model"
     if entry := registered().get(name):
         return entry
     if directory := _local_dir(name, allow_local_paths):
-        return ModelEntry(name=name, weights=str(directory), tokenizer=str(directory),
-                          renderer=_renderer_of(name, directory))
+        return ModelEntry(
+            name=name, weights=str(directory), tokenizer=str(directory), renderer=_renderer_of(name, directory)
+        )
     tried = "not a directory, " if allow_local_paths else ""
     raise NotFoundError(
         f"{field}: unknown model {name!r}: not in the registry ({', '.join(sorted(registered()))}), {tried}"

@@ -50,25 +50,35 @@ class RenderServer:
             await self.health_server.stop(None)
 
 
-async def start(host: str = "127.0.0.1", port: int = 0, api_keys: ApiKeys | None = None,
-                workers: int = 1, health_port: int | None = None, allow_local_paths: bool = False) -> RenderServer:
+async def start(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    api_keys: ApiKeys | None = None,
+    workers: int = 1,
+    health_port: int | None = None,
+    allow_local_paths: bool = False,
+) -> RenderServer:
     """A started server on `port` (0 = pick a free port); `workers` > 1 renders batches in that many processes;
     `health_port` adds a plaintext health-only port (for kubelet probes when the main port uses TLS);
     `allow_local_paths`: may callers name tokenizers by server directory and send their own chat templates?"""
     pool = RenderWorkers(workers) if workers > 1 else None
     server, health_servicer, names = build_server(
-        "render", [functools.partial(service.add_to_server, render_workers=pool, allow_local_paths=allow_local_paths)],
-        api_keys)
+        "render",
+        [functools.partial(service.add_to_server, render_workers=pool, allow_local_paths=allow_local_paths)],
+        api_keys,
+    )
     bound = add_port(server, f"{host}:{port}")
     await server.start()
-    health_server, bound_health = (await start_health_server(health_servicer, host, health_port)
-                                   if health_port is not None else (None, None))
+    health_server, bound_health = (
+        await start_health_server(health_servicer, host, health_port) if health_port is not None else (None, None)
+    )
     await mark_serving(health_servicer, names)
     return RenderServer(server, bound, health_servicer, names, pool, health_server, bound_health)
 
 
-async def serve(host: str, port: int, metrics_port: int, workers: int, health_port: int,
-                allow_local_paths: bool = False) -> None:
+async def serve(
+    host: str, port: int, metrics_port: int, workers: int, health_port: int, allow_local_paths: bool = False
+) -> None:
     api_keys, signalled = ApiKeys.from_env(), catch_stop_signals()
     warn_if_open("render service", host, api_keys)
     running = await start(host, port, api_keys, workers, health_port or None, allow_local_paths)
@@ -86,9 +96,13 @@ def add_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
         add_host_argument(parser)
     parser.add_argument(f"--{prefix}port", type=int, default=50051, help="gRPC port")
     parser.add_argument(f"--{prefix}metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 = off)")
-    parser.add_argument("--workers", type=int, default=int(os.environ.get("BIOS_RENDER_WORKERS", "1")),
-                        help="processes rendering RenderBatch slices in parallel (1 = the server process; "
-                             "set to the pod's CPU count; env BIOS_RENDER_WORKERS)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("BIOS_RENDER_WORKERS", "1")),
+        help="processes rendering RenderBatch slices in parallel (1 = the server process; "
+        "set to the pod's CPU count; env BIOS_RENDER_WORKERS)",
+    )
     add_health_port_argument(parser, prefix)
     if not prefix:
         add_allow_local_paths_argument(parser)

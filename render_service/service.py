@@ -69,8 +69,9 @@ def _token_limit(tokenizer_name: str, allow_local_paths: bool, tokenizer_size: i
     return resolve(tokenizer_name, allow_local_paths, "renderer.tokenizer").token_limit(tokenizer_size)
 
 
-def token_ids(ids: Any, renderer: BaseRenderer, spec: render_pb2.RendererSpec, allow_local_paths: bool,
-              field: str) -> list[int]:
+def token_ids(
+    ids: Any, renderer: BaseRenderer, spec: render_pb2.RendererSpec, allow_local_paths: bool, field: str
+) -> list[int]:
     """Token ids a caller sent back, each checked against the model's vocabulary (a bad id would crash or vanish
     in decode; ids past the tokenizer's but within the model's embedding are legal, and decode to nothing)."""
     if len(ids) > MAX_TOKEN_IDS:
@@ -97,9 +98,12 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         return renderer_for(spec, self.allow_local_paths)
 
     async def ListRenderers(self, request, context):
-        return render_pb2.ListRenderersResponse(renderers=[
-            render_pb2.RendererInfo(name=name, aliases=aliases, description=description)
-            for name, aliases, description in renderers.list_renderers()])
+        return render_pb2.ListRenderersResponse(
+            renderers=[
+                render_pb2.RendererInfo(name=name, aliases=aliases, description=description)
+                for name, aliases, description in renderers.list_renderers()
+            ]
+        )
 
     async def Render(self, request, context):
         def run():
@@ -119,16 +123,19 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             return rendered_to_pb(rendered, renderer)
 
         if request.HasField("prefill") and len(request.prefill) > MAX_BYTES_PER_CONVERSATION:
-            raise ResourceExhaustedError(f"prefill: {len(request.prefill)} characters is over the limit of "
-                                         f"{MAX_BYTES_PER_CONVERSATION} bytes per conversation")
+            raise ResourceExhaustedError(
+                f"prefill: {len(request.prefill)} characters is over the limit of "
+                f"{MAX_BYTES_PER_CONVERSATION} bytes per conversation"
+            )
         return await in_render_thread(run)
 
     async def BuildSupervisedExample(self, request, context):
         def run():
             messages, tools = conversation(request.conversation)
             renderer = self._renderer(request.renderer)
-            example = supervised_to_pb(renderer, messages, tools, train_on_what(request.train_on_what),
-                                       sft_roles(request.content_sft_roles))
+            example = supervised_to_pb(
+                renderer, messages, tools, train_on_what(request.train_on_what), sft_roles(request.content_sft_roles)
+            )
             count(renderer, len(example.tokens.token_ids))
             return example
 
@@ -140,8 +147,11 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             response = await self.workers.render_batch(request, self.allow_local_paths)
         else:
             response = await in_render_thread(render_batch, request, self.allow_local_paths)
-        count(renderer_label(request.renderer, self.allow_local_paths),
-              sum(len(e.tokens.token_ids) for e in response.examples), conversations=len(response.examples))
+        count(
+            renderer_label(request.renderer, self.allow_local_paths),
+            sum(len(e.tokens.token_ids) for e in response.examples),
+            conversations=len(response.examples),
+        )
         return response
 
     async def BridgeToNextTurn(self, request, context):
@@ -153,10 +163,12 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             validate_messages(new_messages, "new_turn.messages", ordering=False)  # tool results answer the turn
             if history:
                 validate_messages(history, "history")
-            prompt = token_ids(request.prev_prompt_ids, renderer, request.renderer, self.allow_local_paths,
-                               "prev_prompt_ids")
-            completion = token_ids(request.prev_completion_ids, renderer, request.renderer, self.allow_local_paths,
-                                   "prev_completion_ids")
+            prompt = token_ids(
+                request.prev_prompt_ids, renderer, request.renderer, self.allow_local_paths, "prev_prompt_ids"
+            )
+            completion = token_ids(
+                request.prev_completion_ids, renderer, request.renderer, self.allow_local_paths, "prev_completion_ids"
+            )
             rendered, reason = bridge_to_next_turn(renderer, prompt, completion, new_messages, tools, history=history)
             response = render_pb2.BridgeToNextTurnResponse(ok=rendered is not None, reason=reason)
             if rendered is not None:
@@ -173,14 +185,17 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
                 train_on = train_on_what(settings.train_on_what)
                 roles = sft_roles(settings.content_sft_roles)
                 if settings.max_length < 0:
-                    raise renderers.RenderError(f"max_length: must be >= 0 (0 = no truncation), got "
-                                                f"{settings.max_length}")
+                    raise renderers.RenderError(
+                        f"max_length: must be >= 0 (0 = no truncation), got {settings.max_length}"
+                    )
             numbered = []
             for line in request.lines:
                 number += 1
                 if len(line) > MAX_BYTES_PER_CONVERSATION:
-                    raise ResourceExhaustedError(f"request, line {number}: {len(line)} characters is over the "
-                                                 f"limit of {MAX_BYTES_PER_CONVERSATION} bytes per conversation")
+                    raise ResourceExhaustedError(
+                        f"request, line {number}: {len(line)} characters is over the "
+                        f"limit of {MAX_BYTES_PER_CONVERSATION} bytes per conversation"
+                    )
                 numbered.append(("request", number, line))
 
             def run(numbered=numbered, settings=settings, train_on=train_on, roles=roles):
@@ -206,13 +221,15 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
     async def GetStopSequences(self, request, context):
         def run():
             renderer = self._renderer(request.renderer)
-            return render_pb2.StopSequences(token_ids=renderer.get_stop_sequences(),
-                                            strings=renderer.get_stop_strings())
+            return render_pb2.StopSequences(
+                token_ids=renderer.get_stop_sequences(), strings=renderer.get_stop_strings()
+            )
 
         return await in_render_thread(run)
 
 
-def add_to_server(server: Any, render_workers: "workers.RenderWorkers | None" = None,
-                  allow_local_paths: bool = False) -> list[str]:
+def add_to_server(
+    server: Any, render_workers: "workers.RenderWorkers | None" = None, allow_local_paths: bool = False
+) -> list[str]:
     render_pb2_grpc.add_RenderServiceServicer_to_server(RenderServicer(render_workers, allow_local_paths), server)
     return [render_pb2.DESCRIPTOR.services_by_name["RenderService"].full_name]

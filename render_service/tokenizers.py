@@ -30,5 +30,6 @@ def get_tokenizer(name: str, allow_local_paths: bool = True, field: str = "token
     except BiosError:
         raise
     except Exception as exc:  # noqa: BLE001 - a directory without tokenizer files, a corrupt tokenizer.json
-        raise FailedPreconditionError(f"{field}: the tokenizer of {name!r} does not load "
-                                      f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise FailedPreconditionError(
+            f"{field}: the tokenizer of {name!r} does not load ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None

@@ -40,10 +40,12 @@ class RenderWorkers:
 
     def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_warm_up)
+            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_warm_up
+        )
 
-    async def render_batch(self, request: render_pb2.RenderBatchRequest,
-                           allow_local_paths: bool) -> render_pb2.RenderBatchResponse:
+    async def render_batch(
+        self, request: render_pb2.RenderBatchRequest, allow_local_paths: bool
+    ) -> render_pb2.RenderBatchResponse:
         n = len(request.conversations)
         parts = max(1, min(self.workers, n // MIN_SLICE))
         bounds = [n * k // parts for k in range(parts + 1)]
@@ -53,9 +55,14 @@ class RenderWorkers:
             slices = []
             for a, b in zip(bounds, bounds[1:]):
                 part = render_pb2.RenderBatchRequest(
-                    renderer=request.renderer, kind=request.kind, add_generation_prompt=request.add_generation_prompt,
-                    train_on_what=request.train_on_what, content_sft_roles=request.content_sft_roles,
-                    first_index=request.first_index + a, conversations=request.conversations[a:b])
+                    renderer=request.renderer,
+                    kind=request.kind,
+                    add_generation_prompt=request.add_generation_prompt,
+                    train_on_what=request.train_on_what,
+                    content_sft_roles=request.content_sft_roles,
+                    first_index=request.first_index + a,
+                    conversations=request.conversations[a:b],
+                )
                 slices.append(loop.run_in_executor(pool, _render_slice, part.SerializeToString(), allow_local_paths))
             results = await asyncio.gather(*slices)
         except concurrent.futures.process.BrokenProcessPool:  # at submission too: a pool broken by an earlier death

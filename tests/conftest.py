@@ -101,8 +101,11 @@ def node_client() -> str:
         try:
             done = subprocess.run(command, cwd=NODE_DIR, capture_output=True, text=True, timeout=180)
         except subprocess.TimeoutExpired:
-            pytest.skip(f"`{' '.join(command[1:])}` in {NODE_DIR} timed out after 180 s: is the npm registry reachable?")
+            pytest.skip(
+                f"`{' '.join(command[1:])}` in {NODE_DIR} timed out after 180 s: is the npm registry reachable?"
+            )
         if done.returncode != 0:
-            pytest.skip(f"`{' '.join(command[1:])}` in {NODE_DIR} failed (npm registry unreachable?):\n"
-                        f"{done.stderr[-2000:]}")
+            pytest.skip(
+                f"`{' '.join(command[1:])}` in {NODE_DIR} failed (npm registry unreachable?):\n{done.stderr[-2000:]}"
+            )
     return node

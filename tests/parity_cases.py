@@ -11,14 +11,26 @@ from typing import Any
 
 from conftest import need_fixtures
 
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather for a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string",
-                                                                                             "enum": ["c", "f"]}},
-                   "required": ["city"]}}}
-TIME_TOOL = {"type": "function", "function": {
-    "name": "get_time", "description": "Local time in a timezone.",
-    "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+            "required": ["city"],
+        },
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Local time in a timezone.",
+        "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]},
+    },
+}
 TOOLS = [WEATHER_TOOL, TIME_TOOL]
 
 
@@ -37,34 +49,86 @@ CASES: dict[str, tuple[list[dict], list[dict] | None, set[str]]] = {
     "system_user": ([SYSTEM, USER], None, set()),
     "system_answer": ([SYSTEM, USER, ANSWER], None, set()),
     "no_system_answer": ([USER, ANSWER], None, set()),
-    "multi_turn": ([SYSTEM, USER, ANSWER, {"role": "user", "content": "And of Spain?"},
-                    {"role": "assistant", "content": "Madrid."}], None, set()),
-    "reasoning": ([USER, {"role": "assistant", "content": "Paris.", "reasoning_content": "France's capital is Paris."}],
-                  None, {"reasoning"}),
-    "historical_reasoning": ([USER, {"role": "assistant", "content": "Paris.", "reasoning_content": "Easy one."},
-                              {"role": "user", "content": "And of Spain?"},
-                              {"role": "assistant", "content": "Madrid.", "reasoning_content": "Also easy."}],
-                             None, {"reasoning"}),
+    "multi_turn": (
+        [
+            SYSTEM,
+            USER,
+            ANSWER,
+            {"role": "user", "content": "And of Spain?"},
+            {"role": "assistant", "content": "Madrid."},
+        ],
+        None,
+        set(),
+    ),
+    "reasoning": (
+        [USER, {"role": "assistant", "content": "Paris.", "reasoning_content": "France's capital is Paris."}],
+        None,
+        {"reasoning"},
+    ),
+    "historical_reasoning": (
+        [
+            USER,
+            {"role": "assistant", "content": "Paris.", "reasoning_content": "Easy one."},
+            {"role": "user", "content": "And of Spain?"},
+            {"role": "assistant", "content": "Madrid.", "reasoning_content": "Also easy."},
+        ],
+        None,
+        {"reasoning"},
+    ),
     "tools_declared": ([SYSTEM, {"role": "user", "content": "Weather in Paris?"}], TOOLS, {"tools"}),
-    "tool_call_single": ([{"role": "user", "content": "Weather in Paris?"},
-                          {"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Paris"})]},
-                          {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
-                          {"role": "assistant", "content": "It is 21 degrees in Paris."}], TOOLS, {"tools"}),
+    "tool_call_single": (
+        [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Paris"})]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+            {"role": "assistant", "content": "It is 21 degrees in Paris."},
+        ],
+        TOOLS,
+        {"tools"},
+    ),
     "tool_calls_several_with_content": (
-        [SYSTEM, {"role": "user", "content": "Weather and time in Paris?"},
-         {"role": "assistant", "content": "Let me check both.",
-          "tool_calls": [call("get_weather", {"city": "Paris", "unit": "c"}), call("get_time", {"tz": "Europe/Paris"},
-                                                                                   "call_2")]},
-         {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
-         {"role": "tool", "tool_call_id": "call_2", "content": "14:05"},
-         {"role": "assistant", "content": "21 degrees, and it is 14:05."}], TOOLS, {"tools"}),
-    "whitespace_edges": ([{"role": "user", "content": "\n\nleading and trailing newlines\n\n"},
-                          {"role": "assistant", "content": "\n  indented answer\n"}], None, set()),
-    "unicode": ([{"role": "user", "content": "Emoji 👩‍👩‍👧 and 日本語のテキスト, café, é vs é"},
-                 {"role": "assistant", "content": "中文回答 🎉 — naïve coöperation"}], None, set()),
-    "digits_and_code": ([{"role": "user", "content": "Compute 123456789 * 987654321 in code."},
-                         {"role": "assistant", "content": "```python\ndef f(x):\n\treturn x ** 2  # 1e10\n```\n= 42"}],
-                        None, set()),
+        [
+            SYSTEM,
+            {"role": "user", "content": "Weather and time in Paris?"},
+            {
+                "role": "assistant",
+                "content": "Let me check both.",
+                "tool_calls": [
+                    call("get_weather", {"city": "Paris", "unit": "c"}),
+                    call("get_time", {"tz": "Europe/Paris"}, "call_2"),
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+            {"role": "tool", "tool_call_id": "call_2", "content": "14:05"},
+            {"role": "assistant", "content": "21 degrees, and it is 14:05."},
+        ],
+        TOOLS,
+        {"tools"},
+    ),
+    "whitespace_edges": (
+        [
+            {"role": "user", "content": "\n\nleading and trailing newlines\n\n"},
+            {"role": "assistant", "content": "\n  indented answer\n"},
+        ],
+        None,
+        set(),
+    ),
+    "unicode": (
+        [
+            {"role": "user", "content": "Emoji 👩‍👩‍👧 and 日本語のテキスト, café, é vs é"},
+            {"role": "assistant", "content": "中文回答 🎉 — naïve coöperation"},
+        ],
+        None,
+        set(),
+    ),
+    "digits_and_code": (
+        [
+            {"role": "user", "content": "Compute 123456789 * 987654321 in code."},
+            {"role": "assistant", "content": "```python\ndef f(x):\n\treturn x ** 2  # 1e10\n```\n= 42"},
+        ],
+        None,
+        set(),
+    ),
     "long": ([SYSTEM, {"role": "user", "content": LONG}, {"role": "assistant", "content": LONG[::-1]}], None, set()),
 }
 
@@ -77,8 +141,9 @@ def fixture_tokenizer(directory: str) -> Any:
 
 
 def hf_ids(tokenizer: Any, messages: list[dict], tools, add_generation_prompt: bool, **options: Any) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt, **options)
+    text = tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **options
+    )
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -103,7 +168,7 @@ def assert_structural_attribution(r: Any, contiguous: bool = True) -> None:
         assert not (idx < 0 and (content or sampled))
     for i in set(r.message_indices) - {-1} if contiguous else ():
         where = [k for k, idx in enumerate(r.message_indices) if idx == i]
-        assert -1 not in r.message_indices[where[0]:where[-1] + 1]
+        assert -1 not in r.message_indices[where[0] : where[-1] + 1]
 
 
 def decode(tok: Any, ids: Any) -> str:
@@ -121,8 +186,9 @@ def assert_bodies_attributed(renderer: Any, tok: Any, messages: list[dict], tool
             assert body_of(m) in got, (i, got)
 
 
-def assert_supervised_is_prompt_then_sample(renderer: Any, tok: Any, messages: list[dict], tools: Any,
-                                            sampled: Any) -> None:
+def assert_supervised_is_prompt_then_sample(
+    renderer: Any, tok: Any, messages: list[dict], tools: Any, sampled: Any
+) -> None:
     """The unweighted head is the generation prompt of the messages before the last assistant message, and the
     weighted tokens decode to `sampled(messages, last)`: what the model writes for that message."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")

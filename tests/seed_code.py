@@ -35,8 +35,8 @@ def examples(path: Path) -> list[Example]:
             continue
         title = lines[k - 1].strip() if k else ""
         block, n = [], 1
-        while k < len(lines) and lines[k].startswith(str(n)) and not lines[k][len(str(n)):][:1].isdigit():
-            block.append(lines[k][len(str(n)):])
+        while k < len(lines) and lines[k].startswith(str(n)) and not lines[k][len(str(n)) :][:1].isdigit():
+            block.append(lines[k][len(str(n)) :])
             n, k = n + 1, k + 1
         code = "\n".join(block)
         if not _compiles(code):

@@ -25,15 +25,18 @@ def sample_turn(renderer, history, answer, tools=None):
     end = max(k for k, (j, s) in enumerate(zip(full.message_indices, full.sampled_mask)) if j == i and s) + 1
     if full.token_ids[: len(prompt)] != prompt:
         return None
-    return prompt, full.token_ids[len(prompt):end]
+    return prompt, full.token_ids[len(prompt) : end]
 
 
 def families(qwen3_tokenizer):
     """(name, renderer) for ChatML and, when registered, the Qwen2.5 / Llama 3.1 families and the generic one."""
     out = [("ultrasafe", get_renderer("ultrasafe", qwen3_tokenizer))]
-    for name, fixture in (("qwen2.5", "Qwen--Qwen2.5-7B-Instruct"), ("llama3.1", "meta-llama--Llama-3.1-8B-Instruct"),
-                          ("chat_template", "Qwen--Qwen2.5-7B-Instruct"),
-                          ("chat_template", "meta-llama--Llama-3.1-8B-Instruct")):
+    for name, fixture in (
+        ("qwen2.5", "Qwen--Qwen2.5-7B-Instruct"),
+        ("llama3.1", "meta-llama--Llama-3.1-8B-Instruct"),
+        ("chat_template", "Qwen--Qwen2.5-7B-Instruct"),
+        ("chat_template", "meta-llama--Llama-3.1-8B-Instruct"),
+    ):
         try:
             canonical_name(name)
         except Exception:
@@ -57,8 +60,9 @@ def test_bridge_equals_full_render(qwen3_tokenizer):
             assert set(bridged.message_indices[:n]) == {-1}
             assert not any(bridged.sampled_mask[:n] + bridged.is_content[:n])
             assert 0 in bridged.message_indices[n:] and bridged.message_indices[-1] == -1
-            user_body = [t for t, i, c in zip(bridged.token_ids, bridged.message_indices, bridged.is_content)
-                         if i == 0 and c]
+            user_body = [
+                t for t, i, c in zip(bridged.token_ids, bridged.message_indices, bridged.is_content) if i == 0 and c
+            ]
             assert renderer.tokenizer.decode(user_body) == "And of Spain?"
             assert not any(bridged.sampled_mask)
 
@@ -134,8 +138,9 @@ def test_history_dependent_suffix_needs_history():
     result, why = bridge_to_next_turn(renderer, prompt, completion, NEXT, history=HISTORY)
     assert why == "ok"
     assert result.token_ids == renderer.render([*HISTORY, ANSWER, *NEXT], add_generation_prompt=True).token_ids
-    assert tok.decode(result.token_ids[len(prompt) + len(completion):]).endswith("user\n(4) And of Spain?<|im_end|>\n"
-                                                                                 "<|im_start|>assistant\n")
+    assert tok.decode(result.token_ids[len(prompt) + len(completion) :]).endswith(
+        "user\n(4) And of Spain?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def _registered(name):
@@ -147,7 +152,8 @@ def _registered(name):
 
 
 TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=25) | st.sampled_from(
-    ["<|im_end|>", "\n", " ", "<|im_start|>user"])
+    ["<|im_end|>", "\n", " ", "<|im_start|>user"]
+)
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -22,7 +22,9 @@ def renderer(qwen3_tokenizer):
 
 
 def test_alias_chatml_is_the_same_renderer(qwen3_tokenizer):
-    assert type(renderers.get_renderer("chatml", qwen3_tokenizer)) is type(renderers.get_renderer("ultrasafe", qwen3_tokenizer))
+    assert type(renderers.get_renderer("chatml", qwen3_tokenizer)) is type(
+        renderers.get_renderer("ultrasafe", qwen3_tokenizer)
+    )
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
@@ -72,9 +74,9 @@ def test_attribution(renderer):
     assert sum(user_mask) > 0 and not any(m and r != "user" for m, r in zip(user_mask, rendered.message_roles))
 
 
-@pytest.mark.parametrize("what,expected", [
-    ("last_assistant_message", {4}), ("all_assistant_messages", {2, 4}), ("last_assistant_turn", {4}),
-])
+@pytest.mark.parametrize(
+    "what,expected", [("last_assistant_message", {4}), ("all_assistant_messages", {2, 4}), ("last_assistant_turn", {4})]
+)
 def test_train_on_what(renderer, what, expected):
     example = renderer.supervised_example(MESSAGES, what)
     weighted = {i for i, w in zip(example.rendered.message_indices, example.weights) if w}
@@ -83,8 +85,13 @@ def test_train_on_what(renderer, what, expected):
 
 def test_content_sft_roles_supervise_bodies_not_wrappers(renderer, qwen3_tokenizer):
     example = renderer.supervised_example(MESSAGES, content_sft_roles={"user"})
-    text = qwen3_tokenizer.decode([t for t, w, r in zip(example.rendered.token_ids, example.weights,
-                                                        example.rendered.message_roles) if w and r == "user"])
+    text = qwen3_tokenizer.decode(
+        [
+            t
+            for t, w, r in zip(example.rendered.token_ids, example.weights, example.rendered.message_roles)
+            if w and r == "user"
+        ]
+    )
     assert text == MESSAGES[1]["content"] + MESSAGES[3]["content"]
 
 
@@ -103,13 +110,16 @@ def test_prefill_is_attributed_to_the_new_assistant_message(renderer, qwen3_toke
     assert rendered.message_indices[-1] == len(MESSAGES) - 1 and rendered.sampled_mask[-1]
 
 
-@pytest.mark.parametrize("bad,field", [
-    ([{"role": "robot", "content": "x"}], "messages[0].role"),
-    ([{"role": "user"}], "messages[0].content"),
-    ([{"role": "user", "content": 5}], "messages[0].content"),
-    ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}], "messages[1].role"),
-    ("hello", "messages"),
-])
+@pytest.mark.parametrize(
+    "bad,field",
+    [
+        ([{"role": "robot", "content": "x"}], "messages[0].role"),
+        ([{"role": "user"}], "messages[0].content"),
+        ([{"role": "user", "content": 5}], "messages[0].content"),
+        ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}], "messages[1].role"),
+        ("hello", "messages"),
+    ],
+)
 def test_malformed_messages_name_index_and_field(renderer, bad, field):
     with pytest.raises(renderers.RenderError, match=field.replace("[", r"\[").replace("]", r"\]")):
         renderer.render(bad)

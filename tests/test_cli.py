@@ -18,18 +18,47 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-CONVS = [[{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}],
-         [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Teal."}]]
-TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Look a word up.",
-                                           "parameters": {"type": "object", "properties": {"word": {"type": "string"}}}}}]
-TOOL_CHAT = [{"role": "user", "content": "Define teal."},
-             {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "lookup",
-                                                                               "arguments": {"word": "teal"}}}]},
-             {"role": "tool", "content": "a blue-green colour"},
-             {"role": "assistant", "content": "A blue-green colour."}]
-HELP = [(), ("render",), ("sft",), ("sample",), ("chat",), ("export",), ("checkpoints",), ("checkpoints", "list"),
-        ("checkpoints", "delete"), ("info",), ("serve",), ("serve", "render"), ("serve", "train"), ("serve", "tinker"),
-        ("serve", "all")]
+CONVS = [
+    [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Teal."}],
+]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "Look a word up.",
+            "parameters": {"type": "object", "properties": {"word": {"type": "string"}}},
+        },
+    }
+]
+TOOL_CHAT = [
+    {"role": "user", "content": "Define teal."},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"function": {"name": "lookup", "arguments": {"word": "teal"}}}],
+    },
+    {"role": "tool", "content": "a blue-green colour"},
+    {"role": "assistant", "content": "A blue-green colour."},
+]
+HELP = [
+    (),
+    ("render",),
+    ("sft",),
+    ("sample",),
+    ("chat",),
+    ("export",),
+    ("checkpoints",),
+    ("checkpoints", "list"),
+    ("checkpoints", "delete"),
+    ("info",),
+    ("serve",),
+    ("serve", "render"),
+    ("serve", "train"),
+    ("serve", "tinker"),
+    ("serve", "all"),
+]
 
 
 def free_port() -> int:
@@ -43,10 +72,18 @@ def base_env(**extra: str) -> dict[str, str]:
     return {**env, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default", **extra}
 
 
-def bios(*args: str, env: dict | None = None, input: str | None = None, timeout: float = 300
-         ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bios_server.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          input=input, timeout=timeout, env=env if env is not None else base_env())
+def bios(
+    *args: str, env: dict | None = None, input: str | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bios_server.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=timeout,
+        env=env if env is not None else base_env(),
+    )
 
 
 def ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -59,11 +96,30 @@ def stack(tmp_path_factory):
     """`bios serve all` on loopback ports; `env` points every CLI call at it."""
     tmp = tmp_path_factory.mktemp("cli")
     ports = {name: free_port() for name in ("render_metrics", "train_metrics")}
-    command = [sys.executable, "-m", "bios_server.cli", "serve", "all", "--host", "127.0.0.1", "--render-port", "0",
-               "--train-port", "0", "--tinker-port", "0", "--render-metrics-port", str(ports["render_metrics"]),
-               "--train-metrics-port", str(ports["train_metrics"]), "--checkpoint-dir", str(tmp / "checkpoints")]
-    proc = subprocess.Popen(command, cwd=REPO, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "bios_server.cli",
+        "serve",
+        "all",
+        "--host",
+        "127.0.0.1",
+        "--render-port",
+        "0",
+        "--train-port",
+        "0",
+        "--tinker-port",
+        "0",
+        "--render-metrics-port",
+        str(ports["render_metrics"]),
+        "--train-metrics-port",
+        str(ports["train_metrics"]),
+        "--checkpoint-dir",
+        str(tmp / "checkpoints"),
+    ]
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     lines = []
     deadline = time.monotonic() + 180
     while len(lines) < 3 and time.monotonic() < deadline:
@@ -104,34 +160,54 @@ def test_help_of_every_command_shows_the_defaults():
             assert "(default: " in done.stdout, path
     by_path = dict(results)
     sft = " ".join(by_path[("sft",)].stdout.split())
-    for flag in ("--tools", "--train-on-what", "--batch-size", "--epochs", "--steps", "--checkpoint-every", "--resume",
-                 "--renderer", "--color", "--debug", "--verbose"):
+    for flag in (
+        "--tools",
+        "--train-on-what",
+        "--batch-size",
+        "--epochs",
+        "--steps",
+        "--checkpoint-every",
+        "--resume",
+        "--renderer",
+        "--color",
+        "--debug",
+        "--verbose",
+    ):
         assert flag in sft, flag
     assert "default: 8" in sft and "default: last_assistant_message" in sft
     assert bios("--version").stdout.strip() == "bios 0.1.0"
 
 
-@pytest.mark.parametrize("service,module", [("render", "render_service"), ("train", "train_service"),
-                                            ("tinker", "tinker_gateway")])
+@pytest.mark.parametrize(
+    "service,module", [("render", "render_service"), ("train", "train_service"), ("tinker", "tinker_gateway")]
+)
 def test_serve_has_the_standalone_servers_flags_and_defaults(service, module):
     def flags(text: str) -> list[str]:
         return re.findall(r"^  (--[a-z-]+)", text, re.M)
 
-    standalone = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
-                                env=base_env(), timeout=120)
+    standalone = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, env=base_env(), timeout=120
+    )
     ours = ok(bios("serve", service, "--help", timeout=120)).stdout
     expected = flags(standalone.stdout)
     assert expected and [f for f in flags(ours) if f not in ("--debug", "--color")] == expected
-    for flag, default in (("--port", "50051" if service == "render" else "50052"), ("--metrics-port", "9090"
-                          if service == "render" else "9091"), ("--tinker-port", "8000")):
+    for flag, default in (
+        ("--port", "50051" if service == "render" else "50052"),
+        ("--metrics-port", "9090" if service == "render" else "9091"),
+        ("--tinker-port", "8000"),
+    ):
         if flag in expected:
             assert re.search(rf"{flag} \S+\s+.*?\(default: {default}\)", ours, re.S), flag
 
 
 def test_user_errors_are_one_line_naming_the_file_line_and_field(stack):
     d = stack.files
-    chats = write(d, "chats.jsonl", {"messages": CONVS[0]}, {"messages": [{"role": "user", "content": "Hi"},
-                                                                          {"role": "bot", "content": "x"}]})
+    chats = write(
+        d,
+        "chats.jsonl",
+        {"messages": CONVS[0]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "x"}]},
+    )
     no_messages = write(d, "no_messages.jsonl", {"messages": CONVS[0]}, "", {"conversation": CONVS[1]})
     not_a_list = write(d, "not_a_list.jsonl", {"messages": "hello"})
     not_json = write(d, "not_json.jsonl", {"messages": CONVS[0]}, "{oops")
@@ -150,9 +226,16 @@ def test_user_errors_are_one_line_naming_the_file_line_and_field(stack):
         (("render", not_json), local, f"{not_json}:2: not valid JSON"),
         (("render", str(d / "missing.jsonl")), local, "missing.jsonl: no such file"),
         (("render", good, "--renderer", "ultrasaf"), local, "--renderer: unknown renderer 'ultrasaf'"),
-        (("render", good, "--tokenizer", "ultrasafe/usf-mnii"), local, "--tokenizer: unknown model 'ultrasafe/usf-mnii'"),
-        (("render", good, "--renderer", "llama3.2"), local,
-         "--renderer: 'llama3.2' does not match the tokenizer 'ultrasafe/usf-mini (the default --tokenizer)'"),
+        (
+            ("render", good, "--tokenizer", "ultrasafe/usf-mnii"),
+            local,
+            "--tokenizer: unknown model 'ultrasafe/usf-mnii'",
+        ),
+        (
+            ("render", good, "--renderer", "llama3.2"),
+            local,
+            "--renderer: 'llama3.2' does not match the tokenizer 'ultrasafe/usf-mini (the default --tokenizer)'",
+        ),
         (("render", good, "--train-on-what", "everything"), local, "argument --train-on-what: invalid choice"),
         (("render", tools_record), local, f"{tools_record}:1: tools: the ultrasafe renderer cannot represent tools"),
         (("render", tool_calls), local, f"{tool_calls}:1: messages[1].tool_calls: the ultrasafe renderer cannot"),
@@ -162,26 +245,45 @@ def test_user_errors_are_one_line_naming_the_file_line_and_field(stack):
         (("sft", good, "--model", "ultrasafe/usf-mnii"), env, "--model: unknown model 'ultrasafe/usf-mnii'"),
         (("sft", good, "--renderer", "llama3.2"), env, "--renderer: 'llama3.2' does not match the tokenizer"),
         (("sft", good, "--resume", "sft-epoch1"), env, "--resume: 'sft-epoch1' is not a state checkpoint path"),
-        (("sft", good, "--resume", "bios://model-0123/state/nope"), env,
-         "--resume: no checkpoint at bios://model-0123/state/nope"),
+        (
+            ("sft", good, "--resume", "bios://model-0123/state/nope"),
+            env,
+            "--resume: no checkpoint at bios://model-0123/state/nope",
+        ),
         (("sft", good, "--train-on-what", "all"), env, "argument --train-on-what: invalid choice: 'all'"),
         (("sft", good, "--name", "../x"), env, "--name: '../x' is not a valid checkpoint name"),
         (("sft", good, "--epochs", "0"), env, "argument --epochs: must be at least 1, got 0"),
         (("sft", good, "--epochs", "2", "--steps", "3"), env, "argument --steps: not allowed with argument --epochs"),
-        (("sample", "--model", "ultrasafe/usf-mini", "--prompt", "Hi", "--max-tokens", "0"), env,
-         "argument --max-tokens: must be at least 1, got 0"),
+        (
+            ("sample", "--model", "ultrasafe/usf-mini", "--prompt", "Hi", "--max-tokens", "0"),
+            env,
+            "argument --max-tokens: must be at least 1, got 0",
+        ),
         (("sample", "--model", "ultrasafe/usf-mnii", "--prompt", "Hi"), env, "--model: unknown model"),
         (("sample", "--model", "bios://model-0123/sampler/nope", "--prompt", "Hi"), env, "--model: "),
-        (("sample", "--model", "ultrasafe/usf-mini", "--prompt", "Hi", "--temperature", "-1"), env,
-         "argument --temperature: must be a finite number, 0 or more"),
+        (
+            ("sample", "--model", "ultrasafe/usf-mini", "--prompt", "Hi", "--temperature", "-1"),
+            env,
+            "argument --temperature: must be a finite number, 0 or more",
+        ),
         (("export", "sft-step3", str(d / "out")), env, "CHECKPOINT: 'sft-step3' is not a checkpoint path"),
         (("export", "bios://model-0123/state/x", str(occupied)), env, "occupied holds files already"),
-        (("export", "bios://model-0123/state/x", str(d / "out"), "--format", "onnx"), env,
-         "argument --format: invalid choice: 'onnx'"),
-        (("checkpoints", "delete", "bios://model-0123/state/nope"), env, "no checkpoint at bios://model-0123/state/nope"),
+        (
+            ("export", "bios://model-0123/state/x", str(d / "out"), "--format", "onnx"),
+            env,
+            "argument --format: invalid choice: 'onnx'",
+        ),
+        (
+            ("checkpoints", "delete", "bios://model-0123/state/nope"),
+            env,
+            "no checkpoint at bios://model-0123/state/nope",
+        ),
         (("chat", "--model", "ultrasafe/usf-mini", "--tools", str(d / "none.json")), env, "none.json: no such file"),
-        (("sft", good), base_env(BIOS_TRAIN_ADDRESS="127.0.0.1:9", BIOS_RENDER_ADDRESS="127.0.0.1:9"),
-         "cannot reach the render service at 127.0.0.1:9 ($BIOS_RENDER_ADDRESS) within 5 s"),
+        (
+            ("sft", good),
+            base_env(BIOS_TRAIN_ADDRESS="127.0.0.1:9", BIOS_RENDER_ADDRESS="127.0.0.1:9"),
+            "cannot reach the render service at 127.0.0.1:9 ($BIOS_RENDER_ADDRESS) within 5 s",
+        ),
         (("serve", "everything"), local, "argument SERVICE: invalid choice: 'everything'"),
     ]
 
@@ -222,8 +324,24 @@ def test_render_colours_only_where_asked_with_a_legend(stack):
 def test_sft_resume_sample_chat_checkpoints_export(stack, tmp_path):
     env = stack.env
     path = write(stack.files, "train.jsonl", *({"messages": c} for c in CONVS * 2))
-    done = ok(bios("sft", path, "--epochs", "8", "--batch-size", "2", "--lr", "1e-2", "--checkpoint-every", "4",
-                   "--name", "cli", "--json", env=env))
+    done = ok(
+        bios(
+            "sft",
+            path,
+            "--epochs",
+            "8",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-2",
+            "--checkpoint-every",
+            "4",
+            "--name",
+            "cli",
+            "--json",
+            env=env,
+        )
+    )
     events = [json.loads(line) for line in done.stdout.splitlines()]
     steps = [e for e in events if e["event"] == "step"]
     assert [e["step"] for e in steps] == list(range(1, 17))
@@ -235,25 +353,44 @@ def test_sft_resume_sample_chat_checkpoints_export(stack, tmp_path):
     assert sorted(saved) == [("sampler", 16), ("state", 4), ("state", 8), ("state", 12), ("state", 16)]
     assert "resumed" not in done.stderr and "Warning" not in done.stderr and "it/s" not in done.stderr
 
-    resumed = ok(bios("sft", path, "--epochs", "8", "--batch-size", "2", "--lr", "1e-2", "--resume",
-                      saved[("state", 8)], "--name", "cli-resumed", "--json", env=env))
+    resumed = ok(
+        bios(
+            "sft",
+            path,
+            "--epochs",
+            "8",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-2",
+            "--resume",
+            saved[("state", 8)],
+            "--name",
+            "cli-resumed",
+            "--json",
+            env=env,
+        )
+    )
     again = [json.loads(line) for line in resumed.stdout.splitlines() if '"step"' in line and '"event": "step"' in line]
     assert [e["step"] for e in again] == list(range(9, 17)) and again[0]["epoch"] == 5
     assert again[0]["loss:sum"] == pytest.approx(steps[8]["loss:sum"], rel=1e-4)  # the same state, the same data
     assert f"resumed {saved[('state', 8)]}: step 8, epoch 5 of 8" in resumed.stderr
 
     human = ok(bios("sft", path, "--steps", "2", "--batch-size", "2", "--lr", "1e-2", "--name", "human", env=env))
-    assert re.search(r"^step 1/2  epoch 1/1  loss:mean \d+\.\d{4}  loss:sum [\d,]+\.\d\d  [\d,]+ tok/s$",
-                     human.stdout, re.M)
-    assert re.search(r"^epoch 1/1: loss:mean \d+\.\d{4} \(loss:sum [\d,.]+ over 14 trained tokens, 2 steps",
-                     human.stdout, re.M)
+    assert re.search(
+        r"^step 1/2  epoch 1/1  loss:mean \d+\.\d{4}  loss:sum [\d,]+\.\d\d  [\d,]+ tok/s$", human.stdout, re.M
+    )
+    assert re.search(
+        r"^epoch 1/1: loss:mean \d+\.\d{4} \(loss:sum [\d,.]+ over 14 trained tokens, 2 steps", human.stdout, re.M
+    )
     assert "on the train service's disk, under its --checkpoint-dir" in human.stdout
 
     sampler = saved[("sampler", 16)]
     sample = ok(bios("sample", "--model", sampler, "--prompt", "Name a prime.", env=env))
     assert sample.stdout.strip() == "Seven."
-    chat = ok(bios("chat", "--model", sampler, "--temperature", "0", input="Name a prime.\n/reset\nName a colour.\n",
-                   env=env))
+    chat = ok(
+        bios("chat", "--model", sampler, "--temperature", "0", input="Name a prime.\n/reset\nName a colour.\n", env=env)
+    )
     assert chat.stdout.splitlines() == ["assistant: Seven.", "assistant: Teal."]
 
     listing = ok(bios("checkpoints", "list", env=env)).stdout
@@ -289,8 +426,9 @@ def test_sft_with_tools_trains_on_the_tokens_the_renderer_gives_with_those_tools
     renderer = service.render_client("qwen3", "ultrasafe/usf-mini")
 
     def first_step(*args):
-        done = ok(bios("sft", *args, "--renderer", "qwen3", "--steps", "1", "--batch-size", "2", "--json",
-                       env=stack.env))
+        done = ok(
+            bios("sft", *args, "--renderer", "qwen3", "--steps", "1", "--batch-size", "2", "--json", env=stack.env)
+        )
         return next(json.loads(line) for line in done.stdout.splitlines() if '"event": "step"' in line)
 
     def expected(tools_of):
@@ -325,9 +463,26 @@ def test_serve_all_metrics_per_service_and_the_open_bind_warning(stack):
     assert stack.lines[0].endswith(f"metrics on :{stack.ports['render_metrics']}")
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bios_server.cli", "serve", "render", "--host", "0.0.0.0", "--port",
-                             str(port), "--metrics-port", "0"], cwd=REPO, env=base_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bios_server.cli",
+            "serve",
+            "render",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+        ],
+        cwd=REPO,
+        env=base_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().startswith(f"render service on 0.0.0.0:{port}, metrics off")
     finally:

@@ -118,8 +118,19 @@ def test_unary_calls_retry_until_the_service_is_up(services, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "train_service", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-           "--checkpoint-dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "train_service",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        "--checkpoint-dir",
+        str(tmp_path),
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.DEVNULL)
     try:
         client = bios.ServiceClient(train_address=f"127.0.0.1:{port}", render_address=services[0])
@@ -149,8 +160,7 @@ def test_client_installs_and_runs_without_torch(tmp_path, services, data):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    installed = subprocess.run([*pip, str(REPO / "clients" / "python")],
-                               capture_output=True, text=True, timeout=600)
+    installed = subprocess.run([*pip, str(REPO / "clients" / "python")], capture_output=True, text=True, timeout=600)
     if installed.returncode != 0 and "No matching distribution" in installed.stderr:
         pytest.skip(f"package index unreachable: {installed.stderr[-300:]}")
     assert installed.returncode == 0, installed.stderr[-3000:]
@@ -171,16 +181,19 @@ tokenizer = tc.get_tokenizer()  # through the train service: this install has no
 assert type(tokenizer).__name__ == "ServedTokenizer", type(tokenizer)
 assert tokenizer.encode("Hello.", add_special_tokens=False) == tokens[-4:-2], (tokenizer.encode("Hello."), tokens)
 assert tokenizer.decode(tokens) == "<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello.<|im_end|>\\n"
-assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 151645 and "im_start" in tokenizer.chat_template
-print("sampled", len(out.sequences[0].tokens), sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "peft")))
+assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 151645
+assert "im_start" in tokenizer.chat_template
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "peft"))
+print("sampled", len(out.sequences[0].tokens), heavy)
 try:  # no address: the embedded default, which this install cannot run
     bios.ServiceClient().list_checkpoints()
 except bios.BiosError as exc:
     print("embedded:", type(exc).__name__, exc)
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("BIOS_")}
-    done = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env=env)
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sampled 2 []" in done.stdout
     assert "embedded: FailedPreconditionError train_address: no address given" in done.stdout

@@ -30,7 +30,9 @@ def sessions(tmp_path_factory):
 
 def new_model(sessions, seed: int, rank: int = 4, name: str = MODEL):
     session = sessions.create_session({}, "t")
-    entry, base, lora = sessions.prepare_model(session.session_id, "t", name, types.LoraConfig(rank=rank, seed=seed), "")
+    entry, base, lora = sessions.prepare_model(
+        session.session_id, "t", name, types.LoraConfig(rank=rank, seed=seed), ""
+    )
     model = sessions.create_model(session.session_id, "t", entry, base, lora, "", False)
     with torch.no_grad():  # B away from zero, so every adapter computes something different
         for p in model.parameters():
@@ -51,8 +53,10 @@ def fb_input(seed: int, lengths=(12, 7), loss_fn: str = "cross_entropy", **input
 
 def pass_counts(kind: str = "forward_backward") -> tuple[float, float]:
     """(passes so far, requests those passes held)."""
-    return (REGISTRY.get_sample_value("bios_train_passes_total", {"kind": kind}) or 0.0,
-            REGISTRY.get_sample_value("bios_train_pass_requests_sum", {"kind": kind}) or 0.0)
+    return (
+        REGISTRY.get_sample_value("bios_train_passes_total", {"kind": kind}) or 0.0,
+        REGISTRY.get_sample_value("bios_train_pass_requests_sum", {"kind": kind}) or 0.0,
+    )
 
 
 class Held:
@@ -136,8 +140,11 @@ def test_each_models_submission_order_is_kept(sessions):
     def run(engine, model, script, wait: bool):
         futures = []
         for op in script:
-            work = ((lambda: model.optim_step(opt)) if op == "opt"
-                    else model.forward_work(fb_input(op), True, engine.limits))
+            work = (
+                (lambda: model.optim_step(opt))
+                if op == "opt"
+                else model.forward_work(fb_input(op), True, engine.limits)
+            )
             futures.append(engine.submit(model.model_id, work))
             if wait:
                 futures[-1].result(60)
@@ -145,8 +152,10 @@ def test_each_models_submission_order_is_kept(sessions):
 
     engine = Engine()
     try:
-        expected = {seed: [f.result() for f in run(engine, new_model(sessions, seed), script, wait=True)]
-                    for seed, script in scripts.items()}
+        expected = {
+            seed: [f.result() for f in run(engine, new_model(sessions, seed), script, wait=True)]
+            for seed, script in scripts.items()
+        }
         models = {seed: new_model(sessions, seed) for seed in scripts}  # the same seeds: the same starting weights
         before = pass_counts()
         held = Held(engine)
@@ -241,8 +250,9 @@ def test_out_of_memory_retries_alone_then_refuses_only_that_request(sessions, mo
         assert all(p.grad is None for p in b.parameters())
         monkeypatch.setattr(passes, "run_pass", real)
         clear(a)
-        assert_same(outputs(engine.submit(b.model_id, b.forward_work(rb, True, engine.limits)).result(60)),
-                    expected[1][0])  # the session keeps working
+        assert_same(
+            outputs(engine.submit(b.model_id, b.forward_work(rb, True, engine.limits)).result(60)), expected[1][0]
+        )  # the session keeps working
     finally:
         engine.stop(10)
 
@@ -252,15 +262,23 @@ def test_samples_of_many_adapters_decode_together_as_if_alone(sessions):
     try:
         models = [new_model(sessions, 50 + i) for i in range(3)]
         prompts = [[1000, 2000, 3000, 4000, 5000], [7, 8], [42] * 9]
-        params = [types.SamplingParams(max_tokens=6, temperature=1.0, seed=5),
-                  types.SamplingParams(max_tokens=4, temperature=0.0),
-                  types.SamplingParams(max_tokens=8, temperature=0.7, top_k=50, seed=9)]
+        params = [
+            types.SamplingParams(max_tokens=6, temperature=1.0, seed=5),
+            types.SamplingParams(max_tokens=4, temperature=0.0),
+            types.SamplingParams(max_tokens=8, temperature=0.7, top_k=50, seed=9),
+        ]
         counts = [2, 1, 3]
 
         def work(i):
             options = SamplingOptions.from_pb(wire.sampling_params_to_pb(params[i]))
-            request = SampleRequest(prompts[i], options, counts[i], models[i].adapter,
-                                    sessions.tokenizer(models[i].entry), include_prompt_logprobs=True)
+            request = SampleRequest(
+                prompts[i],
+                options,
+                counts[i],
+                models[i].adapter,
+                sessions.tokenizer(models[i].entry),
+                include_prompt_logprobs=True,
+            )
             return SampleWork(models[i].base, request)
 
         expected = [engine.submit(m.model_id, work(i)).result(60) for i, m in enumerate(models)]
@@ -341,8 +359,9 @@ def test_activation_checkpointing_gives_the_same_results_and_gradients():
         loss, _ = get_loss("cross_entropy", {})
         work = SessionsFree.rows(fb_input(4))
         out = passes.run_pass(base, [passes.Part(adapter, work, 0, len(work), loss, {})], backward=True)[0]
-        group = DecodeGroup(base, [SampleWork(base, SampleRequest([1, 2, 3], SamplingOptions(max_tokens=3, seed=1), 2,
-                                                                  adapter, None))])
+        group = DecodeGroup(
+            base, [SampleWork(base, SampleRequest([1, 2, 3], SamplingOptions(max_tokens=3, seed=1), 2, adapter, None))]
+        )
         while group.active:
             group.step()
         results[checkpointing] = (out.loss, [p.grad.clone() for p in adapter.parameters()])

@@ -11,9 +11,21 @@ from conftest import REPO
 
 def test_protos_compile_from_scratch(tmp_path):
     protos = sorted(str(p.relative_to(REPO / "protos")) for p in (REPO / "protos").rglob("*.proto"))
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", str(REPO / "protos"),
-                    f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}", *protos],
-                   check=True, cwd=REPO / "protos")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            str(REPO / "protos"),
+            f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            *protos,
+        ],
+        check=True,
+        cwd=REPO / "protos",
+    )
     # Import the fresh modules in a clean interpreter and compare descriptors with the installed stubs.
     names = [p.removeprefix("bios/v1/").removesuffix(".proto") for p in protos]
     probe = f"""
@@ -31,9 +43,11 @@ sys.stdout.write(repr({{k: v.hex() for k, v in fresh.items()}}))
     from bios.v1 import render_pb2, train_pb2, types_pb2
 
     sizes = eval(out.stdout.splitlines()[-2])  # noqa: S307 - our own probe's repr of a dict of ints
-    assert sizes == {"types": len(types_pb2.DESCRIPTOR.serialized_pb),
-                     "render": len(render_pb2.DESCRIPTOR.serialized_pb),
-                     "train": len(train_pb2.DESCRIPTOR.serialized_pb)}
+    assert sizes == {
+        "types": len(types_pb2.DESCRIPTOR.serialized_pb),
+        "render": len(render_pb2.DESCRIPTOR.serialized_pb),
+        "train": len(train_pb2.DESCRIPTOR.serialized_pb),
+    }
     # The whole FileDescriptorProto, byte for byte: any drift between protos/ and the stubs in use fails.
     fresh = {k: bytes.fromhex(v) for k, v in eval(out.stdout.splitlines()[-1]).items()}  # noqa: S307 - as above
     installed = {n: importlib.import_module(f"bios.v1.{n}_pb2").DESCRIPTOR.serialized_pb for n in names}
@@ -44,8 +58,9 @@ sys.stdout.write(repr({{k: v.hex() for k, v in fresh.items()}}))
 
 
 def test_generated_code_is_not_committed():
-    tracked = subprocess.run(["git", "ls-files", "clients/python/bios/v1"], capture_output=True, text=True,
-                             cwd=REPO).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "clients/python/bios/v1"], capture_output=True, text=True, cwd=REPO
+    ).stdout.split()
     assert tracked in ([], ["clients/python/bios/v1/__init__.py"])
 
 
@@ -54,9 +69,15 @@ def test_every_service_method_is_documented_in_the_contract():
 
     render = render_pb2.DESCRIPTOR.services_by_name["RenderService"]
     train = train_pb2.DESCRIPTOR.services_by_name["TrainService"]
-    assert {m.name for m in render.methods} >= {"Render", "RenderBatch", "BuildGenerationPrompt",
-                                                "BuildSupervisedExample", "ParseResponse", "GetStopSequences",
-                                                "ListRenderers"}
+    assert {m.name for m in render.methods} >= {
+        "Render",
+        "RenderBatch",
+        "BuildGenerationPrompt",
+        "BuildSupervisedExample",
+        "ParseResponse",
+        "GetStopSequences",
+        "ListRenderers",
+    }
     operate = train.methods_by_name["Operate"]
     assert operate.client_streaming and operate.server_streaming
     sample = train.methods_by_name["Sample"]

@@ -11,10 +11,17 @@ from bios.types import Datum
 from render_service.datasets import batched, datum_from_conversation, iter_jsonl_data
 from render_service.renderers import get_renderer
 
-CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
-        {"role": "assistant", "content": "Paris."}]
-CONV2 = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
-         {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+]
+CONV2 = [
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "3+3?"},
+    {"role": "assistant", "content": "6"},
+]
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
 
 
@@ -35,8 +42,11 @@ def expected_datum(renderer, messages, train_on_what="last_assistant_message"):
 
 
 def unpack(datum: Datum):
-    return (datum.model_input.to_ints(), list(datum.loss_fn_inputs["target_tokens"].data),
-            list(datum.loss_fn_inputs["weights"].data))
+    return (
+        datum.model_input.to_ints(),
+        list(datum.loss_fn_inputs["target_tokens"].data),
+        list(datum.loss_fn_inputs["weights"].data),
+    )
 
 
 def test_seed_shape_and_blank_lines(tmp_path, renderer):
@@ -53,8 +63,9 @@ def test_seed_shape_and_blank_lines(tmp_path, renderer):
     assert decoded == "Paris.<|im_end|>"
 
 
-def test_tools_render_with_a_family_that_has_them_and_are_refused_by_one_that_has_not(tmp_path, renderer,
-                                                                                     qwen3_tokenizer):
+def test_tools_render_with_a_family_that_has_them_and_are_refused_by_one_that_has_not(
+    tmp_path, renderer, qwen3_tokenizer
+):
     path = write(tmp_path, [json.dumps({"messages": CONV}), json.dumps({"messages": CONV2, "tools": TOOLS})])
     qwen3 = get_renderer("qwen3", qwen3_tokenizer)
     data = list(iter_jsonl_data(path, qwen3))
@@ -82,15 +93,18 @@ def test_file_objects_text_and_binary(renderer):
     assert from_text == from_bytes == [expected_datum(renderer, CONV), expected_datum(renderer, CONV2)]
 
 
-@pytest.mark.parametrize("line,match", [
-    ('{"messages": [', r"line 3: invalid JSON"),
-    ('[1, 2]', r"line 3: expected a JSON object"),
-    ('{"conversation": []}', r"line 3: field 'messages' is missing"),
-    ('{"messages": "hi"}', r"line 3: field 'messages' must be a non-empty list"),
-    ('{"messages": [{"role": "user", "content": "x"}], "tools": {"a": 1}}', r"line 3: field 'tools'"),
-    ('{"messages": [{"role": "robot", "content": "x"}]}', r"line 3: field messages\[0\]\.role: unknown role"),
-    ('{"messages": [{"role": "user", "content": 5}]}', r"line 3: field messages\[0\]\.content"),
-])
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ('{"messages": [', r"line 3: invalid JSON"),
+        ("[1, 2]", r"line 3: expected a JSON object"),
+        ('{"conversation": []}', r"line 3: field 'messages' is missing"),
+        ('{"messages": "hi"}', r"line 3: field 'messages' must be a non-empty list"),
+        ('{"messages": [{"role": "user", "content": "x"}], "tools": {"a": 1}}', r"line 3: field 'tools'"),
+        ('{"messages": [{"role": "robot", "content": "x"}]}', r"line 3: field messages\[0\]\.role: unknown role"),
+        ('{"messages": [{"role": "user", "content": 5}]}', r"line 3: field messages\[0\]\.content"),
+    ],
+)
 def test_bad_lines_name_line_and_field(tmp_path, renderer, line, match):
     path = write(tmp_path, [json.dumps({"messages": CONV}), "", line, json.dumps({"messages": CONV})])
     stream = iter_jsonl_data(path, renderer)

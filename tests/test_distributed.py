@@ -30,8 +30,18 @@ def free_port() -> int:
 
 
 def server_args(port: int, checkpoints: Path) -> list[str]:
-    return ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--checkpoint-dir", str(checkpoints),
-            "--device", "cpu"]
+    return [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        "--checkpoint-dir",
+        str(checkpoints),
+        "--device",
+        "cpu",
+    ]
 
 
 def start(ranks: int, checkpoints: Path, log: Path) -> tuple[subprocess.Popen, int]:
@@ -72,8 +82,12 @@ def data(seed: int, n: int = 3, length: int = 24) -> list[types.Datum]:
     for _ in range(n):
         ids = [rng.randrange(150_000) for _ in range(length + 1)]
         weights = [rng.random() for _ in range(length)]
-        out.append(types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
-                               loss_fn_inputs={"target_tokens": ids[1:], "weights": weights}))
+        out.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(ids[:-1]),
+                loss_fn_inputs={"target_tokens": ids[1:], "weights": weights},
+            )
+        )
     return out
 
 
@@ -119,12 +133,18 @@ def test_a_checkpoint_moves_between_one_and_two_ranks(servers, saved_on, loaded_
         assert g == pytest.approx(w, rel=1e-5, abs=1e-5)
     # the optimizer state came along: one more step is the same step on both
     assert loaded.train(data(7), learning_rate=1e-2).loss == pytest.approx(
-        source.train(data(7), learning_rate=1e-2).loss, rel=1e-5)
+        source.train(data(7), learning_rate=1e-2).loss, rel=1e-5
+    )
 
     prompt = types.ModelInput.from_ints(data(9)[0].model_input.to_ints()[:10])
     params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=4)
-    sampled = {ranks: servers[ranks].create_sampling_client(model_path=weights.path).sample(
-        prompt, params, num_samples=2).result() for ranks in (1, 2)}
+    sampled = {
+        ranks: servers[ranks]
+        .create_sampling_client(model_path=weights.path)
+        .sample(prompt, params, num_samples=2)
+        .result()
+        for ranks in (1, 2)
+    }
     assert [s.tokens for s in sampled[1].sequences] == [s.tokens for s in sampled[2].sequences]
     for a, b in zip(sampled[1].sequences, sampled[2].sequences):
         assert a.logprobs == pytest.approx(b.logprobs, rel=1e-4, abs=1e-4)
@@ -152,8 +172,11 @@ def rank_pids(group: subprocess.Popen) -> dict[int, int]:
     out = {}
     for pid in descendants(group.pid):
         try:
-            env = dict(line.split("=", 1) for line in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
-                       if "=" in line)
+            env = dict(
+                line.split("=", 1)
+                for line in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+                if "=" in line
+            )
         except (OSError, UnicodeDecodeError):
             continue
         if "RANK" in env and "LOCAL_RANK" in env:
@@ -167,8 +190,7 @@ def unavailable_within(port: int, seconds: float) -> float:
     while time.monotonic() - start < seconds:
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                train_pb2_grpc.TrainServiceStub(channel).ListCheckpoints(train_pb2.ListCheckpointsRequest(),
-                                                                          timeout=2)
+                train_pb2_grpc.TrainServiceStub(channel).ListCheckpoints(train_pb2.ListCheckpointsRequest(), timeout=2)
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNAVAILABLE:
                 return time.monotonic() - start
@@ -204,12 +226,24 @@ def test_without_torchrun_rank_0_notices_a_dead_rank_itself(tmp_path):
     """Two ranks started by hand (no torchrun agent to tear the group down, as across nodes): rank 0's heartbeat
     finds the dead rank, it stops serving and exits, so the group can be restarted."""
     port, master = free_port(), free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master),
-           "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-    ranks = [subprocess.Popen(launch.command(1, server_args(port, tmp_path)), cwd=REPO,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=open(tmp_path / f"rank{r}.log", "w"), stderr=subprocess.STDOUT)
-             for r in (0, 1)]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(master),
+        "WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    ranks = [
+        subprocess.Popen(
+            launch.command(1, server_args(port, tmp_path)),
+            cwd=REPO,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=open(tmp_path / f"rank{r}.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
+        for r in (0, 1)
+    ]
     try:
         launch.wait_serving(f"127.0.0.1:{port}", ranks[0])
         ranks[1].kill()

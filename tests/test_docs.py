@@ -30,10 +30,21 @@ def run_page(page: Path, directory: Path) -> subprocess.CompletedProcess:
     (directory / "examples").symlink_to(REPO / "examples")
     venv = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BIOS_", "TINKER_"))}
-    env.update(PATH=f"{venv}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1",
-               BIOS_CHECKPOINT_DIR=str(directory / "embedded-checkpoints"), PYTHONWARNINGS="default")
-    proc = subprocess.Popen(["bash", "-c", script_of(page)], cwd=directory, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env.update(
+        PATH=f"{venv}{os.pathsep}{env.get('PATH', '')}",
+        HF_HUB_OFFLINE="1",
+        BIOS_CHECKPOINT_DIR=str(directory / "embedded-checkpoints"),
+        PYTHONWARNINGS="default",
+    )
+    proc = subprocess.Popen(
+        ["bash", "-c", script_of(page)],
+        cwd=directory,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=1150)
     finally:
@@ -76,8 +87,9 @@ def check_serve(out: str, err: str) -> None:
 def check_export(out: str, err: str) -> None:
     assert re.search(r"^peft: Seven\.$", out, re.M) and re.search(r"^merged: Seven\.$", out, re.M)
     assert "vllm serve me/tiny-chat --enable-lora --max-lora-rank 16 --lora-modules vllm-adapter=" in err
-    assert re.search(r"^16 32\.0 \['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj'\]$",
-                     out, re.M)
+    assert re.search(
+        r"^16 32\.0 \['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj'\]$", out, re.M
+    )
 
 
 def check_model_registry(out: str, err: str) -> None:
@@ -96,8 +108,14 @@ def check_operating(out: str, err: str) -> None:
     assert "alice-run-step1" in out.split("ls checkpoints")[0] or re.search(r"^alice-run-step1$", out, re.M)
 
 
-CHECKS = {"fine-tune": check_fine_tune, "rl": check_rl, "serve": check_serve, "export": check_export,
-          "model-registry": check_model_registry, "operating": check_operating}
+CHECKS = {
+    "fine-tune": check_fine_tune,
+    "rl": check_rl,
+    "serve": check_serve,
+    "export": check_export,
+    "model-registry": check_model_registry,
+    "operating": check_operating,
+}
 
 
 def test_every_page_is_checked():
@@ -119,7 +137,8 @@ def test_readme_example_runs(tmp_path):
     script = snippet + "print('loss:mean', training_client.forward([datum]).result().metrics['loss:mean'])\n"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BIOS_", "TINKER_"))}
     env.update(HF_HUB_OFFLINE="1", BIOS_CHECKPOINT_DIR=str(tmp_path / "checkpoints"))
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"^loss:mean \d+\.\d+$", done.stdout, re.M), done.stdout

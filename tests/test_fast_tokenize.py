@@ -81,14 +81,91 @@ def added_strings(tok) -> list[str]:
 
 # ---- random text ---------------------------------------------------------------------------------------
 
-WORDS = ["hello", "world", " the", " The", "ing", "tion", "banana", "ababab", "aaaa", "    ", "1234567", "ana",
-         " ana", " 12", "don't", "I'M", "we'LL", "HTTPServer", "iPhone", "x" * 40, "=" * 30, "\t\t", "  \n  "]
+WORDS = [
+    "hello",
+    "world",
+    " the",
+    " The",
+    "ing",
+    "tion",
+    "banana",
+    "ababab",
+    "aaaa",
+    "    ",
+    "1234567",
+    "ana",
+    " ana",
+    " 12",
+    "don't",
+    "I'M",
+    "we'LL",
+    "HTTPServer",
+    "iPhone",
+    "x" * 40,
+    "=" * 30,
+    "\t\t",
+    "  \n  ",
+]
 CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \t\n.,;:!?-_/\\\"'()[]{}<>|@#$%^&*+=~`")
-UNICODE = (["\r\n", "\r", "\x0b", "\x0c", "\x1c", "\x85", "\u00a0", "\u2003", "\u3000", "\u2028", "\u200b", "\u200d",
-            "\ufeff", "\x00", "\x1b", "\x7f", "\u0301", "\u0300", "\u0308", "\u030a", "\u0327", "\u0323", "\u093c",
-            "\u1100\u1161\u11a8", "e\u0301", "A\u030a", "\u212b", "\ufb01", "\u0958", "é", "ü", "ß", "ñ", "Å",
-            "中", "文", "日本語", "한국어", "Ελληνικά", "Кириллица", "مرحبا", "שלום", "नमस्ते", "ไทย", "０１２", "½", "Ⅻ",
-            "👍", "🏽", "👨\u200d👩\u200d👧", "🇺🇸", "❤️", "😀", "𝔘", "🤖", "\U000e0001", "\U0001f3fb"])
+UNICODE = [
+    "\r\n",
+    "\r",
+    "\x0b",
+    "\x0c",
+    "\x1c",
+    "\x85",
+    "\u00a0",
+    "\u2003",
+    "\u3000",
+    "\u2028",
+    "\u200b",
+    "\u200d",
+    "\ufeff",
+    "\x00",
+    "\x1b",
+    "\x7f",
+    "\u0301",
+    "\u0300",
+    "\u0308",
+    "\u030a",
+    "\u0327",
+    "\u0323",
+    "\u093c",
+    "\u1100\u1161\u11a8",
+    "e\u0301",
+    "A\u030a",
+    "\u212b",
+    "\ufb01",
+    "\u0958",
+    "é",
+    "ü",
+    "ß",
+    "ñ",
+    "Å",
+    "中",
+    "文",
+    "日本語",
+    "한국어",
+    "Ελληνικά",
+    "Кириллица",
+    "مرحبا",
+    "שלום",
+    "नमस्ते",
+    "ไทย",
+    "０１２",
+    "½",
+    "Ⅻ",
+    "👍",
+    "🏽",
+    "👨\u200d👩\u200d👧",
+    "🇺🇸",
+    "❤️",
+    "😀",
+    "𝔘",
+    "🤖",
+    "\U000e0001",
+    "\U0001f3fb",
+]
 
 
 def random_text(rng: random.Random, specials: list[str], max_len: int = 60) -> str:
@@ -149,8 +226,12 @@ def test_long_text_with_many_segments(tok, encoder):
 segment_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
 
 
-@settings(max_examples=80, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=80,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_hypothesis_segments(tok, encoder, data):
     specials = added_strings(tok)
@@ -169,11 +250,15 @@ def test_every_bmp_code_point(tok, encoder):
     """Regex classes, NFC and byte offsets for each BMP character, in a few contexts, against HF."""
     for form in CONTEXTS:
         for lo in range(0, len(BMP), 4096):
-            chars = BMP[lo:lo + 4096]
+            chars = BMP[lo : lo + 4096]
             text = "|".join(form.replace("{}", c) for c in chars)
             if encoder.encode_with_offsets(text) != ft.slow_encode_with_offsets(tok, text):
-                bad = [hex(ord(c)) for c in chars if encoder.encode_with_offsets(form.replace("{}", c))
-                       != ft.slow_encode_with_offsets(tok, form.replace("{}", c))]
+                bad = [
+                    hex(ord(c))
+                    for c in chars
+                    if encoder.encode_with_offsets(form.replace("{}", c))
+                    != ft.slow_encode_with_offsets(tok, form.replace("{}", c))
+                ]
                 pytest.fail(f"context {form!r}: characters {bad[:20]} (or their neighbours) differ")
 
 
@@ -194,7 +279,7 @@ def test_periodic_strings_of_multi_split_tokens(tok, encoder):
     for t in multi[:1500]:
         texts += [t + t, t * 3, t + t[1:], t[1:] + t + t[:-1], " " + t + t]
     for lo in range(0, len(texts), 500):
-        text = " | ".join(texts[lo:lo + 500])
+        text = " | ".join(texts[lo : lo + 500])
         assert encoder.encode_with_offsets(text) == ft.slow_encode_with_offsets(tok, text)
 
 
@@ -202,8 +287,18 @@ def test_added_token_edges(tok, encoder):
     specials = added_strings(tok)
     cases = ["", " ", "\n", "x"]
     for s in specials[:12]:
-        cases += [s, s + s, " " + s + " ", s[:-1], s[1:], s[:-1] + s, "a" + s + "b", s + "\u0301", "\n" + s + "\n\n",
-                  s + s[: len(s) // 2] + s]
+        cases += [
+            s,
+            s + s,
+            " " + s + " ",
+            s[:-1],
+            s[1:],
+            s[:-1] + s,
+            "a" + s + "b",
+            s + "\u0301",
+            "\n" + s + "\n\n",
+            s + s[: len(s) // 2] + s,
+        ]
     for text in cases:
         assert encoder.encode_with_offsets(text) == ft.slow_encode_with_offsets(tok, text), repr(text)
 
@@ -268,8 +363,9 @@ def tiny_tokenizer():
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     backend.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|end|>")
 
@@ -304,13 +400,20 @@ def test_fast_path_can_be_switched_off():
 # ---- through the renderers -----------------------------------------------------------------------------
 
 FAMILY_FIXTURE = {
-    "ultrasafe": "usf-mini", "qwen2.5": "Qwen--Qwen2.5-7B-Instruct", "qwen3": "Qwen--Qwen3-8B",
-    "llama3.1": "meta-llama--Llama-3.1-8B-Instruct", "llama3.2": "meta-llama--Llama-3.2-1B-Instruct",
-    "mistral-nemo": "mistralai--Mistral-Nemo-Instruct-2407", "gpt-oss": "openai--gpt-oss-20b",
+    "ultrasafe": "usf-mini",
+    "qwen2.5": "Qwen--Qwen2.5-7B-Instruct",
+    "qwen3": "Qwen--Qwen3-8B",
+    "llama3.1": "meta-llama--Llama-3.1-8B-Instruct",
+    "llama3.2": "meta-llama--Llama-3.2-1B-Instruct",
+    "mistral-nemo": "mistralai--Mistral-Nemo-Instruct-2407",
+    "gpt-oss": "openai--gpt-oss-20b",
     "deepseek-v3": "deepseek-ai--DeepSeek-V3",
 }
-FAMILY_OPTIONS = {"llama3.1": {"date_string": "26 Jul 2024"}, "llama3.2": {"date_string": "26 Jul 2024"},
-                  "gpt-oss": {"current_date": "2025-01-15"}}
+FAMILY_OPTIONS = {
+    "llama3.1": {"date_string": "26 Jul 2024"},
+    "llama3.2": {"date_string": "26 Jul 2024"},
+    "gpt-oss": {"current_date": "2025-01-15"},
+}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_FIXTURE))
@@ -322,11 +425,16 @@ def test_render_is_unchanged_by_the_fast_path(family):
     tok = load(FAMILY_FIXTURE[family])
     renderer = get_renderer(family, tok, **FAMILY_OPTIONS.get(family, {}))
     rng = random.Random(11)
-    conversations = [[{"role": "system", "content": "Be terse. " + random_text(rng, [], 30)},
-                      {"role": "user", "content": random_text(rng, added_strings(tok)[:3], 80)},
-                      {"role": "assistant", "content": random_text(rng, [], 80)},
-                      {"role": "user", "content": "again: e\u0301 👍🏽 中文  \r\n x"},
-                      {"role": "assistant", "content": "done  \n"}] for _ in range(8)]
+    conversations = [
+        [
+            {"role": "system", "content": "Be terse. " + random_text(rng, [], 30)},
+            {"role": "user", "content": random_text(rng, added_strings(tok)[:3], 80)},
+            {"role": "assistant", "content": random_text(rng, [], 80)},
+            {"role": "user", "content": "again: e\u0301 👍🏽 中文  \r\n x"},
+            {"role": "assistant", "content": "done  \n"},
+        ]
+        for _ in range(8)
+    ]
     for messages in conversations:
         for k in (2, 3, 5):
             try:
@@ -340,9 +448,13 @@ def test_render_is_unchanged_by_the_fast_path(family):
 
 def test_status_strings(monkeypatch):
     tok = load("usf-mini")
-    assert ft.fast_path_status(tok) == "fast: fastokens whole text; fallback pieces by tiktoken (qwen2, NFC) + piece cache"
-    assert re.match(r"fast: pieces by tiktoken \(qwen2, NFC\) \+ piece cache \(no fastokens: turned off",
-                    ft.FastEncoder(tok, whole=False).describe())
+    assert (
+        ft.fast_path_status(tok) == "fast: fastokens whole text; fallback pieces by tiktoken (qwen2, NFC) + piece cache"
+    )
+    assert re.match(
+        r"fast: pieces by tiktoken \(qwen2, NFC\) \+ piece cache \(no fastokens: turned off",
+        ft.FastEncoder(tok, whole=False).describe(),
+    )
     monkeypatch.setenv("BIOS_FASTOKENS", "0")
     assert ft.FastEncoder(tok).whole is None
 

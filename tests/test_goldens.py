@@ -12,9 +12,14 @@ from parity_cases import fixture_tokenizer
 from bios_cookbook import renderers
 from render_service.renderers.base import Segment, tokenize_segments
 
-RENDERER_OF = {"Qwen--Qwen2.5-7B-Instruct": "qwen2.5", "Qwen--Qwen3-8B": "qwen3",
-               "meta-llama--Llama-3.1-8B-Instruct": "llama3.1", "meta-llama--Llama-3.2-1B-Instruct": "llama3.2",
-               "openai--gpt-oss-20b": "gpt-oss", "mistralai--Mistral-Nemo-Instruct-2407": "mistral-nemo"}
+RENDERER_OF = {
+    "Qwen--Qwen2.5-7B-Instruct": "qwen2.5",
+    "Qwen--Qwen3-8B": "qwen3",
+    "meta-llama--Llama-3.1-8B-Instruct": "llama3.1",
+    "meta-llama--Llama-3.2-1B-Instruct": "llama3.2",
+    "openai--gpt-oss-20b": "gpt-oss",
+    "mistralai--Mistral-Nemo-Instruct-2407": "mistral-nemo",
+}
 
 
 def digest(ids: list[int]) -> str:
@@ -39,8 +44,9 @@ def test_text_goldens_through_our_tokenization(case):
     assert len(ids) == case["token_count"] and digest(ids) == case["token_ids_sha256"]
 
 
-@pytest.mark.parametrize("case", cases("template_cases"),
-                         ids=lambda c: f"{c['tokenizer']}-{c['golden_case']}-{c['field']}")
+@pytest.mark.parametrize(
+    "case", cases("template_cases"), ids=lambda c: f"{c['tokenizer']}-{c['golden_case']}-{c['field']}"
+)
 def test_template_goldens_through_our_renderers(case):
     tok = fixture_tokenizer(case["tokenizer"])
     kwargs = dict(case["kwargs"])
@@ -48,8 +54,9 @@ def test_template_goldens_through_our_renderers(case):
     if case["tokenizer"].startswith("openai--"):
         kwargs["current_date"] = "2025-01-15"  # the goldens pin the template's strftime_now date
     renderer = renderers.get_renderer(RENDERER_OF[case["tokenizer"]], tok, **kwargs)
-    ids = renderer.render(case["messages"], tools=case["tools"] or None,
-                          add_generation_prompt=add_generation_prompt).token_ids
+    ids = renderer.render(
+        case["messages"], tools=case["tools"] or None, add_generation_prompt=add_generation_prompt
+    ).token_ids
     ids += tok.encode(case["append_after_render"], add_special_tokens=False) if case["append_after_render"] else []
     assert len(ids) == case["token_count"] and digest(ids) == case["token_ids_sha256"]
 

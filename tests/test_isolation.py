@@ -38,8 +38,10 @@ def data(qwen3_tokenizer):
     out = {}
     for name, conv in CONVS.items():
         tokens, weights = renderer.build_supervised_example(conv)
-        datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                            loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]})
+        datum = types.Datum(
+            model_input=types.ModelInput.from_ints(tokens[:-1]),
+            loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]},
+        )
         out[name] = ([datum], renderer.build_generation_prompt(conv[:1]))
     return out
 
@@ -70,8 +72,16 @@ def sample(tc, prompt, seed):
 
 def script(name: str, tc, data) -> list[Callable[[], Any]]:
     d, prompt = data[name]
-    return [lambda: fwd(tc, d), lambda: train(tc, d), lambda: sample(tc, prompt, 7), lambda: train(tc, d),
-            lambda: train(tc, d), lambda: fwd(tc, d), lambda: sample(tc, prompt, 8), lambda: fwd(tc, d)]
+    return [
+        lambda: fwd(tc, d),
+        lambda: train(tc, d),
+        lambda: sample(tc, prompt, 7),
+        lambda: train(tc, d),
+        lambda: train(tc, d),
+        lambda: fwd(tc, d),
+        lambda: sample(tc, prompt, 8),
+        lambda: fwd(tc, d),
+    ]
 
 
 def poisoned_script(tc, data) -> list[Callable[[], Any]]:
@@ -79,11 +89,20 @@ def poisoned_script(tc, data) -> list[Callable[[], Any]]:
     then one with a learning rate (1e20) so large that its weights become huge: from then on its losses are not
     finite, so its forwards and samples are refused. None of it may show in the other sessions."""
     d, prompt = data["b"]
-    return [lambda: fwd(tc, d), lambda: train(tc, d), lambda: fwd(tc, d),
-            lambda: train(tc, d, learning_rate=3e38, weight_decay=1.0), lambda: fwd(tc, d),
-            lambda: train(tc, d, eps=0.0), lambda: fwd(tc, d), lambda: train(tc, d),
-            lambda: train(tc, d, learning_rate=1e20), lambda: fwd(tc, d), lambda: train(tc, d),
-            lambda: sample(tc, prompt, 3)]
+    return [
+        lambda: fwd(tc, d),
+        lambda: train(tc, d),
+        lambda: fwd(tc, d),
+        lambda: train(tc, d, learning_rate=3e38, weight_decay=1.0),
+        lambda: fwd(tc, d),
+        lambda: train(tc, d, eps=0.0),
+        lambda: fwd(tc, d),
+        lambda: train(tc, d),
+        lambda: train(tc, d, learning_rate=1e20),
+        lambda: fwd(tc, d),
+        lambda: train(tc, d),
+        lambda: sample(tc, prompt, 3),
+    ]
 
 
 def new_client(client, name: str):
@@ -190,8 +209,10 @@ def two_tenants(tmp_path_factory):
 
 def test_two_tenants_in_threads_equal_each_alone(two_tenants, data, alone):
     render_address, train_address = two_tenants
-    clients = {n: bios.ServiceClient(train_address=train_address, render_address=render_address, api_key=f"key-{n}")
-               for n in "ab"}
+    clients = {
+        n: bios.ServiceClient(train_address=train_address, render_address=render_address, api_key=f"key-{n}")
+        for n in "ab"
+    }
     results: dict[str, list[Any]] = {}
     tcs = {n: new_client(clients[n], n) for n in "ab"}
 

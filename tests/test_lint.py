@@ -10,16 +10,27 @@ from pathlib import Path
 
 from conftest import REPO
 
-PACKAGES = {"bios": REPO / "clients/python/bios", "bios_server": REPO / "clients/python/bios_server",
-            "bios_cookbook": REPO / "clients/python/bios_cookbook", "render_service": REPO / "render_service",
-            "train_service": REPO / "train_service", "tinker_gateway": REPO / "tinker_gateway"}
+PACKAGES = {
+    "bios": REPO / "clients/python/bios",
+    "bios_server": REPO / "clients/python/bios_server",
+    "bios_cookbook": REPO / "clients/python/bios_cookbook",
+    "render_service": REPO / "render_service",
+    "train_service": REPO / "train_service",
+    "tinker_gateway": REPO / "tinker_gateway",
+}
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
 def lint_imports(path: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(path)}
-    return subprocess.run([str(LINT_IMPORTS), "--config", str(REPO / "pyproject.toml"), "--no-cache"], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--config", str(REPO / "pyproject.toml"), "--no-cache"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def copy_packages(into: Path) -> None:

@@ -55,11 +55,18 @@ def make_batch(base, rng, lengths=(9, 14)):
     data = []
     for n in lengths:
         ids = rng.integers(0, base.vocab_size, n + 1)
-        inputs = {"target_tokens": ids[1:], "weights": rng.random(n).astype(np.float32),
-                  "logprobs": -rng.random(n).astype(np.float32) * 3, "advantages": rng.normal(size=n).astype(np.float32),
-                  "sequence_ratio_mask": (np.arange(n) >= n // 3).astype(np.float32)}
-        data.append(wire.datum_to_pb(types.Datum(model_input=types.ModelInput.from_ints(ids[:-1].tolist()),
-                                                 loss_fn_inputs=inputs)))
+        inputs = {
+            "target_tokens": ids[1:],
+            "weights": rng.random(n).astype(np.float32),
+            "logprobs": -rng.random(n).astype(np.float32) * 3,
+            "advantages": rng.normal(size=n).astype(np.float32),
+            "sequence_ratio_mask": (np.arange(n) >= n // 3).astype(np.float32),
+        }
+        data.append(
+            wire.datum_to_pb(
+                types.Datum(model_input=types.ModelInput.from_ints(ids[:-1].tolist()), loss_fn_inputs=inputs)
+            )
+        )
     return data
 
 
@@ -68,8 +75,10 @@ def reference(model, data, loss_fn, config):
     total = torch.zeros(())
     for pb in data:
         ids = torch.tensor([list(pb.model_input.chunks[0].encoded_text.tokens)])
-        inputs = {k: torch.from_numpy(wire.tensor_to_array(v).astype(np.float64)).float()
-                  for k, v in pb.loss_fn_inputs.items()}
+        inputs = {
+            k: torch.from_numpy(wire.tensor_to_array(v).astype(np.float64)).float()
+            for k, v in pb.loss_fn_inputs.items()
+        }
         logits = model(input_ids=ids).logits[0].float()
         logp = torch.log_softmax(logits, -1).gather(-1, inputs["target_tokens"].long()[:, None])[:, 0]
         q, adv, w = inputs["logprobs"], inputs["advantages"], inputs["weights"]
@@ -94,11 +103,19 @@ def reference(model, data, loss_fn, config):
     return total
 
 
-@pytest.mark.parametrize("loss_fn,config", [
-    ("cross_entropy", {}), ("importance_sampling", {}), ("ppo", {}), ("ppo", {"clip_epsilon_low": 0.1,
-                                                                          "clip_epsilon_high": 0.3}),
-    ("cispo", {}), ("dro", {"beta": 0.2}), ("gspo", {}), ("gspo", {"clip_epsilon_low": 0.01, "clip_epsilon_high": 0.02}),
-])
+@pytest.mark.parametrize(
+    "loss_fn,config",
+    [
+        ("cross_entropy", {}),
+        ("importance_sampling", {}),
+        ("ppo", {}),
+        ("ppo", {"clip_epsilon_low": 0.1, "clip_epsilon_high": 0.3}),
+        ("cispo", {}),
+        ("dro", {"beta": 0.2}),
+        ("gspo", {}),
+        ("gspo", {"clip_epsilon_low": 0.01, "clip_epsilon_high": 0.02}),
+    ],
+)
 def test_loss_matches_reference(base, adapter, peft_reference, loss_fn, config, monkeypatch):
     monkeypatch.setattr(passes, "LOGITS_CHUNK_BYTES", 4 * base.vocab_size * 5)  # 5-token chunks: exercise chunking
     rng = np.random.default_rng(0)

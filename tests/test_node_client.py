@@ -13,8 +13,12 @@ CONV = [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "con
 
 def run_demo(node: str, services, *extra: str) -> dict:
     render_address, train_address, _ = services
-    done = subprocess.run([node, str(NODE_DIR / "demo.js"), "--render", render_address, "--train", train_address,
-                           *extra], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [node, str(NODE_DIR / "demo.js"), "--render", render_address, "--train", train_address, *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, f"demo.js exited {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1, f"expected one JSON line, got:\n{done.stdout}"

@@ -43,8 +43,10 @@ def scrape(port: int) -> dict[str, float]:
 
 def datum(renderer):
     tokens, weights = renderer.build_supervised_example(CONV)
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]})
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,8 @@ def test_metrics_move_after_real_traffic(services, metrics_port, qwen3_tokenizer
     assert "bios_train_active_sessions" in after and "bios_train_queue_depth" in after
     assert after["bios_process_memory_bytes"] > 50e6
     assert 'bios_grpc_requests_in_flight{method="Render",service="render"}' in after or any(
-        k.startswith("bios_grpc_requests_in_flight") for k in after)
+        k.startswith("bios_grpc_requests_in_flight") for k in after
+    )
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +178,27 @@ def test_tls_connection_with_a_test_certificate(tmp_path, monkeypatch):
     from render_service import server as render_server
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                           "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                           "-keyout", str(key), "-out", str(cert)], capture_output=True)
+    made = subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        capture_output=True,
+    )
     if made.returncode != 0:
         pytest.skip(f"openssl could not make a test certificate: {made.stderr.decode()[-200:]}")
     monkeypatch.setenv("BIOS_TLS_CERT", str(cert))
@@ -222,8 +243,19 @@ def test_sigterm_drains_and_restart_lists_checkpoints(tmp_path, qwen3_tokenizer)
 
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "BIOS_DRAIN_SECONDS": "20"}
-    cmd = [sys.executable, "-m", "train_service", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-           "--checkpoint-dir", str(tmp_path / "ckpt")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "train_service",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+    ]
     render_address = "127.0.0.1:1"  # unused by these calls
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:

@@ -25,7 +25,8 @@ def test_ids_and_paths_name_their_pod():
     assert placement.pod_ordinal("bios-train-7") == 7 and placement.pod_ordinal("laptop") is None
     assert placement.pod_ordinal(None) is None
     assert placement.pod_address("bios-train-{pod}.bios-train-headless.bios.svc:50052", 4) == (
-        "bios-train-4.bios-train-headless.bios.svc:50052")
+        "bios-train-4.bios-train-headless.bios.svc:50052"
+    )
     with pytest.raises(ValueError, match="train_pod_address"):
         placement.pod_address("bios-train:50052", 1)
 
@@ -117,8 +118,12 @@ const [placementB, placementA, template] = process.argv.slice(2);
 
 def test_the_node_client_routes_calls_by_id(two_pods, node_client):
     a, b = two_pods
-    done = subprocess.run([node_client, "-e", NODE_ROUTING, str(NODE_DIR / "bios.js"), f"127.0.0.1:{b}",
-                           f"127.0.0.1:{a}", TEMPLATE], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [node_client, "-e", NODE_ROUTING, str(NODE_DIR / "bios.js"), f"127.0.0.1:{b}", f"127.0.0.1:{a}", TEMPLATE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr + done.stdout
     result = json.loads(done.stdout)
     # Pod b issued the model id: createModel reached it although this client's placement address is pod a's.

@@ -37,12 +37,18 @@ def test_remote_equals_local(remote, local):
     assert remote.get_stop_strings() == ["<|im_end|>"]
     r, here = remote.render(CONV, add_generation_prompt=True), local.render(CONV, add_generation_prompt=True)
     assert (r.token_ids, r.message_indices, r.message_roles, r.sampled_mask, r.is_content) == (
-        here.token_ids, here.message_indices, here.message_roles, here.sampled_mask, here.is_content)
+        here.token_ids,
+        here.message_indices,
+        here.message_roles,
+        here.sampled_mask,
+        here.is_content,
+    )
 
 
 def test_prefill_over_grpc(remote, local):
     assert remote.build_generation_prompt(CONV[:-1], prefill="Mostly") == local.build_generation_prompt(
-        CONV[:-1], prefill="Mostly")
+        CONV[:-1], prefill="Mostly"
+    )
 
 
 def test_batched_render(remote, local):
@@ -53,20 +59,36 @@ def test_batched_render(remote, local):
 def test_batched_render_takes_jsonl_records_with_tools(client, qwen3_tokenizer):
     remote = client.render_client("qwen2.5", "ultrasafe/usf-mini")  # a family that renders tools
     local = renderers.get_renderer("qwen2.5", qwen3_tokenizer)
-    tools = [{"type": "function", "function": {"name": "lookup", "description": "Look a term up.",
-                                               "parameters": {"type": "object", "properties": {}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "lookup",
+                "description": "Look a term up.",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+    ]
     records = [{"messages": CONV, "tools": tools}, {"messages": CONV}, CONV]
     assert remote.build_supervised_examples(records) == [
-        local.build_supervised_example(CONV, tools=tools), local.build_supervised_example(CONV),
-        local.build_supervised_example(CONV)]
+        local.build_supervised_example(CONV, tools=tools),
+        local.build_supervised_example(CONV),
+        local.build_supervised_example(CONV),
+    ]
     assert remote.build_supervised_examples(records)[0] != remote.build_supervised_examples(records)[1]
     with pytest.raises(InvalidArgumentError, match=r"conversations\[1\]\.messages: missing"):
         remote.build_supervised_examples([CONV, {"tools": tools}])
 
 
 def varied(n: int) -> list[list[dict]]:
-    return [[CONV[0], {"role": "user", "content": f"Question {k}: {'why ' * (k % 7)}über 数据 🙂?"},
-             {"role": "assistant", "content": f"Answer {k}." + " more" * (k % 5)}] for k in range(n)]
+    return [
+        [
+            CONV[0],
+            {"role": "user", "content": f"Question {k}: {'why ' * (k % 7)}über 数据 🙂?"},
+            {"role": "assistant", "content": f"Answer {k}." + " more" * (k % 5)},
+        ]
+        for k in range(n)
+    ]
 
 
 def test_large_batches_go_in_chunks_and_errors_name_the_callers_index(remote, local):

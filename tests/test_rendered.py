@@ -47,10 +47,17 @@ def test_runs_and_lists_agree():
 
 
 def test_content_spans_and_masks():
-    rendered = RenderedTokens.from_runs(list(range(9)), [
-        AttributionRun(2, -1, None, False, False), AttributionRun(2, 0, "user", False, True),
-        AttributionRun(1, 1, "assistant", False, False), AttributionRun(2, 1, "assistant", True, True),
-        AttributionRun(1, 1, "assistant", False, True), AttributionRun(1, 2, "tool", False, True)])
+    rendered = RenderedTokens.from_runs(
+        list(range(9)),
+        [
+            AttributionRun(2, -1, None, False, False),
+            AttributionRun(2, 0, "user", False, True),
+            AttributionRun(1, 1, "assistant", False, False),
+            AttributionRun(2, 1, "assistant", True, True),
+            AttributionRun(1, 1, "assistant", False, True),
+            AttributionRun(1, 2, "tool", False, True),
+        ],
+    )
     assert rendered.content_token_spans_by_role() == {"user": [(2, 4)], "assistant": [(5, 8)], "tool": [(8, 9)]}
     assert rendered.content_mask_for_roles({"tool", "user"}) == [False] * 2 + [True] * 2 + [False] * 4 + [True]
 
@@ -63,8 +70,12 @@ def test_per_token_lists_can_be_edited():
     rendered.message_roles += [None]
     rendered.sampled_mask += [False]
     rendered.is_content += [False]
-    assert rendered.runs == [AttributionRun(1, 0, "user", False, True), AttributionRun(1, 0, "user", True, True),
-                             AttributionRun(1, 0, "user", False, True), AttributionRun(1, -1, None, False, False)]
+    assert rendered.runs == [
+        AttributionRun(1, 0, "user", False, True),
+        AttributionRun(1, 0, "user", True, True),
+        AttributionRun(1, 0, "user", False, True),
+        AttributionRun(1, -1, None, False, False),
+    ]
 
 
 def test_runs_must_cover_the_ids():
@@ -80,14 +91,33 @@ def test_wire_round_trip_and_bad_runs():
         pb = render_pb2.RenderedTokens.FromString(wire.rendered_to_pb(rendered).SerializeToString())
         assert wire.rendered_from_pb(pb) == rendered
         assert len(pb.run_lengths) == len(rendered.runs)
-    for lengths, indices, flags in (([5], [0], [True]), ([1], [3], [True]), ([-1, 2], [0, 0], [True, False]),
-                                    ([1], [-2], [True]), ([1], [0], [True, False])):
-        pb = render_pb2.RenderedTokens(token_ids=[1], roles=["user"], run_lengths=lengths, run_message_indices=indices,
-                                       run_sampled=flags, run_is_content=flags[:1])
+    for lengths, indices, flags in (
+        ([5], [0], [True]),
+        ([1], [3], [True]),
+        ([-1, 2], [0, 0], [True, False]),
+        ([1], [-2], [True]),
+        ([1], [0], [True, False]),
+    ):
+        pb = render_pb2.RenderedTokens(
+            token_ids=[1],
+            roles=["user"],
+            run_lengths=lengths,
+            run_message_indices=indices,
+            run_sampled=flags,
+            run_is_content=flags[:1],
+        )
         with pytest.raises(wire.WireError, match="run"):
             wire.rendered_from_pb(pb)
-    example = render_pb2.SupervisedExample(tokens=render_pb2.RenderedTokens(
-        token_ids=[1, 2, 3], roles=["user"], run_lengths=[3], run_message_indices=[0], run_sampled=[False],
-        run_is_content=[True]), run_weights=[1.0, 0.0])
+    example = render_pb2.SupervisedExample(
+        tokens=render_pb2.RenderedTokens(
+            token_ids=[1, 2, 3],
+            roles=["user"],
+            run_lengths=[3],
+            run_message_indices=[0],
+            run_sampled=[False],
+            run_is_content=[True],
+        ),
+        run_weights=[1.0, 0.0],
+    )
     with pytest.raises(wire.WireError, match="run_weights"):
         wire.supervised_from_pb(example)

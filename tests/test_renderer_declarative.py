@@ -78,9 +78,16 @@ def test_declarative_colon_path_name(qwen3_tokenizer, chatml):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.sampled_from(["system", "user", "assistant"]),
-                          st.text(max_size=20) | st.sampled_from(["<|im_end|>", "\n", " <|im_start|>user"])),
-                min_size=1, max_size=6))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["system", "user", "assistant"]),
+            st.text(max_size=20) | st.sampled_from(["<|im_end|>", "\n", " <|im_start|>user"]),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
 def test_property_chatml_json_equals_ultrasafe(qwen3_tokenizer, chatml, pairs):
     messages = [{"role": r, "content": c} for r, c in pairs]
     assert_same_as_ultrasafe(chatml, get_renderer("ultrasafe", qwen3_tokenizer), messages)
@@ -96,12 +103,19 @@ def test_from_file_yaml_and_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(RenderError, match="not valid JSON"):
         ConversationTemplate.from_file(bad)
-    bad.write_text(json.dumps({**data, "user_formatter": {"type": "string", "template": [
-        {"type": "string", "content": "no placeholder"}]}}))
+    bad.write_text(
+        json.dumps(
+            {
+                **data,
+                "user_formatter": {"type": "string", "template": [{"type": "string", "content": "no placeholder"}]},
+            }
+        )
+    )
     with pytest.raises(RenderError, match="needs a .*content.* placeholder"):
         ConversationTemplate.from_file(bad)
-    bad.write_text(json.dumps({"user_formatter": {"type": "string", "template": [{"type": "widget",
-                                                                                  "content": "SECRET"}]}}))
+    bad.write_text(
+        json.dumps({"user_formatter": {"type": "string", "template": [{"type": "widget", "content": "SECRET"}]}})
+    )
     with pytest.raises(RenderError, match="user_formatter") as info:  # errors name fields, never echo input
         ConversationTemplate.from_file(bad)
     assert "SECRET" not in str(info.value)
@@ -109,12 +123,15 @@ def test_from_file_yaml_and_errors(tmp_path):
         ConversationTemplate.from_file(tmp_path / "missing.json")
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"type": "string", "content": ""}, "cannot be empty"),
-    ({"type": "string", "content": "{{name}}"}, "unknown placeholder"),
-    ({"type": "token_id", "content": "x"}, "int or a list of ints"),
-    ({"type": "widget", "content": "x"}, "type"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"type": "string", "content": ""}, "cannot be empty"),
+        ({"type": "string", "content": "{{name}}"}, "unknown placeholder"),
+        ({"type": "token_id", "content": "x"}, "int or a list of ints"),
+        ({"type": "widget", "content": "x"}, "type"),
+    ],
+)
 def test_component_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TemplateComponent(**kwargs)
@@ -131,25 +148,38 @@ def test_formatter_validation():
 # a reasoning placeholder, tools and tool-call formatters, a separator and a special stopper.
 def llama_like() -> ConversationTemplate:
     def header(role):
-        return [TemplateComponent(type="token", content="<|start_header_id|>"),
-                TemplateComponent(type="string", content=f"{role}"),
-                TemplateComponent(type="token_id", content=128007),  # <|end_header_id|>
-                TemplateComponent(type="string", content="\n\n")]
+        return [
+            TemplateComponent(type="token", content="<|start_header_id|>"),
+            TemplateComponent(type="string", content=f"{role}"),
+            TemplateComponent(type="token_id", content=128007),  # <|end_header_id|>
+            TemplateComponent(type="string", content="\n\n"),
+        ]
+
     return ConversationTemplate(
         template_name="llama-like",
         special_starter=TemplateComponent(type="token", content="bos_token"),
-        system_formatter=StringFormatter(template=header("system") + [
-            TemplateComponent(type="string", content="{{content}}<|eot_id|>")]),
-        user_formatter=StringFormatter(template=header("user") + [
-            TemplateComponent(type="string", content="{{content}}<|eot_id|>")]),
-        assistant_formatter=StringFormatter(template=header("assistant") + [
-            TemplateComponent(type="string", content="<think>{{reasoning_content}}</think>{{content}}"),
-            TemplateComponent(type="token", content="eos_token"),
-            TemplateComponent(type="string", content="[after-stop]")]),
-        role_formatters={"tool": StringFormatter(template=header("ipython") + [
-            TemplateComponent(type="string", content="{{content}}<|eot_id|>")])},
-        tools_formatter=ListFormatter(template=[TemplateComponent(type="string", content="TOOL {{content}}")],
-                                      separator="\n"),
+        system_formatter=StringFormatter(
+            template=header("system") + [TemplateComponent(type="string", content="{{content}}<|eot_id|>")]
+        ),
+        user_formatter=StringFormatter(
+            template=header("user") + [TemplateComponent(type="string", content="{{content}}<|eot_id|>")]
+        ),
+        assistant_formatter=StringFormatter(
+            template=header("assistant")
+            + [
+                TemplateComponent(type="string", content="<think>{{reasoning_content}}</think>{{content}}"),
+                TemplateComponent(type="token", content="eos_token"),
+                TemplateComponent(type="string", content="[after-stop]"),
+            ]
+        ),
+        role_formatters={
+            "tool": StringFormatter(
+                template=header("ipython") + [TemplateComponent(type="string", content="{{content}}<|eot_id|>")]
+            )
+        },
+        tools_formatter=ListFormatter(
+            template=[TemplateComponent(type="string", content="TOOL {{content}}")], separator="\n"
+        ),
         tool_call_formatter=StringFormatter(template=[TemplateComponent(type="string", content="CALL{{content}}")]),
         separator=TemplateComponent(type="string", content="\n"),
         special_stopper=TemplateComponent(type="string", content="<|end_of_text|>"),
@@ -163,8 +193,12 @@ def test_rich_template_attribution():
     messages = [
         {"role": "system", "content": "Sys."},
         {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "", "reasoning_content": "think", "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning_content": "think",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}],
+        },
         {"role": "tool", "content": "42"},
         {"role": "assistant", "content": "Done.", "reasoning_content": "think"},
     ]
@@ -177,14 +211,19 @@ def test_rich_template_attribution():
     assert rendered.token_ids == tok.encode(text, add_special_tokens=False)
     assert renderer.get_stop_sequences() == [tok.convert_tokens_to_ids("<|eot_id|>")]
     for i in (2, 4):
-        sampled = tok.decode([t for t, j, s in zip(rendered.token_ids, rendered.message_indices, rendered.sampled_mask)
-                              if j == i and s])
-        assert sampled == ('think</think>CALL{"name": "f", "arguments": {"a": 1}}<|eot_id|>' if i == 2
-                           else "think</think>Done.<|eot_id|>")
+        sampled = tok.decode(
+            [t for t, j, s in zip(rendered.token_ids, rendered.message_indices, rendered.sampled_mask) if j == i and s]
+        )
+        assert sampled == (
+            'think</think>CALL{"name": "f", "arguments": {"a": 1}}<|eot_id|>'
+            if i == 2
+            else "think</think>Done.<|eot_id|>"
+        )
     for role, s, c in zip(rendered.message_roles, rendered.sampled_mask, rendered.is_content):
         assert s == c if role == "assistant" else not s
-    tool_body = tok.decode([t for t, j, c in zip(rendered.token_ids, rendered.message_indices, rendered.is_content)
-                            if j == 3 and c])
+    tool_body = tok.decode(
+        [t for t, j, c in zip(rendered.token_ids, rendered.message_indices, rendered.is_content) if j == 3 and c]
+    )
     assert tool_body == "42"
     # The generation prompt is the assistant header (up to the first placeholder), after the separator.
     assert renderer.generation_prompt_text() == "<|start_header_id|>assistant<|end_header_id|>\n\n<think>"
@@ -200,19 +239,28 @@ def test_rich_template_attribution():
 
 def test_missing_formatters_raise_clear_errors(qwen3_tokenizer, chatml):
     with pytest.raises(RenderError, match="tool_call_formatter"):
-        chatml.render([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [
-            {"id": "1", "type": "function", "function": {"name": "f", "arguments": {}}}]}])
+        chatml.render(
+            [
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": {}}}],
+                },
+            ]
+        )
     with pytest.raises(RenderError, match="tools_formatter"):
         chatml.render([{"role": "user", "content": "x"}], tools=[{"type": "function", "function": {"name": "f"}}])
-    bare = ConversationTemplate(user_formatter=StringFormatter(template=[TemplateComponent(type="string",
-                                                                                            content="{{content}}")]),
-                                assistant_formatter=StringFormatter(template=[
-                                    TemplateComponent(type="string", content="{{content}}")]))
+    bare = ConversationTemplate(
+        user_formatter=StringFormatter(template=[TemplateComponent(type="string", content="{{content}}")]),
+        assistant_formatter=StringFormatter(template=[TemplateComponent(type="string", content="{{content}}")]),
+    )
     with pytest.raises(RenderError, match=r"messages\[0\].role.*'system'"):
         DeclarativeRenderer(qwen3_tokenizer, template=bare).render([{"role": "system", "content": "x"}])
     with pytest.raises(RenderError, match="pass template="):
         get_renderer("declarative", qwen3_tokenizer)
     with pytest.raises(RenderError, match="has none"):
-        DeclarativeRenderer(qwen3_tokenizer, template=bare.model_copy(update={
-            "special_starter": TemplateComponent(type="token", content="bos_token")})).render(
-            [{"role": "user", "content": "x"}])
+        DeclarativeRenderer(
+            qwen3_tokenizer,
+            template=bare.model_copy(update={"special_starter": TemplateComponent(type="token", content="bos_token")}),
+        ).render([{"role": "user", "content": "x"}])

@@ -47,14 +47,20 @@ def fixed_template() -> str:
     args = "tool['function']['arguments']"
     edits = [
         ("namespace(is_first=false,", "namespace(header='', is_first=false,", 1),
-        ("{%- if message['role'] == 'assistant' and 'tool_calls' in message %}{%- set ns.is_tool = false -%}",
-         "{%- if message['role'] == 'assistant' and 'tool_calls' in message %}"
-         "{%- if ns.is_tool %}{%- set ns.header = '<｜tool▁outputs▁end｜>' -%}"
-         "{%- else %}{%- set ns.header = '<｜Assistant｜>' -%}{%- endif %}"
-         "{%- set ns.is_first = false -%}{%- set ns.is_output_first = true -%}{%- set ns.is_tool = false -%}", 1),
+        (
+            "{%- if message['role'] == 'assistant' and 'tool_calls' in message %}{%- set ns.is_tool = false -%}",
+            "{%- if message['role'] == 'assistant' and 'tool_calls' in message %}"
+            "{%- if ns.is_tool %}{%- set ns.header = '<｜tool▁outputs▁end｜>' -%}"
+            "{%- else %}{%- set ns.header = '<｜Assistant｜>' -%}{%- endif %}"
+            "{%- set ns.is_first = false -%}{%- set ns.is_output_first = true -%}{%- set ns.is_tool = false -%}",
+            1,
+        ),
         ("{{'<｜Assistant｜><｜tool▁calls▁begin｜>", "{{ns.header + '<｜tool▁calls▁begin｜>", 1),
-        ("{{'<｜Assistant｜>' + message['content'] + '<｜tool▁calls▁begin｜>",
-         "{{ns.header + message['content'] + '<｜tool▁calls▁begin｜>", 1),
+        (
+            "{{'<｜Assistant｜>' + message['content'] + '<｜tool▁calls▁begin｜>",
+            "{{ns.header + message['content'] + '<｜tool▁calls▁begin｜>",
+            1,
+        ),
         (args, f"({args} if {args} is string else {args} | tojson)", 3),
     ]
     for old, new, count in edits:
@@ -108,8 +114,10 @@ def sampled_text(messages, j) -> str:
     m = messages[j]
     text = rendered_content(messages, j)
     if m.get("tool_calls"):
-        calls = [f"{CALL_BEGIN}function{SEP}{c['function']['name']}\n```json\n{args_text(c)}\n```{CALL_END}"
-                 for c in m["tool_calls"]]
+        calls = [
+            f"{CALL_BEGIN}function{SEP}{c['function']['name']}\n```json\n{args_text(c)}\n```{CALL_END}"
+            for c in m["tool_calls"]
+        ]
         text += CALLS_BEGIN + "\n".join(calls) + CALLS_END
     return text + EOS
 
@@ -130,7 +138,7 @@ def check_round_trip(renderer, messages, tools) -> None:
         full = renderer.render(messages[: j + 1], tools)
         prompt = renderer.build_generation_prompt(messages[:j], tools=tools).to_ints()
         tokens = [t for t, k, s in zip(full.token_ids, full.message_indices, full.sampled_mask) if k == j and s]
-        assert full.token_ids[: len(prompt)] == prompt and full.token_ids[len(prompt):] == tokens
+        assert full.token_ids[: len(prompt)] == prompt and full.token_ids[len(prompt) :] == tokens
         assert tokens[-1] in eos and not any(t in eos for t in tokens[:-1])
         parsed, ok = renderer.parse_response(tokens, tools)
         assert ok and parsed["content"] == rendered_content(messages, j) and "reasoning_content" not in parsed
@@ -163,22 +171,42 @@ def test_fixture_template_raises_on_dict_arguments():
 # ---- family-specific cases -------------------------------------------------------------------------------------
 
 USER = {"role": "user", "content": "Weather in Paris and Oslo?"}
-ROUND_1 = [{"role": "assistant", "content": "Checking.", "tool_calls": [call("get_weather", {"city": "Paris"})]},
-           {"role": "tool", "content": "21C"}]
-ROUND_2 = [{"role": "assistant", "content": "Now Oslo.", "tool_calls": [call("get_weather", {"city": "Oslo"}, "c2"),
-                                                                        call("get_time", {"tz": "CET"}, "c3")]},
-           {"role": "tool", "content": "5C"}, {"role": "tool", "content": "14:05"}]
+ROUND_1 = [
+    {"role": "assistant", "content": "Checking.", "tool_calls": [call("get_weather", {"city": "Paris"})]},
+    {"role": "tool", "content": "21C"},
+]
+ROUND_2 = [
+    {
+        "role": "assistant",
+        "content": "Now Oslo.",
+        "tool_calls": [call("get_weather", {"city": "Oslo"}, "c2"), call("get_time", {"tz": "CET"}, "c3")],
+    },
+    {"role": "tool", "content": "5C"},
+    {"role": "tool", "content": "14:05"},
+]
 FAMILY = {
-    "systems_hoisted": [{"role": "system", "content": "One."}, USER, {"role": "system", "content": "Two. "},
-                        {"role": "assistant", "content": "ok"}],
+    "systems_hoisted": [
+        {"role": "system", "content": "One."},
+        USER,
+        {"role": "system", "content": "Two. "},
+        {"role": "assistant", "content": "ok"},
+    ],
     "think_stripped": [USER, {"role": "assistant", "content": "<think>hmm</think>first</think>\n\nAnswer."}],
     "think_kept_after_outputs": [USER, *ROUND_1, {"role": "assistant", "content": "x</think>It is 21C."}],
-    "string_arguments_verbatim": [USER, {"role": "assistant", "content": "", "tool_calls": [
-        call("get_weather", '{"city":"Paris"}')]}, {"role": "tool", "content": "21C"}],
+    "string_arguments_verbatim": [
+        USER,
+        {"role": "assistant", "content": "", "tool_calls": [call("get_weather", '{"city":"Paris"}')]},
+        {"role": "tool", "content": "21C"},
+    ],
     "two_tool_rounds": [USER, *ROUND_1, *ROUND_2, {"role": "assistant", "content": "21C and 5C."}],
-    "tool_round_after_user": [USER, *ROUND_1, {"role": "assistant", "content": "21C."},
-                              {"role": "user", "content": "Oslo?"}, *ROUND_2,
-                              {"role": "assistant", "content": "5C."}],
+    "tool_round_after_user": [
+        USER,
+        *ROUND_1,
+        {"role": "assistant", "content": "21C."},
+        {"role": "user", "content": "Oslo?"},
+        *ROUND_2,
+        {"role": "assistant", "content": "5C."},
+    ],
     "user_after_outputs": [USER, *ROUND_1, {"role": "user", "content": "Go on."}],
     "assistant_after_assistant": [USER, {"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}],
 }
@@ -210,9 +238,13 @@ def test_second_tool_round_is_where_the_fixture_template_breaks():
 def test_inputs_the_template_cannot_render():
     """None / part-list content and empty tool_calls: we equal HF on the normalised input."""
     renderer, tok = setup()
-    normalised = [{"role": "system", "content": "sys"}, {"role": "user", "content": "ab"},
-                  {"role": "assistant", "content": "", "tool_calls": [call("get_time", '{"tz": "UTC"}')]},
-                  {"role": "tool", "content": "12:00"}, {"role": "assistant", "content": ""}]
+    normalised = [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": "", "tool_calls": [call("get_time", '{"tz": "UTC"}')]},
+        {"role": "tool", "content": "12:00"},
+        {"role": "assistant", "content": ""},
+    ]
     given_ = copy.deepcopy(normalised)
     given_[0]["content"] = [{"type": "text", "text": "sys"}]
     given_[1]["content"] = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
@@ -223,15 +255,26 @@ def test_inputs_the_template_cannot_render():
         hf_ids(tok, given_[:3], None, False)
 
 
-@pytest.mark.parametrize("bad,field", [
-    ([], r"messages: empty"),
-    ([{"role": "developer", "content": "d"}], r"messages\[0\]\.role: 'developer'"),
-    ([{"role": "user", "content": "x"}, {"role": "ipython", "content": "d"}], r"messages\[1\]\.role: 'ipython'"),
-    ([{"role": "user", "content": "x", "tool_calls": [call("get_time", {})]}], r"messages\[0\]\.tool_calls"),
-    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [
-        call("get_time", {}), {"type": "function", "function": {"arguments": "{}"}}]}],
-     r"messages\[1\]\.tool_calls\[1\]\.function\.name"),
-])
+@pytest.mark.parametrize(
+    "bad,field",
+    [
+        ([], r"messages: empty"),
+        ([{"role": "developer", "content": "d"}], r"messages\[0\]\.role: 'developer'"),
+        ([{"role": "user", "content": "x"}, {"role": "ipython", "content": "d"}], r"messages\[1\]\.role: 'ipython'"),
+        ([{"role": "user", "content": "x", "tool_calls": [call("get_time", {})]}], r"messages\[0\]\.tool_calls"),
+        (
+            [
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [call("get_time", {}), {"type": "function", "function": {"arguments": "{}"}}],
+                },
+            ],
+            r"messages\[1\]\.tool_calls\[1\]\.function\.name",
+        ),
+    ],
+)
 def test_render_errors_name_message_and_field(bad, field):
     renderer, _ = setup()
     with pytest.raises(RenderError, match=field):
@@ -250,15 +293,18 @@ def one_call(name: str, body: str) -> str:
     return f"{CALLS_BEGIN}{CALL_BEGIN}function{SEP}{name}\n```json\n{body}\n```{CALL_END}{CALLS_END}{EOS}"
 
 
-@pytest.mark.parametrize("text,status,ok", [
-    (one_call("get_weather", '{"city": "Paris"'), "invalid_json", True),
-    (one_call("launch", "{}"), "unknown_tool", True),
-    (f"{CALLS_BEGIN}{CALL_BEGIN}function{SEP}get_weather\n```json\n{{\"city\"", "unclosed", False),
-    (f"{CALLS_BEGIN}{CALL_BEGIN}function get_time{CALL_END}{CALLS_END}{EOS}", "missing_name", True),
-    (f"{CALLS_BEGIN}{CALL_BEGIN}function{SEP}get_time\n{{\"tz\": \"UTC\"}}{CALL_END}{CALLS_END}{EOS}", "ok", True),
-    (f"{CALLS_BEGIN}{EOS}", "missing_name", True),
-    (f"Let me see.{CALLS_BEGIN}", "unclosed", False),
-])
+@pytest.mark.parametrize(
+    "text,status,ok",
+    [
+        (one_call("get_weather", '{"city": "Paris"'), "invalid_json", True),
+        (one_call("launch", "{}"), "unknown_tool", True),
+        (f'{CALLS_BEGIN}{CALL_BEGIN}function{SEP}get_weather\n```json\n{{"city"', "unclosed", False),
+        (f"{CALLS_BEGIN}{CALL_BEGIN}function get_time{CALL_END}{CALLS_END}{EOS}", "missing_name", True),
+        (f'{CALLS_BEGIN}{CALL_BEGIN}function{SEP}get_time\n{{"tz": "UTC"}}{CALL_END}{CALLS_END}{EOS}', "ok", True),
+        (f"{CALLS_BEGIN}{EOS}", "missing_name", True),
+        (f"Let me see.{CALLS_BEGIN}", "unclosed", False),
+    ],
+)
 def test_parse_tool_call_statuses(text, status, ok):
     message, stopped = parse(text)
     assert stopped is ok and message["tool_calls"][0]["status"] == status
@@ -286,11 +332,24 @@ def test_names_aliases_and_model_patterns():
 
 # ---- property: random conversations render exactly like HF -----------------------------------------------------
 
-SPECIALS = ["<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>", "</think>", "<|im_end|>", "\n", "\n\n", " ", "```"]
-TEXT = st.lists(st.one_of(st.text(st.characters(exclude_categories=("Cs",)), max_size=12),
-                          st.sampled_from(SPECIALS)), max_size=5).map("".join)
-ARGS = st.one_of(st.dictionaries(st.sampled_from(["city", "tz", "n"]), st.one_of(TEXT, st.integers()), max_size=2),
-                 st.sampled_from(['{"city": "Paris"}', "{}", '{"tz":"UTC"}']))
+SPECIALS = [
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<｜end▁of▁sentence｜>",
+    "</think>",
+    "<|im_end|>",
+    "\n",
+    "\n\n",
+    " ",
+    "```",
+]
+TEXT = st.lists(
+    st.one_of(st.text(st.characters(exclude_categories=("Cs",)), max_size=12), st.sampled_from(SPECIALS)), max_size=5
+).map("".join)
+ARGS = st.one_of(
+    st.dictionaries(st.sampled_from(["city", "tz", "n"]), st.one_of(TEXT, st.integers()), max_size=2),
+    st.sampled_from(['{"city": "Paris"}', "{}", '{"tz":"UTC"}']),
+)
 
 
 @st.composite
@@ -300,8 +359,13 @@ def conversations(draw):
         messages.append({"role": "user", "content": draw(TEXT)})
         for _ in range(draw(st.integers(0, 2))):
             names = draw(st.lists(st.sampled_from(["get_weather", "get_time"]), min_size=1, max_size=2))
-            messages.append({"role": "assistant", "content": draw(TEXT),
-                             "tool_calls": [call(n, draw(ARGS), f"c{k}") for k, n in enumerate(names)]})
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": draw(TEXT),
+                    "tool_calls": [call(n, draw(ARGS), f"c{k}") for k, n in enumerate(names)],
+                }
+            )
             messages += [{"role": "tool", "content": draw(TEXT)} for _ in names]
         messages.append({"role": "assistant", "content": draw(TEXT)})
         if draw(st.booleans()):
@@ -311,8 +375,7 @@ def conversations(draw):
     return messages
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conversations(), st.booleans())
 def test_random_conversations_match_hf(messages, generation_prompt):
     renderer, tok = setup()
@@ -323,9 +386,13 @@ def test_random_conversations_match_hf(messages, generation_prompt):
     check_attribution(renderer, tok, messages, TOOLS)
     roles = [m["role"] for m in messages]
     # A system message after the last answer is hoisted in front of it, so its prompt is not the prefix's.
-    if "assistant" in roles and "system" not in roles[max(i for i, r in enumerate(roles) if r == "assistant"):]:
+    if "assistant" in roles and "system" not in roles[max(i for i, r in enumerate(roles) if r == "assistant") :]:
         check_supervised(renderer, tok, messages, TOOLS)
     # Typed special tokens in an answer (e.g. "<｜end▁of▁sentence｜>") end it early when sampled.
-    if not any(s in json.dumps(m, ensure_ascii=False) for m in messages if m["role"] == "assistant"
-               for s in ("<｜", "</think>")):
+    if not any(
+        s in json.dumps(m, ensure_ascii=False)
+        for m in messages
+        if m["role"] == "assistant"
+        for s in ("<｜", "</think>")
+    ):
         check_round_trip(renderer, messages, TOOLS)

@@ -18,27 +18,60 @@ FIXTURE_DIRS = sorted(p.name for p in (FIXTURES / "tokenizers").iterdir()) if FI
 
 # Family-specific cases the shared CASES cannot express (templates that need 9-char ids / string arguments).
 EXTRA = {
-    "tool_cycle_9char_id": ([{"role": "user", "content": "Weather in Paris?"},
-                         {"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Paris"},
-                                                                                   "abcDEF123")]},
-                         {"role": "tool", "tool_call_id": "abcDEF123", "content": '{"temp": 21}'},
-                         {"role": "assistant", "content": "It is 21 degrees."}], TOOLS),
-    "string_arguments": ([{"role": "user", "content": "Weather in Paris?"},
-                          {"role": "assistant", "content": None, "tool_calls": [
-                              {"id": "abcDEF123", "type": "function",
-                               "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-                          {"role": "tool", "tool_call_id": "abcDEF123", "content": "sunny"},
-                          {"role": "assistant", "content": "Sunny."}], TOOLS),
+    "tool_cycle_9char_id": (
+        [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Paris"}, "abcDEF123")]},
+            {"role": "tool", "tool_call_id": "abcDEF123", "content": '{"temp": 21}'},
+            {"role": "assistant", "content": "It is 21 degrees."},
+        ],
+        TOOLS,
+    ),
+    "string_arguments": (
+        [
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "abcDEF123",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "abcDEF123", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."},
+        ],
+        TOOLS,
+    ),
     "string_arguments_empty_content": (
-        [{"role": "user", "content": "Weather in Paris?"},
-         {"role": "assistant", "content": "", "tool_calls": [
-             {"id": "abcDEF123", "type": "function",
-              "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-         {"role": "tool", "tool_call_id": "abcDEF123", "content": "sunny"},
-         {"role": "assistant", "content": "Sunny."}], TOOLS),
-    "parts_content": ([{"role": "user", "content": [{"type": "text", "text": "Hello "},
-                                                    {"type": "text", "text": "there"}]},
-                       {"role": "assistant", "content": "Hi."}], None),
+        [
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "abcDEF123",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "abcDEF123", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."},
+        ],
+        TOOLS,
+    ),
+    "parts_content": (
+        [
+            {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]},
+            {"role": "assistant", "content": "Hi."},
+        ],
+        None,
+    ),
 }
 ALL_CASES = {**{k: (m, t) for k, (m, t, _) in CASES.items()}, **EXTRA}
 
@@ -93,7 +126,7 @@ def check_invariants(renderer, tok, messages, tools, methods) -> None:
     # Scaffolding outside messages (-1) is only a head (bos, injected system/tools block) and a tail.
     inside = [k for k, i in enumerate(rendered.message_indices) if i >= 0]
     if inside:
-        assert all(i >= 0 for i in rendered.message_indices[inside[0]: inside[-1] + 1])
+        assert all(i >= 0 for i in rendered.message_indices[inside[0] : inside[-1] + 1])
     # Body text (checked on the segments: a token merging scaffolding with a body's first byte starts outside it).
     segments = renderer.segments(messages, tools, False)
     text = "".join(s.text for s in segments)
@@ -150,10 +183,14 @@ def test_default_alias_is_the_generic_renderer():
 
 
 def test_assistant_sampled_text_ends_with_the_turn_end_token():
-    expected_end = {"Qwen--Qwen2.5-7B-Instruct": "<|im_end|>", "Qwen--Qwen3-8B": "<|im_end|>",
-                    "meta-llama--Llama-3.1-8B-Instruct": "<|eot_id|>",
-                    "deepseek-ai--DeepSeek-V3": "<｜end▁of▁sentence｜>",
-                    "mistralai--Mistral-Nemo-Instruct-2407": "</s>", "openai--gpt-oss-20b": "<|end|>"}
+    expected_end = {
+        "Qwen--Qwen2.5-7B-Instruct": "<|im_end|>",
+        "Qwen--Qwen3-8B": "<|im_end|>",
+        "meta-llama--Llama-3.1-8B-Instruct": "<|eot_id|>",
+        "deepseek-ai--DeepSeek-V3": "<｜end▁of▁sentence｜>",
+        "mistralai--Mistral-Nemo-Instruct-2407": "</s>",
+        "openai--gpt-oss-20b": "<|end|>",
+    }
     messages = CASES["multi_turn"][0]
     for directory, end in expected_end.items():
         if directory not in FIXTURE_DIRS:
@@ -161,8 +198,13 @@ def test_assistant_sampled_text_ends_with_the_turn_end_token():
         tok = fixture_tokenizer(directory)
         rendered = get_renderer("chat_template", tok).render(messages)
         for i in (2, 4):
-            sampled = tok.decode([t for t, j, s in zip(rendered.token_ids, rendered.message_indices,
-                                                       rendered.sampled_mask) if j == i and s])
+            sampled = tok.decode(
+                [
+                    t
+                    for t, j, s in zip(rendered.token_ids, rendered.message_indices, rendered.sampled_mask)
+                    if j == i and s
+                ]
+            )
             last_end = "<|return|>" if directory.startswith("openai") and i == 4 else end
             assert sampled.startswith(("Paris.", "Madrid.", "<|channel|>final<|message|>", "<think>"))
             assert sampled.endswith(last_end), (directory, sampled)
@@ -215,7 +257,7 @@ def test_template_error_is_a_render_error():
 
 def test_private_use_text_in_content_disables_markers_but_not_ids():
     tok = fixture_tokenizer("Qwen--Qwen2.5-7B-Instruct")
-    messages = [{"role": "user", "content": "odd \U000F0001 char"}, {"role": "assistant", "content": "ok"}]
+    messages = [{"role": "user", "content": "odd \U000f0001 char"}, {"role": "assistant", "content": "ok"}]
     renderer = get_renderer("chat_template", tok)
     assert_parity(renderer, tok, messages, None)
     assert attribution_methods(tok, messages) == ["prefix_diff", "prefix_diff"]
@@ -224,7 +266,8 @@ def test_private_use_text_in_content_disables_markers_but_not_ids():
 # ---- property test --------------------------------------------------------------------------------------------
 
 TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30) | st.sampled_from(
-    ["<|im_end|>", "<|eot_id|>", "</s>", "[INST]", "\n\n", " x ", "<think>a</think>b", ""])
+    ["<|im_end|>", "<|eot_id|>", "</s>", "[INST]", "\n\n", " x ", "<think>a</think>b", ""]
+)
 
 
 @st.composite
@@ -254,9 +297,13 @@ def test_property_random_conversations(directory, messages):
 def test_detected_stop_tokens():
     from render_service.renderers.chat_template import detected_stop_tokens
 
-    expected = {"Qwen--Qwen2.5-7B-Instruct": {"<|im_end|>"}, "meta-llama--Llama-3.1-8B-Instruct": {"<|eot_id|>"},
-                "openai--gpt-oss-20b": {"<|return|>", "<|end|>"}, "mistralai--Mistral-Nemo-Instruct-2407": {"</s>"},
-                "deepseek-ai--DeepSeek-V3": {"<｜end▁of▁sentence｜>"}}
+    expected = {
+        "Qwen--Qwen2.5-7B-Instruct": {"<|im_end|>"},
+        "meta-llama--Llama-3.1-8B-Instruct": {"<|eot_id|>"},
+        "openai--gpt-oss-20b": {"<|return|>", "<|end|>"},
+        "mistralai--Mistral-Nemo-Instruct-2407": {"</s>"},
+        "deepseek-ai--DeepSeek-V3": {"<｜end▁of▁sentence｜>"},
+    }
     for directory, tokens in expected.items():
         if directory in FIXTURE_DIRS:
             tok = fixture_tokenizer(directory)

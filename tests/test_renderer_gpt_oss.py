@@ -37,49 +37,132 @@ WEATHER = {"role": "user", "content": "Weather in Paris?"}
 CALL_ONLY = {"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Paris"})]}
 RESULT = {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}
 DONE = {"role": "assistant", "content": "It is 21 degrees."}
-SCHEMA_ZOO = [{"type": "function", "function": {"name": "zoo", "description": "Every schema shape.", "parameters": {
-    "type": "object", "required": ["b"], "properties": {
-        "a": {"type": "string", "description": "a string", "default": "x"},
-        "b": {"type": "array", "items": {"type": "object", "properties": {"x": {"type": "integer"}}}},
-        "c": {"oneOf": [{"type": "string", "description": "s"}, {"type": "number", "default": 3}, {"type": "object"}]},
-        "d": {"type": "string", "enum": ["u", "v"], "default": "u"},
-        "e": {"type": ["string", "null"]}, "g": {"type": "array", "items": {"type": "boolean"}, "nullable": True},
-        "h": {"type": "object", "properties": {"n": {"type": "object", "properties": {"m": {"type": "boolean"}}}}},
-        "i": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}}, "j": {"type": "integer"},
-        "k": {"type": "string", "nullable": True, "default": None}, "l": {}}}}},
-    {"type": "function", "function": {"name": "ping", "description": "No parameters."}}]
+SCHEMA_ZOO = [
+    {
+        "type": "function",
+        "function": {
+            "name": "zoo",
+            "description": "Every schema shape.",
+            "parameters": {
+                "type": "object",
+                "required": ["b"],
+                "properties": {
+                    "a": {"type": "string", "description": "a string", "default": "x"},
+                    "b": {"type": "array", "items": {"type": "object", "properties": {"x": {"type": "integer"}}}},
+                    "c": {
+                        "oneOf": [
+                            {"type": "string", "description": "s"},
+                            {"type": "number", "default": 3},
+                            {"type": "object"},
+                        ]
+                    },
+                    "d": {"type": "string", "enum": ["u", "v"], "default": "u"},
+                    "e": {"type": ["string", "null"]},
+                    "g": {"type": "array", "items": {"type": "boolean"}, "nullable": True},
+                    "h": {
+                        "type": "object",
+                        "properties": {"n": {"type": "object", "properties": {"m": {"type": "boolean"}}}},
+                    },
+                    "i": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}},
+                    "j": {"type": "integer"},
+                    "k": {"type": "string", "nullable": True, "default": None},
+                    "l": {},
+                },
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "ping", "description": "No parameters."}},
+]
 
 # name -> (messages, tools, renderer options = template kwargs)
 EXTRA = {
-    "developer_first": ([{"role": "developer", "content": "Be brief."}, USER,
-                         {"role": "assistant", "content": "Paris."}], None, {}),
+    "developer_first": (
+        [{"role": "developer", "content": "Be brief."}, USER, {"role": "assistant", "content": "Paris."}],
+        None,
+        {},
+    ),
     "empty_system_with_tools": ([{"role": "system", "content": ""}, WEATHER], TOOLS, {}),
     "tools_without_system": ([WEATHER, CALL_ONLY, RESULT, DONE], TOOLS, {}),
     "reasoning_high": (CASES["reasoning"][0], None, {"reasoning_effort": "high"}),
     "identity_low": ([SYSTEM, USER], None, {"model_identity": "You are a test model.", "reasoning_effort": "low"}),
     "builtin_tools": ([SYSTEM, WEATHER], TOOLS, {"builtin_tools": ["browser", "python"]}),
     "builtin_python": ([USER], None, {"builtin_tools": ["python"]}),
-    "schema_zoo": ([USER, {"role": "assistant", "content": "", "tool_calls": [call("zoo", {"b": []})]}],
-                   SCHEMA_ZOO, {}),
-    "call_with_reasoning_unanswered": ([WEATHER, {**CALL_ONLY, "reasoning_content": "I need the weather."}, RESULT],
-                                       TOOLS, {}),
-    "call_reasoning_dropped_after_answer": ([WEATHER, {**CALL_ONLY, "reasoning_content": "Look it up."}, RESULT, DONE],
-                                            TOOLS, {}),
-    "string_arguments": ([WEATHER, {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}],
-        TOOLS, {}),
-    "flat_call_none_content": ([WEATHER, {"role": "assistant", "content": None, "tool_calls": [
-        {"name": "get_weather", "arguments": {"city": "Paris"}}]}], TOOLS, {}),
-    "tool_result_parts": ([WEATHER, CALL_ONLY, {**RESULT, "content": [{"type": "text", "text": "21"}]}, DONE],
-                          TOOLS, {}),
+    "schema_zoo": (
+        [USER, {"role": "assistant", "content": "", "tool_calls": [call("zoo", {"b": []})]}],
+        SCHEMA_ZOO,
+        {},
+    ),
+    "call_with_reasoning_unanswered": (
+        [WEATHER, {**CALL_ONLY, "reasoning_content": "I need the weather."}, RESULT],
+        TOOLS,
+        {},
+    ),
+    "call_reasoning_dropped_after_answer": (
+        [WEATHER, {**CALL_ONLY, "reasoning_content": "Look it up."}, RESULT, DONE],
+        TOOLS,
+        {},
+    ),
+    "string_arguments": (
+        [
+            WEATHER,
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "c",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+        ],
+        TOOLS,
+        {},
+    ),
+    "flat_call_none_content": (
+        [
+            WEATHER,
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}],
+            },
+        ],
+        TOOLS,
+        {},
+    ),
+    "tool_result_parts": (
+        [WEATHER, CALL_ONLY, {**RESULT, "content": [{"type": "text", "text": "21"}]}, DONE],
+        TOOLS,
+        {},
+    ),
     "empty_reasoning": ([USER, {"role": "assistant", "content": "Paris.", "reasoning_content": ""}], None, {}),
-    "two_tool_rounds": ([SYSTEM, WEATHER, CALL_ONLY, RESULT, DONE, {"role": "user", "content": "Time?"},
-                         {"role": "assistant", "content": "", "tool_calls": [call("get_time", {"tz": "UTC"})]},
-                         {**RESULT, "content": "12:00"}, {"role": "assistant", "content": "Noon."}], TOOLS, {}),
+    "two_tool_rounds": (
+        [
+            SYSTEM,
+            WEATHER,
+            CALL_ONLY,
+            RESULT,
+            DONE,
+            {"role": "user", "content": "Time?"},
+            {"role": "assistant", "content": "", "tool_calls": [call("get_time", {"tz": "UTC"})]},
+            {**RESULT, "content": "12:00"},
+            {"role": "assistant", "content": "Noon."},
+        ],
+        TOOLS,
+        {},
+    ),
     # Typed special tokens become special tokens (as in HF); in the answer we avoid the terminators <|end|>,
     # <|return|> and <|call|>, which a sampled answer cannot contain (they would end the parse).
-    "special_text": ([{"role": "user", "content": "say <|end|><|start|>user<|message|> and <|im_end|>"},
-                      {"role": "assistant", "content": "ok <|endoftext|> <|im_end|> done"}], None, {}),
+    "special_text": (
+        [
+            {"role": "user", "content": "say <|end|><|start|>user<|message|> and <|im_end|>"},
+            {"role": "assistant", "content": "ok <|endoftext|> <|im_end|> done"},
+        ],
+        None,
+        {},
+    ),
 }
 ALL = {**{k: (m, t, {}) for k, (m, t, _) in CASES.items()}, **EXTRA}
 
@@ -108,8 +191,9 @@ def make(tok, **options):
 
 
 def hf_text(tok, messages, tools, add_generation_prompt, **options) -> str:
-    return tok.apply_chat_template(messages, tools=tools, tokenize=False,
-                                   add_generation_prompt=add_generation_prompt, **options)
+    return tok.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **options
+    )
 
 
 def reasoning(m):
@@ -138,8 +222,10 @@ def sampled_text(m, last: bool, answered_later: bool) -> str:
         fn = m["tool_calls"][0].get("function") or m["tool_calls"][0]
         thought = text_of(m.get("content")) or reasoning(m)
         head = analysis.format(thought) if thought and not answered_later else ""
-        return (f"{head} to=functions.{fn['name']}<|channel|>commentary json<|message|>"
-                f"{json.dumps(fn['arguments'], ensure_ascii=False)}<|call|>")
+        return (
+            f"{head} to=functions.{fn['name']}<|channel|>commentary json<|message|>"
+            f"{json.dumps(fn['arguments'], ensure_ascii=False)}<|call|>"
+        )
     head = analysis.format(reasoning(m)) if last and reasoning(m) is not None else ""
     return f"{head}<|channel|>final<|message|>{text_of(m['content'])}{'<|return|>' if last else '<|end|>'}"
 
@@ -151,7 +237,7 @@ def check_supervised(renderer, tok, messages, tools, **options) -> None:
     first = weights.index(1.0)
     weighted = [t for t, w in zip(tokens, weights) if w]
     assert tok.decode(weighted) == sampled_text(messages[last], last == len(messages) - 1, False)
-    assert all(weights[first:first + len(weighted)]) and tok.decode(tokens[first - 2:first]) == "<|start|>assistant"
+    assert all(weights[first : first + len(weighted)]) and tok.decode(tokens[first - 2 : first]) == "<|start|>assistant"
     prompt = renderer.build_generation_prompt(messages[:last], tools=tools).to_ints()
     full = hf_text(tok, messages, tools, False, **options)
     if full.startswith(hf_text(tok, messages[:last], tools, True, **options)):
@@ -167,7 +253,7 @@ def check_round_trip(renderer, tok, messages, tools) -> None:
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        ex = renderer.supervised_example(messages[:i + 1], tools=tools)
+        ex = renderer.supervised_example(messages[: i + 1], tools=tools)
         sampled = [t for t, w in zip(ex.rendered.token_ids, ex.weights) if w]
         assert sampled[-1] in stops
         parsed, ok = renderer.parse_response(sampled, tools)
@@ -220,18 +306,22 @@ def test_golden_digests(tok):
 def test_current_date_defaults_to_today(tok):
     text = tok.decode(get_renderer("gpt-oss", tok).render([USER]).token_ids)
     assert f"Current date: {dt.date.today():%Y-%m-%d}\n" in text
-    assert "Current date: 2024-02-29\n" in tok.decode(get_renderer("gpt-oss", tok, current_date=dt.date(2024, 2, 29))
-                                                      .render([USER]).token_ids)
+    assert "Current date: 2024-02-29\n" in tok.decode(
+        get_renderer("gpt-oss", tok, current_date=dt.date(2024, 2, 29)).render([USER]).token_ids
+    )
 
 
-@pytest.mark.parametrize("messages,tools,field", [
-    ([USER, {"role": "assistant", "content": "<|channel|>final<|message|>x"}], None, "messages[1].content"),
-    ([WEATHER, {**CALL_ONLY, "content": "a", "reasoning_content": "b"}, RESULT], TOOLS, "messages[1].content"),
-    ([WEATHER, CALL_ONLY, RESULT, DONE, RESULT], TOOLS, "messages[4].role"),
-    ([USER, {"role": "assistant", "content": None}], None, "messages[1].content"),
-    ([USER, {"role": "assistant", "content": "x", "tool_calls": []}], None, "messages[1].tool_calls"),
-    ([USER], [{"type": "function", "function": {"name": "f"}}], "tools[0].function.description"),
-])
+@pytest.mark.parametrize(
+    "messages,tools,field",
+    [
+        ([USER, {"role": "assistant", "content": "<|channel|>final<|message|>x"}], None, "messages[1].content"),
+        ([WEATHER, {**CALL_ONLY, "content": "a", "reasoning_content": "b"}, RESULT], TOOLS, "messages[1].content"),
+        ([WEATHER, CALL_ONLY, RESULT, DONE, RESULT], TOOLS, "messages[4].role"),
+        ([USER, {"role": "assistant", "content": None}], None, "messages[1].content"),
+        ([USER, {"role": "assistant", "content": "x", "tool_calls": []}], None, "messages[1].tool_calls"),
+        ([USER], [{"type": "function", "function": {"name": "f"}}], "tools[0].function.description"),
+    ],
+)
 def test_template_errors_raise_render_error(tok, messages, tools, field):
     with pytest.raises(Exception):
         hf_text(tok, messages, tools, False)
@@ -265,17 +355,29 @@ def encode(tok, text):
 
 def test_parse_response_channels_and_malformed_calls(tok):
     renderer = make(tok)
-    message, ok = renderer.parse_response(encode(tok, "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant"
-                                                      "<|channel|>final<|message|>Answer.<|return|>ignored"))
+    message, ok = renderer.parse_response(
+        encode(
+            tok,
+            "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant"
+            "<|channel|>final<|message|>Answer.<|return|>ignored",
+        )
+    )
     assert ok and message == {"role": "assistant", "content": "Answer.", "reasoning_content": "Think."}
     # The header order the model itself often uses: recipient after the channel, <|constrain|>json.
-    message, ok = renderer.parse_response(encode(tok, '<|channel|>commentary to=functions.get_weather <|constrain|>json'
-                                                      '<|message|>{"city": "Paris"}<|call|>'), TOOLS)
+    message, ok = renderer.parse_response(
+        encode(
+            tok, '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
+        ),
+        TOOLS,
+    )
     assert ok and message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
     head = " to=functions.get_weather<|channel|>commentary json<|message|>"
-    cases = [(head + '{"city": <|call|>', True, "invalid_json"), (head + '{"city": "Pa', False, "unclosed"),
-             (head.replace("get_weather", "nope") + "{}<|call|>", True, "unknown_tool"),
-             (head.replace("functions.get_weather", "functions.") + "{}<|call|>", True, "missing_name")]
+    cases = [
+        (head + '{"city": <|call|>', True, "invalid_json"),
+        (head + '{"city": "Pa', False, "unclosed"),
+        (head.replace("get_weather", "nope") + "{}<|call|>", True, "unknown_tool"),
+        (head.replace("functions.get_weather", "functions.") + "{}<|call|>", True, "missing_name"),
+    ]
     for text, closed, status in cases:
         message, ok = renderer.parse_response(encode(tok, text), TOOLS)
         assert ok == closed and message["tool_calls"][0]["status"] == status
@@ -285,15 +387,32 @@ def test_parse_response_channels_and_malformed_calls(tok):
 
 # ---- property test --------------------------------------------------------------------------------
 
-SPECIALS = st.sampled_from(["<|end|>", "<|start|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",
-                            "<|im_end|>", "<|endoftext|>", "analysis", "final", "\n", "\n\n", " ", '{"a": 1}'])
+SPECIALS = st.sampled_from(
+    [
+        "<|end|>",
+        "<|start|>",
+        "<|message|>",
+        "<|channel|>",
+        "<|return|>",
+        "<|call|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "analysis",
+        "final",
+        "\n",
+        "\n\n",
+        " ",
+        '{"a": 1}',
+    ]
+)
 TEXT = st.lists(st.one_of(st.text(max_size=10), SPECIALS), max_size=5).map("".join)
 
 
 @st.composite
 def conversations(draw):
-    messages = [{"role": draw(st.sampled_from(["system", "developer"])), "content": draw(TEXT)}] \
-        if draw(st.booleans()) else []
+    messages = (
+        [{"role": draw(st.sampled_from(["system", "developer"])), "content": draw(TEXT)}] if draw(st.booleans()) else []
+    )
     for _ in range(draw(st.integers(1, 3))):
         messages.append({"role": "user", "content": draw(TEXT)})
         if draw(st.booleans()):
@@ -329,25 +448,48 @@ def test_random_conversations_match_hf(tok, case):
 
 NAMES = st.text("abcxyz_", min_size=1, max_size=4)
 DEFAULTS = st.one_of(st.none(), st.integers(-5, 5), st.text(max_size=3), st.booleans())
-LEAF = st.fixed_dictionaries({}, optional={
-    "type": st.sampled_from(["string", "number", "integer", "boolean", "object", "array", "null", ["string", "null"],
-                             ["integer"], []]),
-    "description": st.text(max_size=6), "nullable": st.booleans(), "default": DEFAULTS,
-    "enum": st.lists(st.text("uv", max_size=2), max_size=2)})
-SCHEMAS = st.recursive(LEAF, lambda inner: st.one_of(
-    st.fixed_dictionaries({"type": st.just("array")}, optional={"items": inner, "nullable": st.booleans()}),
-    st.fixed_dictionaries({"type": st.just("object")}, optional={
-        "properties": st.dictionaries(NAMES, inner, max_size=3), "required": st.lists(NAMES, max_size=2)}),
-    st.fixed_dictionaries({"oneOf": st.lists(inner, max_size=3)}, optional={"description": st.text(max_size=4),
-                                                                           "default": DEFAULTS})), max_leaves=6)
+LEAF = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": st.sampled_from(
+            ["string", "number", "integer", "boolean", "object", "array", "null", ["string", "null"], ["integer"], []]
+        ),
+        "description": st.text(max_size=6),
+        "nullable": st.booleans(),
+        "default": DEFAULTS,
+        "enum": st.lists(st.text("uv", max_size=2), max_size=2),
+    },
+)
+SCHEMAS = st.recursive(
+    LEAF,
+    lambda inner: st.one_of(
+        st.fixed_dictionaries({"type": st.just("array")}, optional={"items": inner, "nullable": st.booleans()}),
+        st.fixed_dictionaries(
+            {"type": st.just("object")},
+            optional={"properties": st.dictionaries(NAMES, inner, max_size=3), "required": st.lists(NAMES, max_size=2)},
+        ),
+        st.fixed_dictionaries(
+            {"oneOf": st.lists(inner, max_size=3)}, optional={"description": st.text(max_size=4), "default": DEFAULTS}
+        ),
+    ),
+    max_leaves=6,
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(properties=st.dictionaries(NAMES, SCHEMAS, max_size=4), required=st.lists(NAMES, max_size=3))
 def test_random_tool_schemas_match_hf(tok, properties, required):
     """The TypeScript-like declarations reproduce the template's macro, quirks included, on random schemas."""
-    tools = [{"type": "function", "function": {"name": "t", "description": "d", "parameters": {
-        "type": "object", "properties": properties, "required": required}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "t",
+                "description": "d",
+                "parameters": {"type": "object", "properties": properties, "required": required},
+            },
+        }
+    ]
     try:
         expected = hf_ids(tok, [USER], tools, True)
     except Exception:  # e.g. a non-string default next to an enum: the template's string concatenation fails

@@ -66,7 +66,9 @@ def check_attribution(renderer, tok, messages, tools) -> None:
 
 
 def check_supervised(renderer, tok, messages, tools) -> None:
-    assert_supervised_is_prompt_then_sample(renderer, tok, messages, tools, lambda messages, last: sampled_text(messages[last]))
+    assert_supervised_is_prompt_then_sample(
+        renderer, tok, messages, tools, lambda messages, last: sampled_text(messages[last])
+    )
 
 
 def sampled_tokens(renderer, messages, j, tools) -> list[int]:
@@ -75,7 +77,7 @@ def sampled_tokens(renderer, messages, j, tools) -> list[int]:
     prompt = renderer.build_generation_prompt(messages[:j], tools=tools).to_ints()
     assert full.token_ids[: len(prompt)] == prompt
     sampled = [t for t, k, s in zip(full.token_ids, full.message_indices, full.sampled_mask) if k == j and s]
-    assert sampled == full.token_ids[len(prompt):]
+    assert sampled == full.token_ids[len(prompt) :]
     return sampled
 
 
@@ -123,9 +125,12 @@ def test_shared_cases(variant, case):
 
 # ---- template options and family-specific cases ------------------------------------------------------------
 
-WEATHER = [{"role": "user", "content": "Weather in Paris?"},
-           {"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Paris"})]},
-           {"role": "tool", "content": '{"temp": 21}'}, {"role": "assistant", "content": "21 degrees."}]
+WEATHER = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Paris"})]},
+    {"role": "tool", "content": '{"temp": 21}'},
+    {"role": "assistant", "content": "21 degrees."},
+]
 SYSTEM = {"role": "system", "content": "  Be brief.\n"}
 
 
@@ -148,11 +153,15 @@ def test_custom_tools_option_replaces_tools(variant):
 
 
 def test_builtin_tools_python_tag_and_eom():
-    messages = [SYSTEM, {"role": "user", "content": "Search the news."},
-                {"role": "assistant", "tool_calls": [call("brave_search", {"query": "news today"})]},
-                {"role": "ipython", "content": "Headline: calm day."},
-                {"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Oslo"})]},
-                {"role": "tool", "content": "5C"}, {"role": "assistant", "content": "A calm, cold day."}]
+    messages = [
+        SYSTEM,
+        {"role": "user", "content": "Search the news."},
+        {"role": "assistant", "tool_calls": [call("brave_search", {"query": "news today"})]},
+        {"role": "ipython", "content": "Headline: calm day."},
+        {"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Oslo"})]},
+        {"role": "tool", "content": "5C"},
+        {"role": "assistant", "content": "A calm, cold day."},
+    ]
     renderer, tok, options = setup("llama3.1", builtin_tools=BUILTIN)
     for tools in (None, TOOLS):
         assert_parity(renderer, tok, messages, tools, **options)
@@ -165,8 +174,9 @@ def test_builtin_tools_python_tag_and_eom():
         tokens = sampled_tokens(renderer, messages, j, TOOLS)
         assert tokens[-1] == tok.convert_tokens_to_ids(EOM)
         parsed, ok = renderer.parse_response(tokens, TOOLS)
-        assert ok and [(c["function"]["name"], c["function"]["arguments"], c["status"]) for c in
-                       parsed["tool_calls"]] == [(*expected, "ok")]
+        assert ok and [
+            (c["function"]["name"], c["function"]["arguments"], c["status"]) for c in parsed["tool_calls"]
+        ] == [(*expected, "ok")]
     # llama3.2's template has no builtin tools: the option is ignored, as the template ignores it.
     r32, tok32, options32 = setup("llama3.2", builtin_tools=BUILTIN)
     plain = messages[:2]
@@ -176,8 +186,10 @@ def test_builtin_tools_python_tag_and_eom():
 @pytest.mark.parametrize("arguments,field", [({"query": 3}, r"arguments\.query"), ("[1]", r"arguments: a builtin")])
 def test_builtin_call_arguments_must_be_strings(arguments, field):
     renderer, _, _ = setup("llama3.1", builtin_tools=BUILTIN)
-    bad = [{"role": "user", "content": "x"},
-           {"role": "assistant", "content": "", "tool_calls": [call("wolfram_alpha", arguments)]}]
+    bad = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "", "tool_calls": [call("wolfram_alpha", arguments)]},
+    ]
     with pytest.raises(RenderError, match=r"messages\[1\]\.tool_calls\[0\]\.function\." + field):
         renderer.render(bad)
 
@@ -197,8 +209,12 @@ def test_dates(variant):
 @pytest.mark.parametrize("variant", sorted(DIRS))
 def test_later_system_and_developer_turns_render_in_place(variant):
     renderer, tok, options = setup(variant)
-    messages = [{"role": "user", "content": "a"}, {"role": "system", "content": " mid "},
-                {"role": "developer", "content": "dev"}, {"role": "assistant", "content": "b"}]
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "system", "content": " mid "},
+        {"role": "developer", "content": "dev"},
+        {"role": "assistant", "content": "b"},
+    ]
     assert_parity(renderer, tok, messages, None, **options)
     check_attribution(renderer, tok, messages, None)
 
@@ -207,9 +223,13 @@ def test_later_system_and_developer_turns_render_in_place(variant):
 def test_inputs_the_template_renders_differently(variant):
     """String arguments, part lists, None content and empty tool_calls: we equal HF on the normalised input."""
     renderer, tok, options = setup(variant)
-    normalised = [{"role": "system", "content": "sys"}, {"role": "user", "content": "ab"},
-                  {"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Paris"})]},
-                  {"role": "tool", "content": "21"}, {"role": "assistant", "content": ""}]
+    normalised = [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Paris"})]},
+        {"role": "tool", "content": "21"},
+        {"role": "assistant", "content": ""},
+    ]
     given_ = copy.deepcopy(normalised)
     given_[0]["content"] = [{"type": "text", "text": "sys"}]
     given_[1]["content"] = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
@@ -219,18 +239,35 @@ def test_inputs_the_template_renders_differently(variant):
     assert template_raises(tok, [normalised[1], {"role": "assistant", "content": "", "tool_calls": []}], None)
 
 
-@pytest.mark.parametrize("bad,tools,field", [
-    ([], None, r"messages: empty"),
-    ([{"role": "system", "content": "s"}], TOOLS, r"messages: tools go into the first user message"),
-    ([{"role": "assistant", "content": "hi"}], TOOLS, r"messages\[0\]\.role: tools go into the first user"),
-    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "",
-                                         "tool_calls": [call("get_time", "{not json")]}], None,
-     r"messages\[1\]\.tool_calls\[0\]\.function\.arguments: not valid JSON"),
-    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "",
-                                         "tool_calls": [{"type": "function", "function": {"arguments": {}}}]}],
-     None, r"messages\[1\]\.tool_calls\[0\]\.function\.name"),
-    ([{"role": "user", "content": "x", "tool_calls": [call("get_time", {})]}], None, r"messages\[0\]\.tool_calls"),
-])
+@pytest.mark.parametrize(
+    "bad,tools,field",
+    [
+        ([], None, r"messages: empty"),
+        ([{"role": "system", "content": "s"}], TOOLS, r"messages: tools go into the first user message"),
+        ([{"role": "assistant", "content": "hi"}], TOOLS, r"messages\[0\]\.role: tools go into the first user"),
+        (
+            [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": "", "tool_calls": [call("get_time", "{not json")]},
+            ],
+            None,
+            r"messages\[1\]\.tool_calls\[0\]\.function\.arguments: not valid JSON",
+        ),
+        (
+            [
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [{"type": "function", "function": {"arguments": {}}}],
+                },
+            ],
+            None,
+            r"messages\[1\]\.tool_calls\[0\]\.function\.name",
+        ),
+        ([{"role": "user", "content": "x", "tool_calls": [call("get_time", {})]}], None, r"messages\[0\]\.tool_calls"),
+    ],
+)
 def test_render_errors_name_message_and_field(bad, tools, field):
     renderer, _, _ = setup("llama3.1")
     with pytest.raises(RenderError, match=field):
@@ -252,15 +289,18 @@ def test_stop_sequences():
         assert renderer.get_stop_strings() == [EOT, EOM]
 
 
-@pytest.mark.parametrize("text,status,ok", [
-    ('{"name": "get_weather", "parameters": {"city": ' + EOT, "invalid_json", True),
-    ('{"name": "get_weather", "parameters": {"city": "Paris"}}', "unclosed", False),
-    ('{"name": "launch", "parameters": {}}' + EOT, "unknown_tool", True),
-    ('{"name": "get_time", "parameters": {"tz": "UTC"}}' + EOM, "ok", True),
-    (PYTHON_TAG + '{"name": "get_time", "parameters": {"tz": "UTC"}}' + EOM, "ok", True),
-    (PYTHON_TAG + 'brave_search.call(query="x", "oops")' + EOM, "invalid_json", True),
-    (PYTHON_TAG + 'brave_search.call(query="x"' + EOM, "ok", True),  # not a call: raw code_interpreter code
-])
+@pytest.mark.parametrize(
+    "text,status,ok",
+    [
+        ('{"name": "get_weather", "parameters": {"city": ' + EOT, "invalid_json", True),
+        ('{"name": "get_weather", "parameters": {"city": "Paris"}}', "unclosed", False),
+        ('{"name": "launch", "parameters": {}}' + EOT, "unknown_tool", True),
+        ('{"name": "get_time", "parameters": {"tz": "UTC"}}' + EOM, "ok", True),
+        (PYTHON_TAG + '{"name": "get_time", "parameters": {"tz": "UTC"}}' + EOM, "ok", True),
+        (PYTHON_TAG + 'brave_search.call(query="x", "oops")' + EOM, "invalid_json", True),
+        (PYTHON_TAG + 'brave_search.call(query="x"' + EOM, "ok", True),  # not a call: raw code_interpreter code
+    ],
+)
 def test_parse_tool_call_statuses(text, status, ok):
     message, stopped = parse(text, builtin_tools=BUILTIN)
     assert stopped is ok and message["tool_calls"][0]["status"] == status
@@ -281,10 +321,13 @@ def test_parse_code_interpreter_and_plain_content():
 
 def test_names_aliases_and_model_patterns():
     assert canonical_name("llama3") == "llama3.1" and canonical_name("llama3.2") == "llama3.2"
-    for model, name in [("meta-llama/Llama-3.1-8B-Instruct", "llama3.1"), ("meta-llama/Llama-3.3-70B-Instruct",
-                        "llama3.1"), ("meta-llama/Meta-Llama-3.1-70B-Instruct", "llama3.1"),
-                        ("meta-llama/Llama-3.2-1B-Instruct", "llama3.2"), ("meta-llama/Llama-3.2-3B-Instruct",
-                        "llama3.2")]:
+    for model, name in [
+        ("meta-llama/Llama-3.1-8B-Instruct", "llama3.1"),
+        ("meta-llama/Llama-3.3-70B-Instruct", "llama3.1"),
+        ("meta-llama/Meta-Llama-3.1-70B-Instruct", "llama3.1"),
+        ("meta-llama/Llama-3.2-1B-Instruct", "llama3.2"),
+        ("meta-llama/Llama-3.2-3B-Instruct", "llama3.2"),
+    ]:
         assert renderer_for_model(model) == name
     assert renderer_for_model("meta-llama/Llama-3.2-11B-Vision-Instruct") != "llama3.2"
 
@@ -292,8 +335,9 @@ def test_names_aliases_and_model_patterns():
 # ---- property: random conversations render exactly like HF -----------------------------------------------------
 
 SPECIALS = ["<|eot_id|>", "<|start_header_id|>", "<|python_tag|>", "<|im_end|>", "\n", "\n\n", " ", "{", '"']
-TEXT = st.lists(st.one_of(st.text(st.characters(exclude_categories=("Cs",)), max_size=12),
-                          st.sampled_from(SPECIALS)), max_size=5).map("".join)
+TEXT = st.lists(
+    st.one_of(st.text(st.characters(exclude_categories=("Cs",)), max_size=12), st.sampled_from(SPECIALS)), max_size=5
+).map("".join)
 ARGS = st.dictionaries(st.sampled_from(["city", "tz", "n"]), st.one_of(TEXT, st.integers()), max_size=2)
 
 
@@ -305,16 +349,17 @@ def conversations(draw):
         messages.append({"role": "user", "content": draw(TEXT)})
         if with_tools and draw(st.booleans()):
             name = draw(st.sampled_from(["get_weather", "get_time"]))
-            messages += [{"role": "assistant", "content": "", "tool_calls": [call(name, draw(ARGS))]},
-                         {"role": draw(st.sampled_from(["tool", "ipython"])), "content": draw(TEXT)}]
+            messages += [
+                {"role": "assistant", "content": "", "tool_calls": [call(name, draw(ARGS))]},
+                {"role": draw(st.sampled_from(["tool", "ipython"])), "content": draw(TEXT)},
+            ]
         messages.append({"role": "assistant", "content": draw(TEXT)})
     if draw(st.booleans()):
         messages.pop()
     return messages, (TOOLS if with_tools else None)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conversations(), st.sampled_from(sorted(DIRS)), st.booleans(), st.booleans())
 def test_random_conversations_match_hf(conversation, variant, in_user, generation_prompt):
     messages, tools = conversation

@@ -48,28 +48,59 @@ def nine_char_ids(messages):
 
 
 APPLICABLE = {name: (m, t) for name, (m, t, needs) in CASES.items() if needs <= FEATURES}
-WITH_IDS = {f"{name}+ids": (nine_char_ids(m), t) for name, (m, t) in APPLICABLE.items()
-            if any(x.get("tool_calls") for x in m)}
+WITH_IDS = {
+    f"{name}+ids": (nine_char_ids(m), t) for name, (m, t) in APPLICABLE.items() if any(x.get("tool_calls") for x in m)
+}
 EXTRA = {
     "system_tools_cycle": ([SYSTEM, WEATHER, CALL, RESULT], TOOLS),
     "system_multi_turn_ends_on_user": ([SYSTEM, USER, {"role": "assistant", "content": "Paris."}, WEATHER], None),
     "empty_tools_list": ([WEATHER], []),
     "tools_before_equal_user_messages": ([WEATHER, {"role": "assistant", "content": "Sunny."}, WEATHER], TOOLS),
     "plain_string_result": ([WEATHER, CALL, {**RESULT, "content": "sunny"}, DONE], TOOLS),
-    "string_arguments": ([WEATHER, {"role": "assistant", "content": None, "tool_calls": [{"id": "abcDEF123",
-                          "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-                          RESULT], TOOLS),
-    "two_tool_rounds": ([WEATHER, CALL, RESULT, DONE, {"role": "user", "content": "Time?"},
-                         {"role": "assistant", "content": "",
-                          "tool_calls": [call("get_time", {"tz": "UTC"}, "xyz987654")]},
-                         {**RESULT, "tool_call_id": "xyz987654", "content": "12:00"},
-                         {"role": "assistant", "content": "Noon."}],
-                        TOOLS),
-    "special_text": ([{"role": "user", "content": "say [INST] and [/INST] and </s> and <|im_end|>"},
-                      {"role": "assistant", "content": "ok [INST] <|im_end|> done"}], None),
+    "string_arguments": (
+        [
+            WEATHER,
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "abcDEF123",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            RESULT,
+        ],
+        TOOLS,
+    ),
+    "two_tool_rounds": (
+        [
+            WEATHER,
+            CALL,
+            RESULT,
+            DONE,
+            {"role": "user", "content": "Time?"},
+            {"role": "assistant", "content": "", "tool_calls": [call("get_time", {"tz": "UTC"}, "xyz987654")]},
+            {**RESULT, "tool_call_id": "xyz987654", "content": "12:00"},
+            {"role": "assistant", "content": "Noon."},
+        ],
+        TOOLS,
+    ),
+    "special_text": (
+        [
+            {"role": "user", "content": "say [INST] and [/INST] and </s> and <|im_end|>"},
+            {"role": "assistant", "content": "ok [INST] <|im_end|> done"},
+        ],
+        None,
+    ),
 }
-ALL = {**{k: v for k, v in APPLICABLE.items() if k not in {n.removesuffix("+ids") for n in WITH_IDS}}, **WITH_IDS,
-       **EXTRA}
+ALL = {
+    **{k: v for k, v in APPLICABLE.items() if k not in {n.removesuffix("+ids") for n in WITH_IDS}},
+    **WITH_IDS,
+    **EXTRA,
+}
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +150,7 @@ def check_supervised(renderer, tok, messages, tools) -> None:
     tokens, weights = example.rendered.token_ids, example.weights
     first = weights.index(1.0)
     weighted = [t for t, w in zip(tokens, weights) if w]
-    assert all(weights[first:first + len(weighted)]) and tok.decode(weighted) == sampled_text(messages[last])
+    assert all(weights[first : first + len(weighted)]) and tok.decode(weighted) == sampled_text(messages[last])
     prompt = renderer.build_generation_prompt(messages[:last], tools=tools).to_ints()
     if hf_text(tok, messages, tools).startswith(hf_text(tok, messages[:last], tools, True)):
         assert tokens[:first] == prompt
@@ -133,15 +164,18 @@ def check_round_trip(renderer, tok, messages, tools) -> None:
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        ex = renderer.supervised_example(messages[:i + 1], tools=tools)
+        ex = renderer.supervised_example(messages[: i + 1], tools=tools)
         sampled = [t for t, w in zip(ex.rendered.token_ids, ex.weights) if w]
         assert sampled[-1] == tok.eos_token_id
         parsed, ok = renderer.parse_response(sampled, tools)
         assert ok
-        calls = [(c.get("id"), c["function"]["name"], c["function"]["arguments"], c["status"])
-                 for c in parsed.get("tool_calls", [])]
-        expected_calls = [(c["id"], c["function"]["name"], c["function"]["arguments"], "ok")
-                          for c in m.get("tool_calls") or []]
+        calls = [
+            (c.get("id"), c["function"]["name"], c["function"]["arguments"], c["status"])
+            for c in parsed.get("tool_calls", [])
+        ]
+        expected_calls = [
+            (c["id"], c["function"]["name"], c["function"]["arguments"], "ok") for c in m.get("tool_calls") or []
+        ]
         # The template drops the content of a tool-calling message, so the model never writes it.
         assert (parsed["content"], calls) == ("" if expected_calls else text_of(m["content"]), expected_calls)
         assert not renderer.parse_response(sampled[:-1], tools)[1]
@@ -176,14 +210,17 @@ def test_parity_attribution_supervision_round_trip(tok, renderer, name):
         check_round_trip(renderer, tok, messages, tools)
 
 
-@pytest.mark.parametrize("messages,tools,field", [
-    *[(m, t, "tool_calls[0].id") for name, (m, t) in APPLICABLE.items() if name + "+ids" in WITH_IDS],
-    ([WEATHER, CALL, {**RESULT, "tool_call_id": "short"}], TOOLS, r"messages[2].tool_call_id"),
-    ([USER, USER], None, "messages[1].role"),
-    ([{"role": "assistant", "content": "Hi"}, USER], None, "messages[0].role"),
-    ([USER, {"role": "assistant", "content": "Hi"}, {"role": "system", "content": "x"}], None, "messages[2].role"),
-    ([USER, {"role": "assistant", "content": None}], None, "messages[1].content"),
-])
+@pytest.mark.parametrize(
+    "messages,tools,field",
+    [
+        *[(m, t, "tool_calls[0].id") for name, (m, t) in APPLICABLE.items() if name + "+ids" in WITH_IDS],
+        ([WEATHER, CALL, {**RESULT, "tool_call_id": "short"}], TOOLS, r"messages[2].tool_call_id"),
+        ([USER, USER], None, "messages[1].role"),
+        ([{"role": "assistant", "content": "Hi"}, USER], None, "messages[0].role"),
+        ([USER, {"role": "assistant", "content": "Hi"}, {"role": "system", "content": "x"}], None, "messages[2].role"),
+        ([USER, {"role": "assistant", "content": None}], None, "messages[1].content"),
+    ],
+)
 def test_template_errors_raise_render_error(tok, renderer, messages, tools, field):
     with pytest.raises(Exception):
         hf_text(tok, messages, tools)
@@ -214,15 +251,23 @@ def encode(tok, text):
 def test_parse_response_tool_calls_and_malformed(tok, renderer):
     message, ok = renderer.parse_response(encode(tok, "Sure.</s>ignored"))
     assert ok and message == {"role": "assistant", "content": "Sure."}
-    message, ok = renderer.parse_response(encode(tok, 'Let me look.[TOOL_CALLS][{"name": "get_weather", "arguments": '
-                                                      '{"city": "Paris"}, "id": "abcDEF123"}, {"name": "get_time", '
-                                                      '"arguments": {"tz": "UTC"}}]</s>'), TOOLS)
+    message, ok = renderer.parse_response(
+        encode(
+            tok,
+            'Let me look.[TOOL_CALLS][{"name": "get_weather", "arguments": '
+            '{"city": "Paris"}, "id": "abcDEF123"}, {"name": "get_time", '
+            '"arguments": {"tz": "UTC"}}]</s>',
+        ),
+        TOOLS,
+    )
     assert ok and message["content"] == "Let me look." and [c["status"] for c in message["tool_calls"]] == ["ok", "ok"]
     assert message["tool_calls"][0]["id"] == "abcDEF123" and "id" not in message["tool_calls"][1]
-    cases = [('[TOOL_CALLS][{"name": "get_weather", </s>', True, "invalid_json"),
-             ('[TOOL_CALLS][{"name": "get_weather", "argu', False, "unclosed"),
-             ('[TOOL_CALLS][{"name": "nope", "arguments": {}}]</s>', True, "unknown_tool"),
-             ('[TOOL_CALLS][{"arguments": {}}]</s>', True, "missing_name")]
+    cases = [
+        ('[TOOL_CALLS][{"name": "get_weather", </s>', True, "invalid_json"),
+        ('[TOOL_CALLS][{"name": "get_weather", "argu', False, "unclosed"),
+        ('[TOOL_CALLS][{"name": "nope", "arguments": {}}]</s>', True, "unknown_tool"),
+        ('[TOOL_CALLS][{"arguments": {}}]</s>', True, "missing_name"),
+    ]
     for text, closed, status in cases:
         message, ok = renderer.parse_response(encode(tok, text), TOOLS)
         assert ok == closed and message["tool_calls"][0]["status"] == status
@@ -232,8 +277,24 @@ def test_parse_response_tool_calls_and_malformed(tok, renderer):
 
 # ---- property test --------------------------------------------------------------------------------
 
-SPECIALS = st.sampled_from(["[INST]", "[/INST]", "</s>", "<s>", "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]",
-                            "[AVAILABLE_TOOLS]", "<|im_end|>", "\n", "\n\n", " ", '{"a": 1}', '"'])
+SPECIALS = st.sampled_from(
+    [
+        "[INST]",
+        "[/INST]",
+        "</s>",
+        "<s>",
+        "[TOOL_CALLS]",
+        "[TOOL_RESULTS]",
+        "[/TOOL_RESULTS]",
+        "[AVAILABLE_TOOLS]",
+        "<|im_end|>",
+        "\n",
+        "\n\n",
+        " ",
+        '{"a": 1}',
+        '"',
+    ]
+)
 TEXT = st.lists(st.one_of(st.text(max_size=10), SPECIALS), max_size=5).map("".join)
 IDS = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", min_size=9, max_size=9)
 

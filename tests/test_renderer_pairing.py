@@ -17,8 +17,11 @@ TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
 
 
 def test_a_family_over_another_familys_tokenizer_is_refused_naming_both(qwen3_tokenizer, fixtures_dir):
-    with pytest.raises(RenderError, match=r"^renderer: 'llama3.2' does not match the tokenizer 'ultrasafe/usf-mini': "
-                                          r"its special token '<\|begin_of_text\|>'"):
+    with pytest.raises(
+        RenderError,
+        match=r"^renderer: 'llama3.2' does not match the tokenizer 'ultrasafe/usf-mini': "
+        r"its special token '<\|begin_of_text\|>'",
+    ):
         get_renderer("llama3.2", qwen3_tokenizer, tokenizer_name="ultrasafe/usf-mini")
     llama = get_tokenizer(str(fixtures_dir / "tokenizers" / LLAMA))
     with pytest.raises(RenderError, match=r"'ultrasafe' does not match the tokenizer .*Llama-3.2.*'<\|im_start\|>'"):
@@ -33,8 +36,9 @@ def test_the_render_service_names_the_tokenizer_as_the_caller_did(client):
     from bios.errors import InvalidArgumentError
 
     renderer = client.render_client("llama3.2", "ultrasafe/usf-mini")
-    with pytest.raises(InvalidArgumentError, match="renderer: 'llama3.2' does not match the tokenizer "
-                                                   "'ultrasafe/usf-mini'"):
+    with pytest.raises(
+        InvalidArgumentError, match="renderer: 'llama3.2' does not match the tokenizer 'ultrasafe/usf-mini'"
+    ):
         renderer.build_generation_prompt([{"role": "user", "content": "hi"}])
 
 
@@ -47,12 +51,18 @@ def test_a_model_directory_gets_the_family_its_path_names(fixtures_dir, tmp_path
     assert resolve(str(tmp_path)).renderer == "chat_template"  # nothing to go by: the tokenizer's own template
 
 
-@pytest.mark.parametrize("messages,tools,field", [
-    ([{"role": "user", "content": "x"}, CALL], None, "messages[1].tool_calls"),
-    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "reasoning_content": "z"}], None,
-     "messages[1].reasoning_content"),
-    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], TOOLS, "tools"),
-])
+@pytest.mark.parametrize(
+    "messages,tools,field",
+    [
+        ([{"role": "user", "content": "x"}, CALL], None, "messages[1].tool_calls"),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "reasoning_content": "z"}],
+            None,
+            "messages[1].reasoning_content",
+        ),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], TOOLS, "tools"),
+    ],
+)
 def test_chatml_refuses_what_it_cannot_represent(qwen3_tokenizer, messages, tools, field):
     renderer = get_renderer("ultrasafe", qwen3_tokenizer)
     with pytest.raises(RenderError, match=rf"^{re.escape(field)}: the ultrasafe renderer cannot represent"):

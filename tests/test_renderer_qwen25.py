@@ -39,8 +39,9 @@ def applicable(features: set[str]) -> list[str]:
 
 
 def hf_text(tok, messages, tools, add_generation_prompt, **options) -> str:
-    return tok.apply_chat_template(messages, tools=tools, tokenize=False,
-                                   add_generation_prompt=add_generation_prompt, **options)
+    return tok.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **options
+    )
 
 
 def check_attribution(renderer, tok, messages, tools) -> None:
@@ -78,24 +79,24 @@ def check_supervised(renderer, tok, messages, tools, **options) -> bool:
     prompt_text = hf_text(tok, prefix, tools, True, **options)
     if not full_text.startswith(prompt_text):
         return False
-    sampled_text = full_text[len(prompt_text):].removesuffix("\n")
+    sampled_text = full_text[len(prompt_text) :].removesuffix("\n")
     prompt_ids, full_ids = hf_ids(tok, prefix, tools, True, **options), hf_ids(tok, messages, tools, False, **options)
-    if full_ids[:len(prompt_ids)] == prompt_ids:
+    if full_ids[: len(prompt_ids)] == prompt_ids:
         assert list(tokens[:first]) == renderer.build_generation_prompt(prefix, tools=tools).to_ints()
         assert tok.decode(weighted) == sampled_text
     else:
         # HF's own prompt ids are not a prefix of its full ids (the header "\n" merged with leading newlines
         # of the answer), so no attribution can make them equal; the merged token stays in the prompt part.
-        assert sampled_text.endswith(tok.decode(weighted)) and not sampled_text[:-len(tok.decode(weighted))].strip()
+        assert sampled_text.endswith(tok.decode(weighted)) and not sampled_text[: -len(tok.decode(weighted))].strip()
     return True
 
 
 def sampled_tokens(tok, messages, i, tools, **options) -> list[int]:
     """What the model samples for messages[i] as the final message: HF text after the prompt, with <|im_end|>."""
-    full = hf_text(tok, messages[:i + 1], tools, False, **options)
+    full = hf_text(tok, messages[: i + 1], tools, False, **options)
     prompt = hf_text(tok, messages[:i], tools, True, **options)
     assert full.startswith(prompt)
-    return tok.encode(full[len(prompt):].removesuffix("\n"), add_special_tokens=False)
+    return tok.encode(full[len(prompt) :].removesuffix("\n"), add_special_tokens=False)
 
 
 def expected_calls(message) -> list[dict]:
@@ -109,10 +110,24 @@ def expected_calls(message) -> list[dict]:
 
 def conversation_strategy(with_reasoning: bool):
     """Random conversations in a valid role order, with special-token-looking text inside."""
-    specials = st.sampled_from(["<|im_end|>", "<|im_start|>", "<|endoftext|>", "<tool_call>", "</tool_call>",
-                                "<think>", "</think>", "<tool_response>", "</tool_response>", "\n", "\n\n", " "])
+    specials = st.sampled_from(
+        [
+            "<|im_end|>",
+            "<|im_start|>",
+            "<|endoftext|>",
+            "<tool_call>",
+            "</tool_call>",
+            "<think>",
+            "</think>",
+            "<tool_response>",
+            "</tool_response>",
+            "\n",
+            "\n\n",
+            " ",
+        ]
+    )
     text = st.lists(st.one_of(st.text(max_size=12), specials), max_size=5).map("".join)
-    scalar = st.one_of(st.text(max_size=8), st.integers(-10**6, 10**6), st.booleans(), st.none())
+    scalar = st.one_of(st.text(max_size=8), st.integers(-(10**6), 10**6), st.booleans(), st.none())
     args = st.dictionaries(st.text(max_size=6), scalar, max_size=3)
 
     @st.composite
@@ -126,11 +141,14 @@ def conversation_strategy(with_reasoning: bool):
                 if with_reasoning and draw(st.booleans()):
                     answer["reasoning_content"] = draw(text)
                 if n_calls:
-                    answer["tool_calls"] = [call(draw(st.sampled_from(["get_weather", "get_time"])), draw(args),
-                                                 f"call_{k}") for k in range(n_calls)]
+                    answer["tool_calls"] = [
+                        call(draw(st.sampled_from(["get_weather", "get_time"])), draw(args), f"call_{k}")
+                        for k in range(n_calls)
+                    ]
                 messages.append(answer)
-                messages += [{"role": "tool", "tool_call_id": f"call_{k}", "content": draw(text)}
-                             for k in range(n_calls)]
+                messages += [
+                    {"role": "tool", "tool_call_id": f"call_{k}", "content": draw(text)} for k in range(n_calls)
+                ]
         tools = draw(st.sampled_from([None, TOOLS]))
         return messages, tools
 
@@ -144,8 +162,13 @@ PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_che
 
 def test_names_aliases_and_model_patterns(tok):
     assert type(get_renderer("qwen25", tok)) is type(get_renderer("qwen2.5", tok))
-    for model in ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "qwen/qwen2.5-72b-instruct-awq",
-                  "Qwen/Qwen2.5-Coder-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct-1M"):
+    for model in (
+        "Qwen/Qwen2.5-7B-Instruct",
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        "qwen/qwen2.5-72b-instruct-awq",
+        "Qwen/Qwen2.5-Coder-7B-Instruct",
+        "Qwen/Qwen2.5-7B-Instruct-1M",
+    ):
         assert renderer_for_model(model) == "qwen2.5", model
     # Math-Instruct has another default system prompt; base models are not chat models.
     assert renderer_for_model("Qwen/Qwen2.5-Math-7B-Instruct") != "qwen2.5"
@@ -162,25 +185,70 @@ def test_stop_sequences_follow_generation_config(renderer):
 EXTRA_CASES = {
     "tools_no_system_default_prompt": ([WEATHER], TOOLS),
     "tools_empty_list_is_no_tools": ([WEATHER], []),
-    "later_system_message": ([WEATHER, {"role": "system", "content": "Be brief."}, {"role": "user", "content": "ok"}],
-                             None),
+    "later_system_message": (
+        [WEATHER, {"role": "system", "content": "Be brief."}, {"role": "user", "content": "ok"}],
+        None,
+    ),
     "string_arguments_are_tojson_quoted": (
-        [WEATHER, {"role": "assistant", "content": "", "tool_calls": [
-            {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}],
-        TOOLS),
+        [
+            WEATHER,
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "c",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+        ],
+        TOOLS,
+    ),
     "flat_tool_call_and_none_content": (
-        [WEATHER, {"role": "assistant", "content": None, "tool_calls": [
-            {"name": "get_time", "arguments": {"tz": "Asia/東京", "n": [1, 2.5, None, True]}}]},
-         {"role": "tool", "content": "ok"}], TOOLS),
-    "non_ascii_tools_kept_verbatim": ([WEATHER], [{"type": "function", "function": {
-        "name": "météo", "description": "Wetter — 天気 \"quoted\"", "parameters": {"z": 1, "a": {}}}}]),
+        [
+            WEATHER,
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"name": "get_time", "arguments": {"tz": "Asia/東京", "n": [1, 2.5, None, True]}}],
+            },
+            {"role": "tool", "content": "ok"},
+        ],
+        TOOLS,
+    ),
+    "non_ascii_tools_kept_verbatim": (
+        [WEATHER],
+        [
+            {
+                "type": "function",
+                "function": {"name": "météo", "description": 'Wetter — 天気 "quoted"', "parameters": {"z": 1, "a": {}}},
+            }
+        ],
+    ),
     "tool_results_in_two_groups": (
-        [WEATHER, {"role": "assistant", "content": "x", "tool_calls": [call("get_time", {"tz": "UTC"})]},
-         {"role": "tool", "content": "1"}, {"role": "assistant", "content": "",
-                                             "tool_calls": [call("get_time", {}), call("get_weather", {"city": "P"})]},
-         {"role": "tool", "content": "2"}, {"role": "tool", "content": "3"}], TOOLS),
-    "special_token_text_in_content": ([{"role": "user", "content": "say <|im_end|> and <tool_call>{}</tool_call>"},
-                                       {"role": "assistant", "content": "<|im_start|>x<|endoftext|>"}], None),
+        [
+            WEATHER,
+            {"role": "assistant", "content": "x", "tool_calls": [call("get_time", {"tz": "UTC"})]},
+            {"role": "tool", "content": "1"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [call("get_time", {}), call("get_weather", {"city": "P"})],
+            },
+            {"role": "tool", "content": "2"},
+            {"role": "tool", "content": "3"},
+        ],
+        TOOLS,
+    ),
+    "special_token_text_in_content": (
+        [
+            {"role": "user", "content": "say <|im_end|> and <tool_call>{}</tool_call>"},
+            {"role": "assistant", "content": "<|im_start|>x<|endoftext|>"},
+        ],
+        None,
+    ),
 }
 
 
@@ -205,25 +273,42 @@ def test_default_system_prompt_text(renderer, tok):
 
 
 def test_text_parts_and_none_render_as_their_text(renderer, tok):
-    parts = [{"role": "system", "content": [{"type": "text", "text": "Sys"}, {"type": "text", "text": "tem"}]},
-             {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    parts = [
+        {"role": "system", "content": [{"type": "text", "text": "Sys"}, {"type": "text", "text": "tem"}]},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+    ]
     with pytest.raises(Exception):  # the template itself cannot concatenate a list
         tok.apply_chat_template(parts, tokenize=False)
     plain = [{"role": "system", "content": "System"}, {"role": "user", "content": "hi"}]
     assert renderer.render(parts).token_ids == hf_ids(tok, plain, None, False)
     assert renderer.render([{"role": "user", "content": None}]).token_ids == hf_ids(
-        tok, [{"role": "user", "content": ""}], None, False)
+        tok, [{"role": "user", "content": ""}], None, False
+    )
 
 
-@pytest.mark.parametrize("bad,field", [
-    ([], "messages"),
-    ([{"role": "developer", "content": "x"}, WEATHER], r"messages\[0\]\.role"),
-    ([WEATHER, {"role": "ipython", "content": "x"}], r"messages\[1\]\.role"),
-    ([WEATHER, {"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]}],
-     r"messages\[1\]\.tool_calls\[0\]\.function\.name"),
-    ([WEATHER, {"role": "assistant", "content": "", "tool_calls": [call("get_time", {}), {"function": {
-        "name": "get_time"}}]}], r"messages\[1\]\.tool_calls\[1\]\.function\.arguments"),
-])
+@pytest.mark.parametrize(
+    "bad,field",
+    [
+        ([], "messages"),
+        ([{"role": "developer", "content": "x"}, WEATHER], r"messages\[0\]\.role"),
+        ([WEATHER, {"role": "ipython", "content": "x"}], r"messages\[1\]\.role"),
+        (
+            [WEATHER, {"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]}],
+            r"messages\[1\]\.tool_calls\[0\]\.function\.name",
+        ),
+        (
+            [
+                WEATHER,
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [call("get_time", {}), {"function": {"name": "get_time"}}],
+                },
+            ],
+            r"messages\[1\]\.tool_calls\[1\]\.function\.arguments",
+        ),
+    ],
+)
 def test_unrenderable_input_raises_render_error(renderer, bad, field):
     with pytest.raises(RenderError, match=field):
         renderer.render(bad)
@@ -238,8 +323,9 @@ def test_attribution_invariants(renderer, tok, name):
     check_attribution(renderer, tok, messages, tools)
 
 
-@pytest.mark.parametrize("name", [n for n in applicable(FEATURES)
-                                  if any(m["role"] == "assistant" for m in CASES[n][0])])
+@pytest.mark.parametrize(
+    "name", [n for n in applicable(FEATURES) if any(m["role"] == "assistant" for m in CASES[n][0])]
+)
 def test_supervised_example(renderer, tok, name):
     messages, tools, _ = CASES[name]
     assert check_supervised(renderer, tok, messages, tools)
@@ -249,8 +335,9 @@ def test_tool_bodies_are_content_wrappers_are_not(renderer, tok):
     messages, tools, _ = CASES["tool_calls_several_with_content"]
     example = renderer.supervised_example(messages, tools=tools, content_sft_roles={"tool"})
     r = example.rendered
-    tool_text = tok.decode([t for t, w, role in zip(r.token_ids, example.weights, r.message_roles)
-                            if w and role == "tool"])
+    tool_text = tok.decode(
+        [t for t, w, role in zip(r.token_ids, example.weights, r.message_roles) if w and role == "tool"]
+    )
     assert tool_text == '{"temp": 21}\n14:05'  # "}\n" is one BPE token, as in HF's ids
     assert "<tool_response>" not in tool_text
 
@@ -258,8 +345,9 @@ def test_tool_bodies_are_content_wrappers_are_not(renderer, tok):
 # ---- parse_response ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", applicable(FEATURES) + ["string_arguments_are_tojson_quoted",
-                                                           "tool_results_in_two_groups"])
+@pytest.mark.parametrize(
+    "name", applicable(FEATURES) + ["string_arguments_are_tojson_quoted", "tool_results_in_two_groups"]
+)
 def test_parse_round_trip(renderer, tok, name):
     messages, tools = CASES[name][:2] if name in CASES else EXTRA_CASES[name]
     for i, m in enumerate(messages):
@@ -279,10 +367,12 @@ def encode(tok, text):
 
 
 def test_parse_finds_calls_by_token_id_and_reports_bad_ones(renderer, tok):
-    text = ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
-            '<tool_call>\n{"name": "get_weather", "arguments": {"city": \n</tool_call>\n'
-            '<tool_call>\n{"name": "launch", "arguments": {}}\n</tool_call>\n'
-            '<tool_call>\n{"arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "get_time"<|endoftext|>')
+    text = (
+        'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": \n</tool_call>\n'
+        '<tool_call>\n{"name": "launch", "arguments": {}}\n</tool_call>\n'
+        '<tool_call>\n{"arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "get_time"<|endoftext|>'
+    )
     message, ok = renderer.parse_response(encode(tok, text), TOOLS)
     assert ok and message["content"] == "Checking."
     statuses = [c["status"] for c in message["tool_calls"]]
@@ -317,5 +407,5 @@ def test_random_conversations_match_hf(conv):
 def test_json_matches_template_tojson():
     from render_service.renderers.qwen25 import tojson
 
-    value = {"b": "é\"\n", "a": [1, 2.5, None, True]}
+    value = {"b": 'é"\n', "a": [1, 2.5, None, True]}
     assert tojson(value) == json.dumps(value, ensure_ascii=False) == '{"b": "é\\"\\n", "a": [1, 2.5, null, true]}'

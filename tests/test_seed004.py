@@ -100,8 +100,15 @@ def llama_env(tmp_path, monkeypatch):
         pytest.skip(f"seed documents not found at {SEEDS}")
     tokenizer_dir = fixtures / "tokenizers" / "meta-llama--Llama-3.1-8B-Instruct"
     registry = tmp_path / "registry.json"
-    registry.write_text(json.dumps({"models": [{"name": MODEL, "weights": "tiny:llama3", "tokenizer": str(tokenizer_dir),
-                                                "renderer": "llama3.1"}]}))
+    registry.write_text(
+        json.dumps(
+            {
+                "models": [
+                    {"name": MODEL, "weights": "tiny:llama3", "tokenizer": str(tokenizer_dir), "renderer": "llama3.1"}
+                ]
+            }
+        )
+    )
     monkeypatch.setenv("BIOS_MODELS_DIR", str(fixtures / "tokenizers"))
     monkeypatch.setenv("BIOS_MODEL_REGISTRY", str(registry))
     monkeypatch.delenv("BIOS_TRAIN_ADDRESS", raising=False)
@@ -130,11 +137,21 @@ def test_seed004_tokenizer_resolves_through_models_dir(llama_env, monkeypatch):
 
 def test_seed004_jsonl_to_datum_and_async_training_loop(llama_env):
     path = llama_env / "book.jsonl"
-    rows = [{"messages": [{"role": "system", "content": "You are a creative writer."},
-                          {"role": "user", "content": "Write an opening line."},
-                          {"role": "assistant", "content": "The lighthouse kept its secrets."}]},
-            {"messages": [{"role": "user", "content": "Another one."},
-                          {"role": "assistant", "content": "Rain remembered every street."}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "You are a creative writer."},
+                {"role": "user", "content": "Write an opening line."},
+                {"role": "assistant", "content": "The lighthouse kept its secrets."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Another one."},
+                {"role": "assistant", "content": "Rain remembered every street."},
+            ]
+        },
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ns: dict = {}
     exec(LOAD_DATASET, ns)  # noqa: S102 - the seed's code

@@ -52,8 +52,10 @@ def deployment(request, monkeypatch):
 def test_seed000_first_example_runs_on_the_embedded_default(embedded, capsys):
     blocks = seed_examples(SEED_000)
     assert [b.title for b in blocks[:4]][1:] == [
-        "Initialize the Renderer", "Remove the last assistant message and generate an alternative response:",
-        "Sample from the model and parse the token output back into a message format:"]
+        "Initialize the Renderer",
+        "Remove the last assistant message and generate an alternative response:",
+        "Sample from the model and parse the token output back into a message format:",
+    ]
     run(blocks[:4], {})
     out = capsys.readouterr().out
     assert "Prompt object:\nModelInput(chunks=[EncodedTextChunk(tokens=[151644, 8948, 198," in out
@@ -82,15 +84,24 @@ def test_seed001_examples_run(deployment, capsys):
     training_client = service_client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=8)
     tokenizer = training_client.get_tokenizer()
     renderer = renderers.get_renderer("ultrasafe", tokenizer)
-    tokens, weights = renderer.build_supervised_example([
-        {"role": "user", "content": "Trend?"}, {"role": "assistant", "content": "Up, slowly."}])
+    tokens, weights = renderer.build_supervised_example(
+        [{"role": "user", "content": "Trend?"}, {"role": "assistant", "content": "Up, slowly."}]
+    )
     from bios import types
 
-    datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]})
-    ns = {"input_tokens": tokens[:-1], "target_tokens": tokens[1:], "loss_weights": weights[1:],
-          "training_client": training_client, "sampling_client": training_client.save_weights_and_get_sampling_client(
-              name="seed001"), "tokenizer": tokenizer, "dataloader": [[datum], [datum]]}
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]},
+    )
+    ns = {
+        "input_tokens": tokens[:-1],
+        "target_tokens": tokens[1:],
+        "loss_weights": weights[1:],
+        "training_client": training_client,
+        "sampling_client": training_client.save_weights_and_get_sampling_client(name="seed001"),
+        "tokenizer": tokenizer,
+        "dataloader": [[datum], [datum]],
+    }
     assert asyncio.get_event_loop_policy() is not None
     run(blocks, ns)
     out = capsys.readouterr().out
@@ -127,10 +138,26 @@ def test_seed000_first_example_against_separately_started_services(tmp_path):
     render_port, train_port = _free_port(), _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "render_service", "--host", "127.0.0.1", "--port", str(render_port)],
-                         env=env, cwd=REPO),
-        subprocess.Popen([sys.executable, "-m", "train_service", "--host", "127.0.0.1", "--port", str(train_port),
-                          "--checkpoint-dir", str(tmp_path / "ckpt")], env=env, cwd=REPO),
+        subprocess.Popen(
+            [sys.executable, "-m", "render_service", "--host", "127.0.0.1", "--port", str(render_port)],
+            env=env,
+            cwd=REPO,
+        ),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "train_service",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(train_port),
+                "--checkpoint-dir",
+                str(tmp_path / "ckpt"),
+            ],
+            env=env,
+            cwd=REPO,
+        ),
     ]
     try:
         _wait_healthy(f"127.0.0.1:{render_port}", procs[0])
@@ -141,10 +168,14 @@ def test_seed000_first_example_against_separately_started_services(tmp_path):
             f"for b in examples(Path({str(SEED_000)!r}))[:4]: exec(compile(b.code, b.title, 'exec'))\n"
             "print('EMBEDDED', bios_server.embedded._addresses)\n"
         )
-        env_client = {**env, "BIOS_RENDER_ADDRESS": f"127.0.0.1:{render_port}",
-                      "BIOS_TRAIN_ADDRESS": f"127.0.0.1:{train_port}"}
-        done = subprocess.run([sys.executable, "-c", script], env=env_client, cwd=REPO, capture_output=True,
-                              text=True, timeout=300)
+        env_client = {
+            **env,
+            "BIOS_RENDER_ADDRESS": f"127.0.0.1:{render_port}",
+            "BIOS_TRAIN_ADDRESS": f"127.0.0.1:{train_port}",
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env_client, cwd=REPO, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert "Stop sequences: [151645]" in done.stdout
         assert "tokens=[151644, 8948, 198," in done.stdout

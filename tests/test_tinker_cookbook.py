@@ -38,20 +38,56 @@ def recipe_env(directory: Path, base_url: str, api_key: str = "tml-bios-test") -
 
 def chat_sl(log_path: Path, env: dict[str, str], max_steps: int, resume: bool = False) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "tinker_cookbook.recipes.chat_sl.train", f"log_path={log_path}", f"model_name={MODEL}",
-         f"dataset={conversations()}", "batch_size=4", f"max_steps={max_steps}", "save_every=1", "eval_every=0",
-         "infrequent_eval_every=0", "lora_rank=8", "learning_rate=1e-2", "lr_schedule=constant", "max_length=512",
-         f"behavior_if_log_dir_exists={'resume' if resume else 'delete'}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "tinker_cookbook.recipes.chat_sl.train",
+            f"log_path={log_path}",
+            f"model_name={MODEL}",
+            f"dataset={conversations()}",
+            "batch_size=4",
+            f"max_steps={max_steps}",
+            "save_every=1",
+            "eval_every=0",
+            "infrequent_eval_every=0",
+            "lora_rank=8",
+            "learning_rate=1e-2",
+            "lr_schedule=constant",
+            "max_length=512",
+            f"behavior_if_log_dir_exists={'resume' if resume else 'delete'}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def math_rl(log_path: Path, env: dict[str, str], loss_fn: str, steps: int = 3) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tinker_cookbook.recipes.math_rl.train", f"log_path={log_path}", f"model_name={MODEL}",
-         "env=arithmetic", f"loss_fn={loss_fn}", "group_size=4", "groups_per_batch=4", "max_tokens=5",
-         f"max_steps={steps}", "lora_rank=8", "learning_rate=1e-4", "eval_every=0", "save_every=0",
-         "behavior_if_log_dir_exists=delete"],
-        env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "tinker_cookbook.recipes.math_rl.train",
+            f"log_path={log_path}",
+            f"model_name={MODEL}",
+            "env=arithmetic",
+            f"loss_fn={loss_fn}",
+            "group_size=4",
+            "groups_per_batch=4",
+            "max_tokens=5",
+            f"max_steps={steps}",
+            "lora_rank=8",
+            "learning_rate=1e-4",
+            "eval_every=0",
+            "save_every=0",
+            "behavior_if_log_dir_exists=delete",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def finished(process: subprocess.Popen, timeout: float = 600) -> str:
@@ -138,19 +174,55 @@ def test_recipes_with_separate_processes_and_api_keys(tmp_path):
     """`python -m train_service` and `python -m tinker_gateway` as their own processes, with API keys."""
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"keys": {"tml-carol": "carol"}}))
-    env = {**os.environ, "BIOS_MODEL_REGISTRY": str(write_registry(tmp_path)), "BIOS_API_KEYS_FILE": str(keys),
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "BIOS_MODEL_REGISTRY": str(write_registry(tmp_path)),
+        "BIOS_API_KEYS_FILE": str(keys),
+        "PYTHONPATH": str(REPO),
+    }
     train_port, gateway_port = free_port(), free_port()
-    services = [subprocess.Popen([sys.executable, "-m", "train_service", "--host", "127.0.0.1",
-                                  "--port", str(train_port), "--metrics-port", "0",
-                                  "--checkpoint-dir", str(tmp_path / "checkpoints")],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    services = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "train_service",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(train_port),
+                "--metrics-port",
+                "0",
+                "--checkpoint-dir",
+                str(tmp_path / "checkpoints"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    ]
     try:
         wait_for_port(train_port, services[0])
-        services.append(subprocess.Popen([sys.executable, "-m", "tinker_gateway", "--host", "127.0.0.1",
-                                          "--tinker-port", str(gateway_port),
-                                          "--train-address", f"127.0.0.1:{train_port}"],
-                                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        services.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tinker_gateway",
+                    "--host",
+                    "127.0.0.1",
+                    "--tinker-port",
+                    str(gateway_port),
+                    "--train-address",
+                    f"127.0.0.1:{train_port}",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
         wait_for_port(gateway_port, services[1])
         url = f"http://127.0.0.1:{gateway_port}"
 

@@ -86,7 +86,8 @@ def test_sdk_contract_matches_the_bios_client(stack):
     assert state.path == f"tinker://{tc.model_id}/weights/contract"
     listed = tinker.RestClient().list_checkpoints(tc.model_id).result().checkpoints
     assert [(c.checkpoint_id, c.checkpoint_type, c.user_metadata) for c in listed] == [
-        ("weights/contract", "training", {"purpose": "test"})]
+        ("weights/contract", "training", {"purpose": "test"})
+    ]
 
     # the updated weights: same forward
     assert_same_output(tc.forward(data, "cross_entropy").result(), bc.forward(bdata, "cross_entropy").result())
@@ -129,16 +130,20 @@ def test_sdk_contract_matches_the_bios_client(stack):
     assert_same_output(t_fb.result(), b_fb.result())
     resumed.optim_step(types.AdamParams(**adam)).result()
     bresumed.optim_step(btypes.AdamParams(**adam)).result()
-    assert_same_output(resumed.forward(data, "cross_entropy").result(),
-                       bresumed.forward(bdata, "cross_entropy").result())
+    assert_same_output(
+        resumed.forward(data, "cross_entropy").result(), bresumed.forward(bdata, "cross_entropy").result()
+    )
     run = tinker.RestClient().get_training_run_by_tinker_path(state.path).result()
     assert run.training_run_id == tc.model_id and run.base_model == MODEL and run.lora_rank == 8
 
     # close: the session ends; its heartbeat now answers 410 (the SDK stops heartbeating on that)
     session_id = service.holder.get_session_id()
     service.close("success").result()
-    answer = httpx.post(f"{stack.base_url}/api/v1/session_heartbeat", json={"session_id": session_id},
-                        headers={"X-API-Key": "tml-bios-test"})
+    answer = httpx.post(
+        f"{stack.base_url}/api/v1/session_heartbeat",
+        json={"session_id": session_id},
+        headers={"X-API-Key": "tml-bios-test"},
+    )
     assert answer.status_code == 410
 
 
@@ -150,24 +155,38 @@ def test_losses_keep_tinker_semantics(stack):
     bc = stack.bios.create_lora_training_client(base_model=MODEL, rank=8, seed=5)
     ids = tc.get_tokenizer().encode("policy gradients with a clipped ratio")
     rng = np.random.default_rng(0)
-    inputs = {"target_tokens": ids[1:], "logprobs": (-rng.random(len(ids) - 1) * 20).astype(np.float32).tolist(),
-              "advantages": rng.normal(size=len(ids) - 1).astype(np.float32).tolist()}
+    inputs = {
+        "target_tokens": ids[1:],
+        "logprobs": (-rng.random(len(ids) - 1) * 20).astype(np.float32).tolist(),
+        "advantages": rng.normal(size=len(ids) - 1).astype(np.float32).tolist(),
+    }
     data = [types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]), loss_fn_inputs=inputs)]
     bdata = [btypes.Datum(model_input=btypes.ModelInput.from_ints(ids[:-1]), loss_fn_inputs=inputs)]
-    cases = [("ppo", None, {"clip_epsilon_low": 0.2, "clip_epsilon_high": 0.2}),
-             ("ppo", {"clip_low_threshold": 0.5, "clip_high_threshold": 1.5},
-              {"clip_epsilon_low": 0.5, "clip_epsilon_high": 0.5}),
-             ("cispo", None, {"clip_epsilon_low": 1.0, "clip_epsilon_high": 3.0}),
-             ("importance_sampling", None, None), ("dro", {"beta": 0.1}, {"beta": 0.1}),
-             ("gspo", {"clip_low_threshold": 0.99, "clip_high_threshold": 1.01},
-              {"clip_epsilon_low": 0.01, "clip_epsilon_high": 0.01})]
+    cases = [
+        ("ppo", None, {"clip_epsilon_low": 0.2, "clip_epsilon_high": 0.2}),
+        (
+            "ppo",
+            {"clip_low_threshold": 0.5, "clip_high_threshold": 1.5},
+            {"clip_epsilon_low": 0.5, "clip_epsilon_high": 0.5},
+        ),
+        ("cispo", None, {"clip_epsilon_low": 1.0, "clip_epsilon_high": 3.0}),
+        ("importance_sampling", None, None),
+        ("dro", {"beta": 0.1}, {"beta": 0.1}),
+        (
+            "gspo",
+            {"clip_low_threshold": 0.99, "clip_high_threshold": 1.01},
+            {"clip_epsilon_low": 0.01, "clip_epsilon_high": 0.01},
+        ),
+    ]
     # gspo without a sequence_ratio_mask: the ratio runs over the tokens with an advantage
     mask = (np.asarray(inputs["advantages"]) != 0).astype(np.float32).tolist()
     for loss_fn, tinker_config, bios_config in cases:
         t = tc.forward_backward(data, loss_fn, tinker_config).result()
         if loss_fn == "gspo":
-            bdata = [btypes.Datum(model_input=d.model_input, loss_fn_inputs={**inputs, "sequence_ratio_mask": mask})
-                     for d in bdata]
+            bdata = [
+                btypes.Datum(model_input=d.model_input, loss_fn_inputs={**inputs, "sequence_ratio_mask": mask})
+                for d in bdata
+            ]
         assert_same_output(t, bc.forward_backward(bdata, loss_fn, bios_config).result())
         assert t.metrics["loss:sum"] != 0
     service.close("success").result()
@@ -182,8 +201,11 @@ def test_bad_requests_get_clear_errors_and_the_gateway_keeps_serving(stack):
         tc.forward_backward(data, "stable_reinforce").result()
     with pytest.raises(tinker.BadRequestError, match="loss_fn_config: ppo takes clip_low_threshold"):
         tc.forward(data, "ppo", {"clip_ratio": 0.3}).result()
-    bad_token = [types.Datum(model_input=types.ModelInput.from_ints([10**7]),
-                             loss_fn_inputs={"target_tokens": [1], "weights": [1.0]})]
+    bad_token = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints([10**7]), loss_fn_inputs={"target_tokens": [1], "weights": [1.0]}
+        )
+    ]
     with pytest.raises(tinker.RequestFailedError, match="outside the vocabulary") as failed:
         tc.forward_backward(bad_token, "cross_entropy").result()
     assert failed.value.category == types.RequestErrorCategory.User
@@ -192,8 +214,12 @@ def test_bad_requests_get_clear_errors_and_the_gateway_keeps_serving(stack):
     assert "grad_norm:mean" in tc.optim_step(types.AdamParams(learning_rate=1e-4)).result().metrics
 
     def post(path, body=None, content=None, headers=None):
-        return httpx.post(f"{stack.base_url}/api/v1/{path}", json=body, content=content,
-                          headers={"X-API-Key": "tml-bios-test", **(headers or {})})
+        return httpx.post(
+            f"{stack.base_url}/api/v1/{path}",
+            json=body,
+            content=content,
+            headers={"X-API-Key": "tml-bios-test", **(headers or {})},
+        )
 
     answer = post("create_model", {"session_id": service.holder.get_session_id()})
     assert answer.status_code == 400 and "model_seq_id: Field required" in answer.json()["error"]
@@ -201,15 +227,25 @@ def test_bad_requests_get_clear_errors_and_the_gateway_keeps_serving(stack):
     assert answer.status_code == 404 and "session_id: unknown session" in answer.json()["error"]
     answer = post("forward_backward", content=b"\xff\x00garbage", headers={"Content-Type": "application/x-protobuf"})
     assert answer.status_code == 400 and "not a tinker_public.ForwardBackwardRequest" in answer.json()["error"]
-    answer = post("forward_backward", content=b"\x28\xb5\x2f\xfdjunk",
-                  headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "zstd"})
+    answer = post(
+        "forward_backward",
+        content=b"\x28\xb5\x2f\xfdjunk",
+        headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "zstd"},
+    )
     assert answer.status_code == 400 and "not valid zstd" in answer.json()["error"]
     answer = post("forward_backward", {"model_id": tc.model_id})
     assert answer.status_code == 415
     answer = post("retrieve_future", {"request_id": "model-nope:op:1"})
     assert answer.status_code == 404 and "request_id: unknown" in answer.json()["error"]
-    answer = post("asample", {"sampling_session_id": "sampler-nope", "seq_id": 0, "prompt": {"chunks": []},
-                              "sampling_params": {"max_tokens": 1}})
+    answer = post(
+        "asample",
+        {
+            "sampling_session_id": "sampler-nope",
+            "seq_id": 0,
+            "prompt": {"chunks": []},
+            "sampling_params": {"max_tokens": 1},
+        },
+    )
     assert answer.status_code == 404
     answer = post("save_weights", {"model_id": tc.model_id, "path": "x", "seq_id": 99, "ttl_seconds": 5})
     assert answer.status_code == 400 and "ttl_seconds: must be between 3600" in answer.json()["error"]
@@ -223,23 +259,39 @@ def test_chunks_out_of_order_run_in_sequence_order(stack):
     tc = service.create_lora_training_client(base_model=MODEL, rank=4, seed=2).result()
     data, _ = make_data(tc.get_tokenizer(), ["out of order on the wire", "in order on the engine"])
     headers = {"X-API-Key": "tml-bios-test"}
-    optim = httpx.post(f"{stack.base_url}/api/v1/optim_step", headers=headers, json={
-        "model_id": tc.model_id, "seq_id": 2, "adam_params": {"learning_rate": 1e-4}}).json()
-    body = forward_backward_request_to_proto(types.ForwardBackwardRequest(
-        forward_backward_input=types.ForwardBackwardInput(data=data, loss_fn="cross_entropy"),
-        model_id=tc.model_id, seq_id=1)).SerializeToString()
-    fb = httpx.post(f"{stack.base_url}/api/v1/forward_backward", content=zstandard.ZstdCompressor().compress(body),
-                    headers={**headers, "Content-Type": "application/x-protobuf", "Content-Encoding": "zstd"}).json()
-    again = httpx.post(f"{stack.base_url}/api/v1/forward_backward", content=body,
-                       headers={**headers, "Content-Type": "application/x-protobuf"}).json()
+    optim = httpx.post(
+        f"{stack.base_url}/api/v1/optim_step",
+        headers=headers,
+        json={"model_id": tc.model_id, "seq_id": 2, "adam_params": {"learning_rate": 1e-4}},
+    ).json()
+    body = forward_backward_request_to_proto(
+        types.ForwardBackwardRequest(
+            forward_backward_input=types.ForwardBackwardInput(data=data, loss_fn="cross_entropy"),
+            model_id=tc.model_id,
+            seq_id=1,
+        )
+    ).SerializeToString()
+    fb = httpx.post(
+        f"{stack.base_url}/api/v1/forward_backward",
+        content=zstandard.ZstdCompressor().compress(body),
+        headers={**headers, "Content-Type": "application/x-protobuf", "Content-Encoding": "zstd"},
+    ).json()
+    again = httpx.post(
+        f"{stack.base_url}/api/v1/forward_backward",
+        content=body,
+        headers={**headers, "Content-Type": "application/x-protobuf"},
+    ).json()
     assert again["request_id"] == fb["request_id"]  # a resubmitted seq_id answers with its first request
 
     def result(request_id):
         while True:
-            answer = httpx.post(f"{stack.base_url}/api/v1/retrieve_future", headers=headers, timeout=60,
-                                json={"request_id": request_id})
-            if answer.headers["content-type"].startswith("application/json") and \
-                    answer.json().get("type") == "try_again":
+            answer = httpx.post(
+                f"{stack.base_url}/api/v1/retrieve_future", headers=headers, timeout=60, json={"request_id": request_id}
+            )
+            if (
+                answer.headers["content-type"].startswith("application/json")
+                and answer.json().get("type") == "try_again"
+            ):
                 continue
             return answer
 
@@ -264,17 +316,24 @@ def test_api_keys_map_to_tenants_and_ids_are_checked(tmp_path, monkeypatch):
         bob = {"X-API-Key": "tml-bob"}
         answer = httpx.post(f"{base_url}/api/v1/get_info", json={"model_id": tc.model_id}, headers=bob)
         assert answer.status_code == 404
-        answer = httpx.post(f"{base_url}/api/v1/retrieve_future", json={"request_id": f"{tc.model_id}:op:1"},
-                            headers=bob)
+        answer = httpx.post(
+            f"{base_url}/api/v1/retrieve_future", json={"request_id": f"{tc.model_id}:op:1"}, headers=bob
+        )
         assert answer.status_code == 404
         listed = httpx.get(f"{base_url}/api/v1/training_runs/{tc.model_id}/checkpoints", headers=bob).json()
         assert listed["checkpoints"] == []
-        answer = httpx.post(f"{base_url}/api/v1/load_weights", headers=bob, json={
-            "session_id": alice.holder.get_session_id(), "model_seq_id": 5, "path": path, "optimizer": False})
+        answer = httpx.post(
+            f"{base_url}/api/v1/load_weights",
+            headers=bob,
+            json={"session_id": alice.holder.get_session_id(), "model_seq_id": 5, "path": path, "optimizer": False},
+        )
         assert answer.status_code == 404
         for key in ("tml-mallory", None):
-            answer = httpx.post(f"{base_url}/api/v1/create_session", headers={"X-API-Key": key} if key else {},
-                                json={"tags": [], "user_metadata": None, "sdk_version": "0.38.0"})
+            answer = httpx.post(
+                f"{base_url}/api/v1/create_session",
+                headers={"X-API-Key": key} if key else {},
+                json={"tags": [], "user_metadata": None, "sdk_version": "0.38.0"},
+            )
             assert answer.status_code == 401 and "X-API-Key" in answer.json()["error"]
         alice.close("success").result()
     finally:
@@ -296,19 +355,32 @@ def test_a_gateway_forwards_to_the_gateway_of_the_pod_an_id_names(tmp_path, monk
     try:
         for pod in pods:
             train = loop.run(train_server.start("127.0.0.1", 0, str(tmp_path / f"pod{pod}"), pod=pod))
-            gateway = loop.run(gateway_server.start("127.0.0.1", pod, f"127.0.0.1:{train.port}", pod=pod,
-                                                    peer_template="http://127.0.0.1:{pod}"))
+            gateway = loop.run(
+                gateway_server.start(
+                    "127.0.0.1", pod, f"127.0.0.1:{train.port}", pod=pod, peer_template="http://127.0.0.1:{pod}"
+                )
+            )
             running.append((train, gateway))
         a, b = (f"http://127.0.0.1:{pod}/api/v1" for pod in pods)
         headers = {"X-API-Key": "tml-bios-test"}
-        session = httpx.post(f"{a}/create_session", headers=headers, json={
-            "tags": [], "user_metadata": None, "sdk_version": "0.38.0"}).json()["session_id"]
+        session = httpx.post(
+            f"{a}/create_session", headers=headers, json={"tags": [], "user_metadata": None, "sdk_version": "0.38.0"}
+        ).json()["session_id"]
         assert f"-p{pods[0]}-" in session
-        created = httpx.post(f"{b}/create_model", headers=headers, json={  # at the other pod's gateway
-            "session_id": session, "model_seq_id": 0, "base_model": MODEL, "lora_config": {"rank": 4, "seed": 0}})
+        created = httpx.post(
+            f"{b}/create_model",
+            headers=headers,
+            json={  # at the other pod's gateway
+                "session_id": session,
+                "model_seq_id": 0,
+                "base_model": MODEL,
+                "lora_config": {"rank": 4, "seed": 0},
+            },
+        )
         assert created.status_code == 200, created.text
-        answer = httpx.post(f"{b}/retrieve_future", headers=headers, timeout=60,
-                            json={"request_id": created.json()["request_id"]}).json()
+        answer = httpx.post(
+            f"{b}/retrieve_future", headers=headers, timeout=60, json={"request_id": created.json()["request_id"]}
+        ).json()
         model_id = answer["model_id"]
         assert f"-p{pods[0]}-" in model_id
         info = httpx.post(f"{b}/get_info", headers=headers, json={"model_id": model_id}).json()

@@ -81,7 +81,11 @@ def lora_wrap(model):
 def greedy(model, prompt, max_new_tokens):
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=IM_END, pad_token_id=151643
+            torch.tensor([prompt]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=IM_END,
+            pad_token_id=151643,
         )
     return out[0, len(prompt) :].tolist()
 

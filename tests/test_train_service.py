@@ -45,8 +45,9 @@ def test_stand_in_learns_and_reproduces_the_answer(trained, renderer):
     assert losses[0] / losses[-1] >= 5, losses
     assert best >= 5
     prompt = renderer.build_generation_prompt(CONV[:-1])
-    out = tc.sample(prompt, types.SamplingParams(max_tokens=30, temperature=0.0,
-                                                 stop=renderer.get_stop_sequences())).result()
+    out = tc.sample(
+        prompt, types.SamplingParams(max_tokens=30, temperature=0.0, stop=renderer.get_stop_sequences())
+    ).result()
     message, ok = renderer.parse_response(out.sequences[0].tokens)
     assert ok and message["content"] == CONV[-1]["content"]
     assert out.sequences[0].stop_reason == "stop"
@@ -81,14 +82,18 @@ def test_checkpoints_sampler_weights_and_every_rpc(client, trained, renderer):
     assert restored.get_info().step == 40
     datum = to_datum(*renderer.build_supervised_example(CONV))
     assert restored.forward([datum]).result().metrics["loss:sum"] == pytest.approx(
-        tc.forward([datum]).result().metrics["loss:sum"], rel=1e-5)
+        tc.forward([datum]).result().metrics["loss:sum"], rel=1e-5
+    )
     assert restored.load_state(state.path).result().step == 40
 
     sampler = tc.save_weights_and_get_sampling_client(name="sft-40-sampler")
     prompt = renderer.build_generation_prompt(CONV[:-1])
     params = types.SamplingParams(max_tokens=30, temperature=0.0, stop=renderer.get_stop_sequences())
     out = sampler.sample(prompt, params).result()
-    assert renderer.parse_response(out.sequences[0].tokens) == ({"role": "assistant", "content": CONV[-1]["content"]}, True)
+    assert renderer.parse_response(out.sequences[0].tokens) == (
+        {"role": "assistant", "content": CONV[-1]["content"]},
+        True,
+    )
 
     logprobs = sampler.compute_logprobs(prompt).result()
     assert logprobs[0] is None and len(logprobs) == len(prompt.to_ints()) and all(x <= 0 for x in logprobs[1:])
@@ -131,18 +136,34 @@ def test_bad_input_gets_clear_status_and_session_stays_usable(client, renderer):
     tokens, weights = renderer.build_supervised_example(CONV)
     good = to_datum(tokens, weights)
     cases = [
-        (types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                     loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[2:]}),
-         r"data\[0\].loss_fn_inputs\['weights'\]: length"),
-        (types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                     loss_fn_inputs={"target_tokens": tokens[2:], "weights": weights[1:]}),
-         r"data\[0\].loss_fn_inputs\['target_tokens'\]: length"),
-        (types.Datum(model_input=types.ModelInput.from_ints([999_999] + list(tokens[1:-1])),
-                     loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]}),
-         r"data\[0\].model_input: token id 999999 is outside the vocabulary"),
-        (types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                     loss_fn_inputs={"target_tokens": tokens[1:], "weights": [math.nan] * (len(tokens) - 1)}),
-         r"weights'\]: contains NaN"),
+        (
+            types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1]),
+                loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[2:]},
+            ),
+            r"data\[0\].loss_fn_inputs\['weights'\]: length",
+        ),
+        (
+            types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1]),
+                loss_fn_inputs={"target_tokens": tokens[2:], "weights": weights[1:]},
+            ),
+            r"data\[0\].loss_fn_inputs\['target_tokens'\]: length",
+        ),
+        (
+            types.Datum(
+                model_input=types.ModelInput.from_ints([999_999] + list(tokens[1:-1])),
+                loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]},
+            ),
+            r"data\[0\].model_input: token id 999999 is outside the vocabulary",
+        ),
+        (
+            types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1]),
+                loss_fn_inputs={"target_tokens": tokens[1:], "weights": [math.nan] * (len(tokens) - 1)},
+            ),
+            r"weights'\]: contains NaN",
+        ),
     ]
     before = tc.forward([good]).result().metrics["loss:sum"]
     for datum, message in cases:
@@ -183,12 +204,14 @@ def test_resubmitted_sequence_number_returns_the_original_result(client, service
     fb = train_pb2.ForwardBackwardInput(data=[wire.datum_to_pb(to_datum([1, 2, 3, 4], [0.0, 1.0, 1.0, 1.0]))])
     with grpc.insecure_channel(services[1]) as channel:
         stub = train_pb2_grpc.TrainServiceStub(channel)
-        requests = [train_pb2.OperationRequest(seq=0, model_id=tc.model_id, forward_backward=fb),
-                    train_pb2.OperationRequest(seq=1, optim_step=step),
-                    train_pb2.OperationRequest(seq=1, optim_step=step),
-                    train_pb2.OperationRequest(seq=2, forward_backward=fb),
-                    train_pb2.OperationRequest(seq=3, optim_step=step),
-                    train_pb2.OperationRequest(seq=4, optim_step=step)]
+        requests = [
+            train_pb2.OperationRequest(seq=0, model_id=tc.model_id, forward_backward=fb),
+            train_pb2.OperationRequest(seq=1, optim_step=step),
+            train_pb2.OperationRequest(seq=1, optim_step=step),
+            train_pb2.OperationRequest(seq=2, forward_backward=fb),
+            train_pb2.OperationRequest(seq=3, optim_step=step),
+            train_pb2.OperationRequest(seq=4, optim_step=step),
+        ]
         events = list(stub.Operate(iter(requests)))
     assert [(e.seq, e.optim_step.step) for e in events if e.HasField("optim_step")] == [(1, 1), (1, 1), (3, 2)]
     # The last step had no gradient since the one before: refused, and the step count is unchanged.
@@ -222,8 +245,10 @@ def test_sampled_tokens_stream_before_the_result(client, renderer):
     prompt = renderer.build_generation_prompt(CONV[:-1])
 
     async def collect():
-        return [event async for event in sampler.sample_stream(prompt, types.SamplingParams(max_tokens=6, seed=3),
-                                                               num_samples=2)]
+        return [
+            event
+            async for event in sampler.sample_stream(prompt, types.SamplingParams(max_tokens=6, seed=3), num_samples=2)
+        ]
 
     events = asyncio.run(collect())
     deltas, final = events[:-1], events[-1]
@@ -248,18 +273,22 @@ def test_engine_limits_and_refusals_name_the_field_and_the_model_keeps_working(c
     with pytest.raises(FailedPreconditionError, match="optim_step: no gradient since the last step"):
         tc.optim_step(types.AdamParams()).result()
     tc.forward_backward([good]).result()
-    refused = [({"eps": 0.0}, r"adam_params.eps: must be > 0, got 0"),
-               ({"learning_rate": math.nan}, r"adam_params.learning_rate: must be a finite number >= 0, got nan"),
-               ({"beta1": 1.0}, r"adam_params.beta1: must be in \[0, 1\), got 1"),
-               ({"weight_decay": -1.0}, r"adam_params.weight_decay: must be a finite number >= 0"),
-               ({"learning_rate": 3e38, "weight_decay": 1.0}, "would make weights non-finite")]
+    refused = [
+        ({"eps": 0.0}, r"adam_params.eps: must be > 0, got 0"),
+        ({"learning_rate": math.nan}, r"adam_params.learning_rate: must be a finite number >= 0, got nan"),
+        ({"beta1": 1.0}, r"adam_params.beta1: must be in \[0, 1\), got 1"),
+        ({"weight_decay": -1.0}, r"adam_params.weight_decay: must be a finite number >= 0"),
+        ({"learning_rate": 3e38, "weight_decay": 1.0}, "would make weights non-finite"),
+    ]
     for adam, message in refused:
         with pytest.raises(InvalidArgumentError, match=message):
             tc.optim_step(types.AdamParams(**adam)).result()
     assert tc.forward([good]).result().metrics["loss:sum"] == pytest.approx(before, rel=1e-6)  # nothing moved
 
     too_long = to_datum(list(range(5001)), [1.0] * 5001)
-    with pytest.raises(InvalidArgumentError, match=r"data\[1\].model_input: 5000 tokens exceed the model context \(4096\)"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"data\[1\].model_input: 5000 tokens exceed the model context \(4096\)"
+    ):
         tc.forward([good, too_long]).result()
     big = [to_datum(list(range(4001)), [1.0] * 4001)] * 33  # 132,000 tokens
     with pytest.raises(ResourceExhaustedError, match=r"max_request_tokens \(131072\)"):
@@ -272,8 +301,11 @@ def test_engine_limits_and_refusals_name_the_field_and_the_model_keeps_working(c
 
     other = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=8, train_mlp=False)
     state = other.save_state(name="rank8-attn").result()
-    with pytest.raises(InvalidArgumentError, match=r"load_state.path: the checkpoint's LoRA \(rank 8, alpha 16, target "
-                                                   r"modules \['k_proj', 'o_proj', 'q_proj', 'v_proj'\]\) differs from "
-                                                   r"this model's \(rank 4, alpha 8, target modules \['down_proj'"):
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"load_state.path: the checkpoint's LoRA \(rank 8, alpha 16, target "
+        r"modules \['k_proj', 'o_proj', 'q_proj', 'v_proj'\]\) differs from "
+        r"this model's \(rank 4, alpha 8, target modules \['down_proj'",
+    ):
         tc.load_state(state.path).result()
     assert tc.train([good], learning_rate=1e-3).step == 1  # the model and the service keep working

@@ -23,8 +23,12 @@ def data(qwen3_tokenizer):
     out = []
     for conv in CONVS:
         tokens, weights = renderer.build_supervised_example(conv)
-        out.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                               loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]}))
+        out.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1]),
+                loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]},
+            )
+        )
     return out
 
 
@@ -92,8 +96,10 @@ def test_two_sessions_train_concurrently_as_if_alone(client, services, data):
         alone[i] = steps(tc, [datum], 6)
 
     other = bios.ServiceClient(train_address=train_address, render_address=render_address)  # a second tenant
-    clients = [client.create_lora_training_client(base_model="ultrasafe/usf-conversation", rank=8, seed=0),
-               other.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=8, seed=1)]
+    clients = [
+        client.create_lora_training_client(base_model="ultrasafe/usf-conversation", rank=8, seed=0),
+        other.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=8, seed=1),
+    ]
     together: dict[int, list[float]] = {}
 
     def run(i: int) -> None:
@@ -131,7 +137,8 @@ def test_forward_backward_custom_equals_builtin_cross_entropy(client, data):
     a.optim_step(types.AdamParams(learning_rate=1e-2)).result()
     b.optim_step(types.AdamParams(learning_rate=1e-2)).result()
     assert a.forward(data).result().metrics["loss:sum"] == pytest.approx(
-        b.forward(data).result().metrics["loss:sum"], rel=1e-4)
+        b.forward(data).result().metrics["loss:sum"], rel=1e-4
+    )
 
 
 def test_stop_strings_end_sampling(client, qwen3_tokenizer):
@@ -139,7 +146,7 @@ def test_stop_strings_end_sampling(client, qwen3_tokenizer):
     prompt = types.ModelInput.from_ints(qwen3_tokenizer.encode("Once upon a time", add_special_tokens=False))
     free = sampler.sample(prompt, types.SamplingParams(max_tokens=12, temperature=0.0)).result().sequences[0]
     text = qwen3_tokenizer.decode(free.tokens)
-    stop = text[len(text) // 2: len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     assert stop.strip(), text
     out = sampler.sample(prompt, types.SamplingParams(max_tokens=12, temperature=0.0, stop=[stop])).result()
     seq = out.sequences[0]
@@ -151,10 +158,14 @@ def test_stop_strings_end_sampling(client, qwen3_tokenizer):
 def test_lora_layer_selection(client, data, services):
     """train_attn / train_mlp / train_unembed choose the LoRA targets; each choice trains."""
     running = services[2]
-    for kwargs, expected in [({"train_mlp": False}, {"q_proj", "k_proj", "v_proj", "o_proj"}),
-                             ({"train_attn": False}, {"gate_proj", "up_proj", "down_proj"}),
-                             ({"train_unembed": True}, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                         "down_proj", "lm_head"})]:
+    for kwargs, expected in [
+        ({"train_mlp": False}, {"q_proj", "k_proj", "v_proj", "o_proj"}),
+        ({"train_attn": False}, {"gate_proj", "up_proj", "down_proj"}),
+        (
+            {"train_unembed": True},
+            {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"},
+        ),
+    ]:
         tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4, **kwargs)
         model = running.sessions.models[tc.model_id]
         assert set(model.adapter.config.target_modules) == expected

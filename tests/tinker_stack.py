@@ -15,8 +15,11 @@ API_KEY = "tml-bios-test"
 
 def write_registry(directory: Path) -> Path:
     path = directory / "models.json"
-    path.write_text(json.dumps({"models": [{"name": MODEL, "weights": "tiny:qwen3", "tokenizer": "builtin:qwen3",
-                                            "renderer": "qwen3"}]}))
+    path.write_text(
+        json.dumps(
+            {"models": [{"name": MODEL, "weights": "tiny:qwen3", "tokenizer": "builtin:qwen3", "renderer": "qwen3"}]}
+        )
+    )
     return path
 
 
@@ -42,8 +45,14 @@ def tinker_environment(directory: Path, base_url: str, api_key: str = API_KEY) -
     hub = directory / "hf" / "hub"
     if not hub.is_dir():
         fill_hf_cache(hub)
-    return {"TINKER_BASE_URL": base_url, "TINKER_API_KEY": api_key, "HF_HOME": str(directory / "hf"),
-            "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "TINKER_TELEMETRY": "0"}
+    return {
+        "TINKER_BASE_URL": base_url,
+        "TINKER_API_KEY": api_key,
+        "HF_HOME": str(directory / "hf"),
+        "HF_HUB_CACHE": str(hub),
+        "HF_HUB_OFFLINE": "1",
+        "TINKER_TELEMETRY": "0",
+    }
 
 
 def apply_environment(monkeypatch, env: dict[str, str]) -> None:

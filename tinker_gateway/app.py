@@ -61,8 +61,7 @@ class Context:
     def owned(self, id_or_path: str | None) -> None:
         """Forward the request when the id names another pod than this gateway's."""
         pod = placement.pod_of(id_or_path or "")
-        if (pod is not None and pod != self.app.pod and self.app.peer_template
-                and FORWARDED not in self.request.headers):
+        if pod is not None and pod != self.app.pod and self.app.peer_template and FORWARDED not in self.request.headers:
             raise _Forward(pod)
 
     def int_param(self, name: str, default: int) -> int:
@@ -90,8 +89,15 @@ def _error(status: int, message: str) -> Response:
 
 
 class GatewayApp:
-    def __init__(self, train_address: str, api_keys: ApiKeys | None = None, pod: int | None = None,
-                 peer_template: str | None = None, tls_ca: str | None = None, **options: Any):
+    def __init__(
+        self,
+        train_address: str,
+        api_keys: ApiKeys | None = None,
+        pod: int | None = None,
+        peer_template: str | None = None,
+        tls_ca: str | None = None,
+        **options: Any,
+    ):
         """`peer_template`: the gateway of pod k, as `http://bios-train-{pod}.bios-train-headless:8000`;
         `options`: Gateway's (poll_seconds, session_timeout, compress_fwdbwd)."""
         if peer_template:
@@ -169,8 +175,9 @@ class GatewayApp:
         headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_HEADERS}
         headers[FORWARDED] = str(self.pod)
         try:
-            answer = await self._peers.request(request.method, url, params=request.query_params,
-                                               content=await request.body(), headers=headers)
+            answer = await self._peers.request(
+                request.method, url, params=request.query_params, content=await request.body(), headers=headers
+            )
         except httpx.HTTPError as exc:
             return _error(503, f"the gateway of train pod {pod} is unreachable: {type(exc).__name__}")
         return Response(answer.content, answer.status_code, media_type=answer.headers.get("content-type"))
@@ -193,8 +200,11 @@ class GatewayApp:
             return {"status": "accepted"}
 
         async def capabilities(c: Context) -> Any:
-            return {"supported_models": [{"model_name": name, "trainable": True, "sampleable": True}
-                                         for name in sorted(registered())]}
+            return {
+                "supported_models": [
+                    {"model_name": name, "trainable": True, "sampleable": True} for name in sorted(registered())
+                ]
+            }
 
         async def create_session(c: Context) -> Any:
             return await g().create_session(c.caller, c.parse(tt.CreateSessionRequest))
@@ -226,8 +236,11 @@ class GatewayApp:
 
         async def forward_backward(c: Context) -> Any:
             if "protobuf" not in c.request.headers.get("content-type", ""):
-                raise GatewayError(415, "content-type: forward_backward takes a tinker_public.ForwardBackwardRequest "
-                                        "as application/x-protobuf")
+                raise GatewayError(
+                    415,
+                    "content-type: forward_backward takes a tinker_public.ForwardBackwardRequest "
+                    "as application/x-protobuf",
+                )
             msg = tpb.ForwardBackwardRequest()
             try:
                 msg.ParseFromString(c.body)
@@ -306,26 +319,41 @@ class GatewayApp:
 
         v1 = "/api/v1"
         table: list[tuple[str, str, Handler]] = [
-            ("POST", "/client/config", client_config), ("POST", "/client/dynamic_config", dynamic_config),
-            ("POST", "/telemetry", telemetry), ("GET", "/get_server_capabilities", capabilities),
-            ("POST", "/create_session", create_session), ("POST", "/session_heartbeat", heartbeat),
+            ("POST", "/client/config", client_config),
+            ("POST", "/client/dynamic_config", dynamic_config),
+            ("POST", "/telemetry", telemetry),
+            ("GET", "/get_server_capabilities", capabilities),
+            ("POST", "/create_session", create_session),
+            ("POST", "/session_heartbeat", heartbeat),
             ("POST", "/sessions/{session_id}/finish", finish),
-            ("POST", "/create_model", create_model), ("POST", "/get_info", get_info),
-            ("POST", "/load_weights", load_weights), ("POST", "/forward_backward", forward_backward),
-            ("POST", "/optim_step", optim_step), ("POST", "/save_weights", save_weights),
+            ("POST", "/create_model", create_model),
+            ("POST", "/get_info", get_info),
+            ("POST", "/load_weights", load_weights),
+            ("POST", "/forward_backward", forward_backward),
+            ("POST", "/optim_step", optim_step),
+            ("POST", "/save_weights", save_weights),
             ("POST", "/save_weights_for_sampler", save_for_sampler),
             ("POST", "/create_sampling_session", create_sampling_session),
-            ("GET", "/samplers/{sampler_id}", get_sampler), ("POST", "/asample", asample),
-            ("POST", "/retrieve_future", retrieve), ("POST", "/cancel_future", cancel),
-            ("GET", "/training_runs", training_runs), ("GET", "/training_runs/{run_id}", training_run),
+            ("GET", "/samplers/{sampler_id}", get_sampler),
+            ("POST", "/asample", asample),
+            ("POST", "/retrieve_future", retrieve),
+            ("POST", "/cancel_future", cancel),
+            ("GET", "/training_runs", training_runs),
+            ("GET", "/training_runs/{run_id}", training_run),
             ("GET", "/training_runs/{run_id}/checkpoints", checkpoints),
             ("DELETE", "/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", delete_checkpoint),
-            ("GET", "/checkpoints", user_checkpoints), ("POST", "/weights_info", weights_info),
+            ("GET", "/checkpoints", user_checkpoints),
+            ("POST", "/weights_info", weights_info),
         ]
         routes = [Route(v1 + path, self._endpoint(handler), methods=[method]) for method, path, handler in table]
         routes.append(Route(v1 + "/healthz", self._endpoint(healthz, authenticated=False), methods=["GET"]))
-        for path in ("/save_weights_external", "/copy_weights", "/create_custom_loss", "/retrieve_futures",
-                     "/join_sampling_session", "/auth/token"):
+        for path in (
+            "/save_weights_external",
+            "/copy_weights",
+            "/create_custom_loss",
+            "/retrieve_futures",
+            "/join_sampling_session",
+            "/auth/token",
+        ):
             routes.append(Route(v1 + path, self._endpoint(unsupported), methods=["POST"]))
         return routes
-

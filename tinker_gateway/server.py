@@ -40,9 +40,15 @@ class RunningGateway:
         await self._task
 
 
-async def start(host: str = "127.0.0.1", port: int = 0, train_address: str | None = None,
-                api_keys: ApiKeys | None = None, pod: int | None = None, peer_template: str | None = None,
-                **options) -> RunningGateway:
+async def start(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    train_address: str | None = None,
+    api_keys: ApiKeys | None = None,
+    pod: int | None = None,
+    peer_template: str | None = None,
+    **options,
+) -> RunningGateway:
     """A started gateway on `port` (0 = a free port) in the running loop, translating onto the train service at
     `train_address` (default $BIOS_TRAIN_ADDRESS, else localhost:50052). `pod`: this replica's ordinal;
     `peer_template`: the gateway of pod {pod}, to forward requests whose ids name another pod
@@ -55,8 +61,9 @@ async def start(host: str = "127.0.0.1", port: int = 0, train_address: str | Non
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    config = uvicorn.Config(app.starlette, log_level="warning", lifespan="on", access_log=False,
-                            timeout_keep_alive=75)  # > the SDK's 45 s long-poll: connections are reused
+    config = uvicorn.Config(
+        app.starlette, log_level="warning", lifespan="on", access_log=False, timeout_keep_alive=75
+    )  # > the SDK's 45 s long-poll: connections are reused
     server = _Server(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     while not server.started:
@@ -69,15 +76,20 @@ async def start(host: str = "127.0.0.1", port: int = 0, train_address: str | Non
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tinker-port", type=int, default=DEFAULT_PORT, help="HTTP port of the Tinker gateway")
-    parser.add_argument("--pod-ordinal", type=int, default=placement.pod_ordinal(os.environ.get("BIOS_POD_NAME")),
-                        help="this replica's ordinal (default: from $BIOS_POD_NAME)")
+    parser.add_argument(
+        "--pod-ordinal",
+        type=int,
+        default=placement.pod_ordinal(os.environ.get("BIOS_POD_NAME")),
+        help="this replica's ordinal (default: from $BIOS_POD_NAME)",
+    )
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """`python -m tinker_gateway`'s flags (also `bios serve tinker`)."""
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--train-address", default=None, help="the train service (default: $BIOS_TRAIN_ADDRESS, "
-                                                             "else localhost:50052)")
+    parser.add_argument(
+        "--train-address", default=None, help="the train service (default: $BIOS_TRAIN_ADDRESS, else localhost:50052)"
+    )
     add_arguments(parser)
 
 
@@ -90,8 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     async def run() -> None:
         signalled = catch_stop_signals()
         running = await start(args.host, args.tinker_port, args.train_address, ApiKeys.from_env(), args.pod_ordinal)
-        logging.info("tinker gateway on %s:%d -> train service %s", args.host, running.port,
-                     running.app.train_address)
+        logging.info("tinker gateway on %s:%d -> train service %s", args.host, running.port, running.app.train_address)
         await wait_for_signal(running.stop, signalled)
 
     asyncio.run(run())

@@ -46,6 +46,7 @@ def error_reply(exc: BaseException) -> Reply:
 
 # ---- futures ------------------------------------------------------------------------------------
 
+
 @dataclass
 class Call:
     tenant: str
@@ -96,6 +97,7 @@ class Futures:
 
 # ---- sessions, models, samplers -------------------------------------------------------------------
 
+
 @dataclass
 class Session:
     session_id: str  # ours: Tinker sees our placed id, so any gateway can route it
@@ -124,18 +126,23 @@ class Model:
     user_metadata: dict[str, str]
     stream: OperationStream
     next_seq: int = 1
-    _waiting: dict[int, tuple[Callable[[], concurrent.futures.Future] | None, asyncio.Future | None]] = \
-        field(default_factory=dict)
+    _waiting: dict[int, tuple[Callable[[], concurrent.futures.Future] | None, asyncio.Future | None]] = field(
+        default_factory=dict
+    )
 
     def enqueue(self, seq: int, send: Callable[[], concurrent.futures.Future] | None) -> asyncio.Future | None:
         """Hold `send` until `seq`'s turn, then call it (in sequence order); the returned future resolves to
         the operation's future. `send=None` marks a number whose request was refused, so later ones go on."""
         if seq < self.next_seq or seq in self._waiting:
-            raise GatewayError(400, f"seq_id: {seq} was already used on model {self.tinker_id} "
-                                    f"(next expected: {self.next_seq})")
+            raise GatewayError(
+                400, f"seq_id: {seq} was already used on model {self.tinker_id} (next expected: {self.next_seq})"
+            )
         if len(self._waiting) >= MAX_WAITING:
-            raise GatewayError(400, f"seq_id: {len(self._waiting)} requests of model {self.tinker_id} are "
-                                    f"waiting for seq_id {self.next_seq}, which never arrived")
+            raise GatewayError(
+                400,
+                f"seq_id: {len(self._waiting)} requests of model {self.tinker_id} are "
+                f"waiting for seq_id {self.next_seq}, which never arrived",
+            )
         sent = asyncio.get_running_loop().create_future() if send is not None else None
         self._waiting[seq] = (send, sent)
         while self.next_seq in self._waiting:

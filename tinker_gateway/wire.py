@@ -20,15 +20,29 @@ from bios import wire as bios_wire
 from bios.v1 import train_pb2, types_pb2
 from train_service import checkpoint_layout as layout
 
-USER_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
-              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.OUT_OF_RANGE,
-              grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.ALREADY_EXISTS}
-_HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
-                grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.ALREADY_EXISTS: 400,
-                # a request over an engine limit is permanent: 429 would make the SDK retry it for minutes
-                grpc.StatusCode.RESOURCE_EXHAUSTED: 400, grpc.StatusCode.NOT_FOUND: 404,
-                grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403,
-                grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504}
+USER_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.ALREADY_EXISTS,
+}
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.ALREADY_EXISTS: 400,
+    # a request over an engine limit is permanent: 429 would make the SDK retry it for minutes
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
 
 
 class GatewayError(Exception):
@@ -62,10 +76,12 @@ CHECKPOINT_TYPES = {layout.STATE: "training", layout.SAMPLER: "sampler"}
 
 def to_bios_path(path: str, field: str = "path") -> str:
     """tinker://<model_id>/weights/<name> -> bios://<model_id>/state/<name> (and sampler_weights/sampler)."""
-    parts = path[len("tinker://"):].split("/") if isinstance(path, str) and path.startswith("tinker://") else []
+    parts = path[len("tinker://") :].split("/") if isinstance(path, str) and path.startswith("tinker://") else []
     if len(parts) != 3 or parts[1] not in _KINDS or not parts[0] or not parts[2]:
-        raise bad(f"{field}: {path!r} is not a checkpoint path (tinker://<run_id>/weights/<name> or "
-                  "tinker://<run_id>/sampler_weights/<name>)")
+        raise bad(
+            f"{field}: {path!r} is not a checkpoint path (tinker://<run_id>/weights/<name> or "
+            "tinker://<run_id>/sampler_weights/<name>)"
+        )
     return layout.path(parts[0], _KINDS[parts[1]], parts[2])
 
 
@@ -80,16 +96,23 @@ def checkpoint_id(checkpoint: train_pb2.Checkpoint) -> str:
 
 # ---- forward / forward_backward ------------------------------------------------------------------
 
-_DTYPES = {tpb.DTYPE_FLOAT32: (types_pb2.DTYPE_FLOAT32, 4), tpb.DTYPE_INT64: (types_pb2.DTYPE_INT64, 8),
-           tpb.DTYPE_INT32: (types_pb2.DTYPE_INT32, 4)}
+_DTYPES = {
+    tpb.DTYPE_FLOAT32: (types_pb2.DTYPE_FLOAT32, 4),
+    tpb.DTYPE_INT64: (types_pb2.DTYPE_INT64, 8),
+    tpb.DTYPE_INT32: (types_pb2.DTYPE_INT32, 4),
+}
 # Tinker's loss_fn_config keys and defaults (clip thresholds are ratios) -> ours (distances from 1).
 _CLIP_DEFAULTS = {"ppo": (0.8, 1.2), "gspo": (0.8, 1.2), "cispo": (0.0, 4.0)}
-_CONFIG_KEYS = {"cross_entropy": (), "importance_sampling": (), "dro": ("beta",),
-                **{name: ("clip_low_threshold", "clip_high_threshold") for name in _CLIP_DEFAULTS}}
+_CONFIG_KEYS = {
+    "cross_entropy": (),
+    "importance_sampling": (),
+    "dro": ("beta",),
+    **{name: ("clip_low_threshold", "clip_high_threshold") for name in _CLIP_DEFAULTS},
+}
 _REFUSED_LOSSES = {
     "stable_reinforce": "stable_reinforce is not supported by bios: its objective uses sampling-time stability "
-                        "records that Tinker keeps server-side and does not specify; use importance_sampling, ppo, "
-                        "cispo, gspo or dro",
+    "records that Tinker keeps server-side and does not specify; use importance_sampling, ppo, "
+    "cispo, gspo or dro",
     "custom": "server-side custom losses are not supported; forward_backward_custom runs them on the client",
 }
 _PER_TOKEN_CLIPS = ("clip_low_threshold", "clip_high_threshold")
@@ -142,8 +165,9 @@ def _loss_config(loss_fn: str, msg: tpb.ForwardBackwardRequest) -> dict[str, flo
         config[key] = value.text if value.WhichOneof("value") == "text" else value.number
     unknown = sorted(set(config) - set(_CONFIG_KEYS[loss_fn]))
     if unknown:
-        raise bad(f"loss_fn_config: {loss_fn} takes {', '.join(_CONFIG_KEYS[loss_fn]) or 'no keys'}; "
-                  f"got {', '.join(unknown)}")
+        raise bad(
+            f"loss_fn_config: {loss_fn} takes {', '.join(_CONFIG_KEYS[loss_fn]) or 'no keys'}; got {', '.join(unknown)}"
+        )
     for key, value in config.items():
         if not isinstance(value, float) or not math.isfinite(value):
             raise bad(f"loss_fn_config[{key!r}]: must be a finite number, got {value!r}")
@@ -180,11 +204,17 @@ def _default_ratio_mask(datum: types_pb2.Datum) -> None:
     if "sequence_ratio_mask" in inputs or "advantages" not in inputs:
         return  # a missing advantages is refused, naming the datum, by the train service
     advantages = inputs["advantages"]
-    dtype = "<f4" if advantages.dtype == types_pb2.DTYPE_FLOAT32 else "<i8" if advantages.dtype == types_pb2.DTYPE_INT64 \
+    dtype = (
+        "<f4"
+        if advantages.dtype == types_pb2.DTYPE_FLOAT32
+        else "<i8"
+        if advantages.dtype == types_pb2.DTYPE_INT64
         else "<i4"
+    )
     mask = (np.frombuffer(advantages.data, dtype) != 0).astype("<f4")
-    inputs["sequence_ratio_mask"].CopyFrom(types_pb2.Tensor(dtype=types_pb2.DTYPE_FLOAT32, shape=[len(mask)],
-                                                            data=mask.tobytes()))
+    inputs["sequence_ratio_mask"].CopyFrom(
+        types_pb2.Tensor(dtype=types_pb2.DTYPE_FLOAT32, shape=[len(mask)], data=mask.tobytes())
+    )
 
 
 def forward_backward_output(out: train_pb2.ForwardBackwardOutput) -> bytes:
@@ -194,8 +224,9 @@ def forward_backward_output(out: train_pb2.ForwardBackwardOutput) -> bytes:
     for name in names:
         chunks = [o.tensors[name].data for o in out.loss_fn_outputs]
         offsets = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype("<i8")
-        record.fields[name].CopyFrom(tpb.BatchedTensor(data=b"".join(chunks), offsets=offsets.tobytes(),
-                                                       dtype=tpb.DTYPE_FLOAT32))
+        record.fields[name].CopyFrom(
+            tpb.BatchedTensor(data=b"".join(chunks), offsets=offsets.tobytes(), dtype=tpb.DTYPE_FLOAT32)
+        )
     # Tinker metric keys are name:reduction; ours already are (loss:sum, tokens:sum).
     reply = tpb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", metrics=dict(out.metrics))
     reply.loss_fn_outputs.append(record)
@@ -204,12 +235,20 @@ def forward_backward_output(out: train_pb2.ForwardBackwardOutput) -> bytes:
 
 # ---- optimizer -----------------------------------------------------------------------------------
 
+
 def adam_params(params: Any) -> types_pb2.AdamParams:
     if not isinstance(params, tt.AdamParams):
         raise bad(f"optim_params: only Adam is supported, got {getattr(params, 'type', type(params).__name__)}")
-    return bios_wire.adam_params_to_pb(types.AdamParams(
-        learning_rate=params.learning_rate, beta1=params.beta1, beta2=params.beta2, eps=params.eps,
-        weight_decay=params.weight_decay, grad_clip_norm=params.grad_clip_norm))
+    return bios_wire.adam_params_to_pb(
+        types.AdamParams(
+            learning_rate=params.learning_rate,
+            beta1=params.beta1,
+            beta2=params.beta2,
+            eps=params.eps,
+            weight_decay=params.weight_decay,
+            grad_clip_norm=params.grad_clip_norm,
+        )
+    )
 
 
 def optim_step_metrics(response: train_pb2.OptimStepResponse) -> dict[str, float]:
@@ -219,6 +258,7 @@ def optim_step_metrics(response: train_pb2.OptimStepResponse) -> dict[str, float
 
 
 # ---- sampling ------------------------------------------------------------------------------------
+
 
 def model_input(prompt: tt.ModelInput, field: str = "prompt") -> types_pb2.ModelInput:
     out = types_pb2.ModelInput()
@@ -239,20 +279,26 @@ def sampling_params(params: tt.SamplingParams, eos_token_ids: list[int]) -> type
         raise bad("sampling_params.max_tokens: required")
     stop = params.stop
     stops: list[Any] = list(eos_token_ids) if stop is None else [stop] if isinstance(stop, str) else list(stop)
-    out = types_pb2.SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                                   top_k=max(params.top_k, 0),
-                                   stop_token_ids=[s for s in stops if isinstance(s, int)],
-                                   stop_strings=[s for s in stops if isinstance(s, str)])
+    out = types_pb2.SamplingParams(
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=max(params.top_k, 0),
+        stop_token_ids=[s for s in stops if isinstance(s, int)],
+        stop_strings=[s for s in stops if isinstance(s, str)],
+    )
     if params.seed is not None:
         out.seed = params.seed
     return out
 
 
 def check_sample_request(request: tt.SampleRequest) -> None:
-    unsupported = {"topk_prompt_logprobs": request.topk_prompt_logprobs,
-                   "topk_sample_logprobs": request.topk_sample_logprobs,
-                   "prompt_alt_tokens_k": request.prompt_alt_tokens_k,
-                   "target_prompt_logprobs": request.target_prompt_logprobs is not None}
+    unsupported = {
+        "topk_prompt_logprobs": request.topk_prompt_logprobs,
+        "topk_sample_logprobs": request.topk_sample_logprobs,
+        "prompt_alt_tokens_k": request.prompt_alt_tokens_k,
+        "target_prompt_logprobs": request.target_prompt_logprobs is not None,
+    }
     for field, value in unsupported.items():
         if value:
             raise bad(f"{field}: not supported by bios")
@@ -267,9 +313,11 @@ _STOP = {train_pb2.STOP_REASON_STOP: tpb.STOP_REASON_STOP, train_pb2.STOP_REASON
 def sample_response(result: train_pb2.SampleResponse, prompt_logprobs_last_n: int | None) -> bytes:
     reply = tpb.SampleResponse()
     for s in result.sequences:
-        reply.sequences.add(stop_reason=_STOP.get(s.stop_reason, tpb.STOP_REASON_LENGTH),
-                            tokens=np.asarray(s.tokens, "<i4").tobytes(),
-                            logprobs=np.asarray(s.logprobs, "<f4").tobytes())
+        reply.sequences.add(
+            stop_reason=_STOP.get(s.stop_reason, tpb.STOP_REASON_LENGTH),
+            tokens=np.asarray(s.tokens, "<i4").tobytes(),
+            logprobs=np.asarray(s.logprobs, "<f4").tobytes(),
+        )
     if result.prompt_logprobs:
         logprobs = np.asarray(result.prompt_logprobs, "<f4")
         if prompt_logprobs_last_n is not None:  # earlier positions unscored, as Tinker answers them

@@ -29,8 +29,10 @@ _PATH = re.compile(r"^bios://([A-Za-z0-9-]+)/(state|sampler)/(.+)$")
 
 def validate_name(name: str, field: str = "name") -> str:
     if not NAME.match(name or "") or ".." in name:
-        raise InvalidArgumentError(f"{field}: {name!r} is not a valid checkpoint name "
-                                   "(1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit)")
+        raise InvalidArgumentError(
+            f"{field}: {name!r} is not a valid checkpoint name "
+            "(1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit)"
+        )
     return name
 
 
@@ -42,8 +44,9 @@ def parse(checkpoint_path: str, field: str = "path") -> tuple[str, str, str]:
     """(model_id, kind, name) of a valid path; INVALID_ARGUMENT naming `field` otherwise."""
     match = _PATH.match(checkpoint_path or "")
     if not match:
-        raise InvalidArgumentError(f"{field}: {checkpoint_path!r} is not a checkpoint path "
-                                   "(bios://<model_id>/<kind>/<name>)")
+        raise InvalidArgumentError(
+            f"{field}: {checkpoint_path!r} is not a checkpoint path (bios://<model_id>/<kind>/<name>)"
+        )
     model_id, kind, name = match.groups()
     validate_name(name, field)
     return model_id, kind, name
@@ -65,7 +68,7 @@ def hidden(final: Path, kind: str, tag: str) -> Path:
 
 def unhidden_name(entry: Path) -> str:
     """The checkpoint name inside a hidden directory's name (.old-<name>-<8 hex>)."""
-    return entry.name[len(".old-"):-len("-12345678")]
+    return entry.name[len(".old-") : -len("-12345678")]
 
 
 def hidden_entries(root: Path) -> list[Path]:

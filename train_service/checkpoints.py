@@ -59,8 +59,9 @@ class CheckpointStore:
             shutil.rmtree(entry, ignore_errors=True)
             cleaned.append(entry)
         if cleaned:
-            log.warning("checkpoints: removed %d directories left by interrupted writes under %s", len(cleaned),
-                        self.root)
+            log.warning(
+                "checkpoints: removed %d directories left by interrupted writes under %s", len(cleaned), self.root
+            )
         return cleaned
 
     def directory(self, model_id: str, kind: str, name: str) -> Path:
@@ -75,21 +76,39 @@ class CheckpointStore:
             raise NotFoundError(f"{field}: no checkpoint at {path}")
         return directory, meta
 
-    def write(self, model_id: str, tenant: str, kind: str, name: str, meta: dict[str, Any],
-              fill: Callable[[Path], None], replace: bool = True) -> train_pb2.Checkpoint:
+    def write(
+        self,
+        model_id: str,
+        tenant: str,
+        kind: str,
+        name: str,
+        meta: dict[str, Any],
+        fill: Callable[[Path], None],
+        replace: bool = True,
+    ) -> train_pb2.Checkpoint:
         """Run `fill(tmpdir)` to write the files, then publish the directory atomically. `replace=False`:
         FAILED_PRECONDITION when a checkpoint of this name exists."""
         final = self.directory(model_id, kind, name)
         if not replace and (final / layout.META).is_file():
-            raise FailedPreconditionError(f"name: a {kind} checkpoint named {name!r} exists on model {model_id} "
-                                          "(save it under another name, or overwrite it)")
+            raise FailedPreconditionError(
+                f"name: a {kind} checkpoint named {name!r} exists on model {model_id} "
+                "(save it under another name, or overwrite it)"
+            )
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=final.parent))
         try:
             fill(tmp)
             path = layout.path(model_id, kind, name)
-            meta = {**meta, "id": path, "path": path, "kind": kind, "name": name, "model_id": model_id, "tenant": tenant,
-                    "created_unix_ms": int(time.time() * 1000)}
+            meta = {
+                **meta,
+                "id": path,
+                "path": path,
+                "kind": kind,
+                "name": name,
+                "model_id": model_id,
+                "tenant": tenant,
+                "created_unix_ms": int(time.time() * 1000),
+            }
             meta["size_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
             (tmp / layout.META).write_text(json.dumps(meta))
             for f in tmp.iterdir():  # durable before it becomes visible
@@ -132,13 +151,24 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def to_pb(meta: dict[str, Any]) -> train_pb2.Checkpoint:
-    return wire.checkpoint_to_pb(types.Checkpoint(
-        id=meta["id"], path=meta["path"], kind=meta["kind"], name=meta["name"], model_id=meta["model_id"],
-        base_model=meta.get("base_model", ""), step=meta.get("step", 0), metadata=meta.get("metadata", {}),
-        size_bytes=meta.get("size_bytes", 0), created_unix_ms=meta.get("created_unix_ms", 0)))
+    return wire.checkpoint_to_pb(
+        types.Checkpoint(
+            id=meta["id"],
+            path=meta["path"],
+            kind=meta["kind"],
+            name=meta["name"],
+            model_id=meta["model_id"],
+            base_model=meta.get("base_model", ""),
+            step=meta.get("step", 0),
+            metadata=meta.get("metadata", {}),
+            size_bytes=meta.get("size_bytes", 0),
+            created_unix_ms=meta.get("created_unix_ms", 0),
+        )
+    )
 
 
 # ---- the files inside a checkpoint directory ----------------------------------------------------------
+
 
 def write_adapter(directory: Path, config: PeftLoraConfig, state: dict[str, torch.Tensor]) -> None:
     """PEFT format: `PeftModel.from_pretrained(base, directory)` loads it."""
@@ -156,10 +186,12 @@ def read_adapter(directory: Path, field: str) -> tuple[PeftLoraConfig, dict[str,
 
 def write_optimizer(directory: Path, optimizer: torch.optim.Optimizer, step: int) -> None:
     state = optimizer.state_dict()
-    cpu = {k: {n: v.detach().cpu() if torch.is_tensor(v) else v for n, v in s.items()}
-           for k, s in state["state"].items()}
-    torch.save({"optimizer": {"state": cpu, "param_groups": state["param_groups"]}, "step": step},
-               directory / layout.OPTIMIZER)
+    cpu = {
+        k: {n: v.detach().cpu() if torch.is_tensor(v) else v for n, v in s.items()} for k, s in state["state"].items()
+    }
+    torch.save(
+        {"optimizer": {"state": cpu, "param_groups": state["param_groups"]}, "step": step}, directory / layout.OPTIMIZER
+    )
 
 
 def read_optimizer(directory: Path, field: str) -> dict:

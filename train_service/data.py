@@ -20,8 +20,9 @@ def _integer_ids(array: np.ndarray, field: str) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def decode_data(data: list[types_pb2.Datum], vocab_size: int, needed: tuple[str, ...], max_context: int,
-                limits: Limits) -> Rows:
+def decode_data(
+    data: list[types_pb2.Datum], vocab_size: int, needed: tuple[str, ...], max_context: int, limits: Limits
+) -> Rows:
     """Validate a request's data; every error names the datum and the field, or the limit."""
     if not data:
         raise InvalidArgumentError("data: empty batch")
@@ -43,12 +44,16 @@ def decode_data(data: list[types_pb2.Datum], vocab_size: int, needed: tuple[str,
             raise ResourceExhaustedError(f"{where}.model_input: {n} tokens exceed max_pass_tokens ({longest})")
         total += n
         if total > limits.max_request_tokens:
-            raise ResourceExhaustedError(f"data: more than max_request_tokens ({limits.max_request_tokens}) tokens "
-                                         "in one request; split it into several requests")
+            raise ResourceExhaustedError(
+                f"data: more than max_request_tokens ({limits.max_request_tokens}) tokens "
+                "in one request; split it into several requests"
+            )
         array = np.asarray(ids, dtype=np.int64)
         if array.min() < 0 or array.max() >= vocab_size:
             bad = int(array.max() if array.max() >= vocab_size else array.min())
-            raise InvalidArgumentError(f"{where}.model_input: token id {bad} is outside the vocabulary [0, {vocab_size})")
+            raise InvalidArgumentError(
+                f"{where}.model_input: token id {bad} is outside the vocabulary [0, {vocab_size})"
+            )
         fields = {}
         for key in ("target_tokens", *needed):
             if key not in datum.loss_fn_inputs:
@@ -62,8 +67,9 @@ def decode_data(data: list[types_pb2.Datum], vocab_size: int, needed: tuple[str,
             fields[key] = value
         targets = _integer_ids(fields.pop("target_tokens"), f"{where}.loss_fn_inputs['target_tokens']")
         if targets.min() < 0 or targets.max() >= vocab_size:
-            raise InvalidArgumentError(f"{where}.loss_fn_inputs['target_tokens']: token id outside the vocabulary "
-                                       f"[0, {vocab_size})")
+            raise InvalidArgumentError(
+                f"{where}.loss_fn_inputs['target_tokens']: token id outside the vocabulary [0, {vocab_size})"
+            )
         ids_list.append(array)
         targets_list.append(targets)
         inputs_list.append({k: v.astype(np.float32) for k, v in fields.items()})

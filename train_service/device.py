@@ -61,9 +61,11 @@ class DeviceConfig:
     def memory(self) -> dict[str, int]:
         """Bytes in use and at peak on the device (CUDA allocator), or the process's resident set on CPU."""
         if self.is_cuda:
-            return {"allocated": torch.cuda.memory_allocated(self.device),
-                    "peak": torch.cuda.max_memory_allocated(self.device),
-                    "total": torch.cuda.get_device_properties(self.device).total_memory}
+            return {
+                "allocated": torch.cuda.memory_allocated(self.device),
+                "peak": torch.cuda.max_memory_allocated(self.device),
+                "total": torch.cuda.get_device_properties(self.device).total_memory,
+            }
         return {"allocated": _resident_bytes(), "peak": 0, "total": 0}
 
     def describe(self) -> str:
@@ -78,5 +80,6 @@ class DeviceConfig:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError)
-                                                       and "CUDA out of memory" in str(exc))
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+    )

@@ -125,6 +125,7 @@ class Ranks:
 
 # ---- a data-parallel pass -------------------------------------------------------------------------------
 
+
 def _local_parts(parts: list, ranks: Ranks) -> tuple[list, list[tuple[int, int]], bool]:
     """This rank's share of the pass: each part's rows whose index in the pass is rank mod N. Returns the local
     parts, (part index, row in part) of each local row, and whether the share is a stand-in (a rank with no row
@@ -139,8 +140,11 @@ def _local_parts(parts: list, ranks: Ranks) -> tuple[list, list[tuple[int, int]]
                 where.append((index, i - part.first))
             row += 1
         if chosen:
-            rows = Rows([part.rows.ids[i] for i in chosen], [part.rows.targets[i] for i in chosen],
-                        [part.rows.inputs[i] for i in chosen])
+            rows = Rows(
+                [part.rows.ids[i] for i in chosen],
+                [part.rows.targets[i] for i in chosen],
+                [part.rows.inputs[i] for i in chosen],
+            )
             local.append(Part(part.adapter, rows, 0, len(chosen), part.loss, part.config))
     if local:
         return local, where, False
@@ -171,8 +175,7 @@ def run_pass(base: Any, parts: list, backward: bool) -> list:
             anchor = hidden.float().sum() * 0.0  # zero gradient, but through every layer
             (sum(finite) + anchor if finite else anchor).backward()
             _reduce_gradients(ranks, parts)
-    gathered = ranks.gather([(i, j, r.logprobs[k], r.losses[k]) for (i, j), (r, k) in
-                             zip(where, _rows_of(scored))])
+    gathered = ranks.gather([(i, j, r.logprobs[k], r.losses[k]) for (i, j), (r, k) in zip(where, _rows_of(scored))])
     results = []
     for index, part in enumerate(parts):
         n = part.last - part.first

@@ -22,8 +22,13 @@ log = logging.getLogger("bios.engine")
 
 
 class Engine:
-    def __init__(self, limits: Limits | None = None, name: str = "bios-engine", mirror: Mirror | None = None,
-                 heartbeat_s: float | None = None):
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        name: str = "bios-engine",
+        mirror: Mirror | None = None,
+        heartbeat_s: float | None = None,
+    ):
         """`mirror`: on several ranks, what the engine runs is sent to the other ranks first; `heartbeat_s`:
         when idle that long, a no-op is sent, so every rank learns within seconds that another one died."""
         self.limits = limits or Limits()

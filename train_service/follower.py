@@ -90,7 +90,11 @@ class Follower:
                 rows = Rows([None] * n_rows, [None] * n_rows, [None] * n_rows)
                 work = ForwardWork(self.models[model_id], rows, loss, config, backward, _nothing, loss_fn, wid=wid)
                 self.works[wid] = work
-            work.rows.ids[first:last], work.rows.targets[first:last], work.rows.inputs[first:last] = ids, targets, inputs
+            work.rows.ids[first:last], work.rows.targets[first:last], work.rows.inputs[first:last] = (
+                ids,
+                targets,
+                inputs,
+            )
             plan.parts.append((work, first, last))
         for work in worker.run_plan(plan):
             self.works.pop(work.wid, None)
@@ -119,9 +123,9 @@ def follow(ranks: Ranks, device: Any) -> None:
 
     SIGTERM (torchrun forwards the kubelet's to every rank) is left to rank 0: it drains, checkpoints and then
     tells the others to stop. A follower that died on it would break the group in the middle of the drain."""
+
     def leave_it_to_rank_0(signum: int, frame: Any) -> None:
-        log.info("rank %d: %s received; rank 0 drains the group and stops it", ranks.rank,
-                 signal.Signals(signum).name)
+        log.info("rank %d: %s received; rank 0 drains the group and stops it", ranks.rank, signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, leave_it_to_rank_0)
     signal.signal(signal.SIGINT, leave_it_to_rank_0)

@@ -22,11 +22,22 @@ def command(ranks: int, args: list[str]) -> list[str]:
     return [str(torchrun), "--standalone", f"--nproc-per-node={ranks}", "-m", "train_service", *args]
 
 
-def spawn(ranks: int, args: list[str], log: IO | None = None, env: dict[str, str] | None = None,
-          cwd: str | os.PathLike | None = None) -> subprocess.Popen:
+def spawn(
+    ranks: int,
+    args: list[str],
+    log: IO | None = None,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> subprocess.Popen:
     """The service in a new process group (so `stop` reaches every rank)."""
-    return subprocess.Popen(command(ranks, args), cwd=cwd, env={**os.environ, **(env or {})}, stdout=log,
-                            stderr=subprocess.STDOUT if log is not None else None, start_new_session=True)
+    return subprocess.Popen(
+        command(ranks, args),
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT if log is not None else None,
+        start_new_session=True,
+    )
 
 
 def wait_serving(address: str, proc: subprocess.Popen | None = None, timeout: float = 180) -> None:

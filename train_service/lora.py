@@ -131,18 +131,22 @@ class Adapter:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor], field: str) -> None:
         """Copy PEFT-format tensors in; every key and shape must match this adapter exactly."""
-        expected = {f"{_PREFIX}{path}.lora_{ab}.weight": getattr(w, ab)
-                    for path, w in self.layers.items() for ab in ("A", "B")}
+        expected = {
+            f"{_PREFIX}{path}.lora_{ab}.weight": getattr(w, ab) for path, w in self.layers.items() for ab in ("A", "B")
+        }
         state = {_strip_adapter_name(k): v for k, v in state.items()}
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise InvalidArgumentError(f"{field}: adapter tensors do not match this model's LoRA layers "
-                                       f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise InvalidArgumentError(
+                f"{field}: adapter tensors do not match this model's LoRA layers "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         for key, param in expected.items():
             value = state[key]
             if tuple(value.shape) != tuple(param.shape):
-                raise InvalidArgumentError(f"{field}: {key} has shape {list(value.shape)}, this model's LoRA "
-                                           f"layer has {list(param.shape)}")
+                raise InvalidArgumentError(
+                    f"{field}: {key} has shape {list(value.shape)}, this model's LoRA layer has {list(param.shape)}"
+                )
             if not torch.isfinite(value).all():
                 raise InvalidArgumentError(f"{field}: {key} contains NaN or infinity")
         for key, param in expected.items():

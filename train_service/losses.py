@@ -79,8 +79,11 @@ LOSSES: dict[str, tuple[LossFn, tuple[str, ...], tuple[str, ...]]] = {
     "ppo": (ppo, ("logprobs", "advantages"), ("clip_epsilon", "clip_epsilon_low", "clip_epsilon_high")),
     "cispo": (cispo, ("logprobs", "advantages"), ("clip_epsilon", "clip_epsilon_low", "clip_epsilon_high")),
     "dro": (dro, ("logprobs", "advantages"), ("beta",)),
-    "gspo": (gspo, ("logprobs", "advantages", "sequence_ratio_mask"),
-             ("clip_epsilon", "clip_epsilon_low", "clip_epsilon_high")),
+    "gspo": (
+        gspo,
+        ("logprobs", "advantages", "sequence_ratio_mask"),
+        ("clip_epsilon", "clip_epsilon_low", "clip_epsilon_high"),
+    ),
 }
 
 

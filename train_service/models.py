@@ -40,8 +40,9 @@ def load_weights(source: str, device: DeviceConfig | None = None) -> torch.nn.Mo
             raise InvalidArgumentError(f"weights: unknown stand-in {source!r}; known: {', '.join(TINY_BUILDERS)}")
         model = TINY_BUILDERS[source]()
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=device.dtype,
-                                                     attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(
+            source, local_files_only=True, dtype=device.dtype, attn_implementation="sdpa"
+        )
     return model.to(device=device.device, dtype=device.dtype)
 
 
@@ -95,10 +96,16 @@ class BaseModel:
     def target_modules(self, lora: types.LoraConfig, configured: list[str] | None) -> list[str]:
         if configured:
             return list(configured)
-        wanted = (ATTENTION if lora.train_attn else ()) + (MLP if lora.train_mlp else ()) + (
-            UNEMBED if lora.train_unembed else ())
-        present = {name.rsplit(".", 1)[-1] for name, m in self.causal_lm.named_modules()
-                   if isinstance(m, (torch.nn.Linear, lora_layers.LoraLinear))}
+        wanted = (
+            (ATTENTION if lora.train_attn else ())
+            + (MLP if lora.train_mlp else ())
+            + (UNEMBED if lora.train_unembed else ())
+        )
+        present = {
+            name.rsplit(".", 1)[-1]
+            for name, m in self.causal_lm.named_modules()
+            if isinstance(m, (torch.nn.Linear, lora_layers.LoraLinear))
+        }
         targets = sorted(present.intersection(wanted))
         if not targets:
             raise InvalidArgumentError("lora: train_attn, train_mlp and train_unembed select no layer of this model")
@@ -110,13 +117,23 @@ class BaseModel:
         alpha = float(lora.alpha) if lora.alpha is not None else 2.0 * lora.rank
         if not (math.isfinite(alpha) and alpha > 0):
             raise InvalidArgumentError(f"lora.alpha: must be a finite number > 0, got {lora.alpha}")
-        return PeftLoraConfig(r=lora.rank, lora_alpha=alpha, target_modules=self.target_modules(lora, configured),
-                              lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        return PeftLoraConfig(
+            r=lora.rank,
+            lora_alpha=alpha,
+            target_modules=self.target_modules(lora, configured),
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
 
     def _wrap(self, targets: list[str]) -> list[lora_layers.LoraLinear]:
         """The LoRA layers for these target names, wrapping base Linears on first use (stable order)."""
         for path, module in list(self.causal_lm.named_modules()):
-            if isinstance(module, torch.nn.Linear) and lora_layers.matches(path, targets) and path not in self.lora_layers:
+            if (
+                isinstance(module, torch.nn.Linear)
+                and lora_layers.matches(path, targets)
+                and path not in self.lora_layers
+            ):
                 parent_path, _, child = path.rpartition(".")
                 parent = self.causal_lm.get_submodule(parent_path) if parent_path else self.causal_lm
                 wrapped = lora_layers.LoraLinear(module, path, self.router)
@@ -136,8 +153,10 @@ class BaseModel:
         lora_layers.check_supported(config, field)
         generator = torch.Generator().manual_seed(int(seed))
         scale = lora_layers.scale_of(config)
-        layers = {layer.path: lora_layers.new_weights(layer, config.r, scale, generator)
-                  for layer in self._wrap(list(config.target_modules))}
+        layers = {
+            layer.path: lora_layers.new_weights(layer, config.r, scale, generator)
+            for layer in self._wrap(list(config.target_modules))
+        }
         return lora_layers.Adapter(name, config, layers)
 
     def memory(self) -> dict[str, int]:

@@ -15,8 +15,14 @@ from bios.errors import FailedPreconditionError, InvalidArgumentError
 
 
 def validate_adam(adam: Any) -> None:
-    values = {"learning_rate": adam.learning_rate, "beta1": adam.beta1, "beta2": adam.beta2, "eps": adam.eps,
-              "weight_decay": adam.weight_decay, "grad_clip_norm": adam.grad_clip_norm}
+    values = {
+        "learning_rate": adam.learning_rate,
+        "beta1": adam.beta1,
+        "beta2": adam.beta2,
+        "eps": adam.eps,
+        "weight_decay": adam.weight_decay,
+        "grad_clip_norm": adam.grad_clip_norm,
+    }
     for key, value in values.items():
         if not math.isfinite(value) or value < 0:
             raise InvalidArgumentError(f"adam_params.{key}: must be a finite number >= 0, got {value}")
@@ -56,11 +62,15 @@ def adam_step(optimizer: torch.optim.AdamW, params: list[torch.nn.Parameter], ad
         if adam.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm)
         for group in optimizer.param_groups:
-            group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
-                         weight_decay=adam.weight_decay)
+            group.update(
+                lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay
+            )
         saved_params = [p.detach().clone() for p in params]
-        saved_state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
-                       for p in params if p in optimizer.state}
+        saved_state = {
+            p: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+            for p in params
+            if p in optimizer.state
+        }
         try:
             optimizer.step()
             finite = _all_finite([p.detach() for p in params])
@@ -72,8 +82,10 @@ def adam_step(optimizer: torch.optim.AdamW, params: list[torch.nn.Parameter], ad
                     p.copy_(old)
             optimizer.state.clear()
             optimizer.state.update(saved_state)
-            raise InvalidArgumentError("adam_params: this step would make weights non-finite (learning_rate too "
-                                       "large?); step refused, weights unchanged")
+            raise InvalidArgumentError(
+                "adam_params: this step would make weights non-finite (learning_rate too "
+                "large?); step refused, weights unchanged"
+            )
     finally:
         optimizer.zero_grad(set_to_none=True)
     return {"grad_norm": grad_norm, "learning_rate": adam.learning_rate}

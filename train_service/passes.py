@@ -64,15 +64,18 @@ class PartResult:
     error: Exception | None = None  # this part failed (non-finite loss); the others are unaffected
 
 
-def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                    adapter: Adapter | None) -> torch.Tensor:
-    logits = (head(hidden, [Segment(adapter, 0, hidden.shape[0])]) if isinstance(head, LoraLinear)
-              else head(hidden)).float()
+def _chunk_logprobs(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, adapter: Adapter | None
+) -> torch.Tensor:
+    logits = (
+        head(hidden, [Segment(adapter, 0, hidden.shape[0])]) if isinstance(head, LoraLinear) else head(hidden)
+    ).float()
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                  adapter: Adapter | None) -> torch.Tensor:
+def head_logprobs(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, adapter: Adapter | None
+) -> torch.Tensor:
     """(N,) logprobs of `targets` given (N, d) final hidden states, without full-vocabulary logits at once."""
     vocab = head.weight.shape[0]
     chunk = max(16, LOGITS_CHUNK_BYTES // (4 * vocab))
@@ -87,14 +90,18 @@ def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _score(base: Any, part: Part, hidden: torch.Tensor, valid: torch.Tensor, targets: torch.Tensor,
-           lengths: torch.Tensor) -> tuple[PartResult, torch.Tensor]:
+def _score(
+    base: Any, part: Part, hidden: torch.Tensor, valid: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor
+) -> tuple[PartResult, torch.Tensor]:
     """One part's logprobs (LM head on its real tokens, with its adapter) and per-token losses."""
     device = hidden.device
     logp = head_logprobs(base.head, hidden[valid], targets[valid], part.adapter)
-    inputs = {key: torch.from_numpy(np.concatenate([part.rows.inputs[i][key]
-                                                    for i in range(part.first, part.last)])).to(device)
-              for key in part.rows.inputs[part.first]}
+    inputs = {
+        key: torch.from_numpy(np.concatenate([part.rows.inputs[i][key] for i in range(part.first, part.last)])).to(
+            device
+        )
+        for key in part.rows.inputs[part.first]
+    }
     split = lengths.tolist()
     # the datum of each token, for losses over whole sequences (gspo)
     inputs["row_index"] = torch.repeat_interleave(torch.arange(len(split)), lengths).to(device)
@@ -138,9 +145,20 @@ def layout(parts: list[Part], device: torch.device) -> Layout:
     return Layout(torch.from_numpy(ids).to(device), torch.from_numpy(targets).to(device), valid, lengths_t, segments)
 
 
-def score_parts(base: Any, parts: list[Part], rows: Layout, hidden: torch.Tensor) -> list[tuple[PartResult, torch.Tensor]]:
-    return [_score(base, part, hidden[s.start:s.stop], rows.valid[s.start:s.stop], rows.targets[s.start:s.stop],
-                   rows.lengths[s.start:s.stop]) for part, s in zip(parts, rows.segments)]
+def score_parts(
+    base: Any, parts: list[Part], rows: Layout, hidden: torch.Tensor
+) -> list[tuple[PartResult, torch.Tensor]]:
+    return [
+        _score(
+            base,
+            part,
+            hidden[s.start : s.stop],
+            rows.valid[s.start : s.stop],
+            rows.targets[s.start : s.stop],
+            rows.lengths[s.start : s.stop],
+        )
+        for part, s in zip(parts, rows.segments)
+    ]
 
 
 def run_pass(base: Any, parts: list[Part], backward: bool) -> list[PartResult]:

@@ -4,8 +4,8 @@ Rank 0 decides everything: which pass runs, which tokens are sampled, which adap
 an adapter or runs a unit of engine work it sends a message (`Mirror.send`, on the engine thread), and every
 other rank (train_service.follower) does the same thing on its replicas, with the same code: a replica training
 model is a `TrainingModel`, a replica pass goes through `worker.run_plan`, a replica decode group is a
-`DecodeGroup` that takes rank 0's tokens. Every pass ends with the same gathered results on every rank, so the replicas make the same
-decisions (refused parts, rolled-back gradients, optimizer steps) without being told.
+`DecodeGroup` that takes rank 0's tokens. Every pass ends with the same gathered results on every rank, so the
+replicas make the same decisions (refused parts, rolled-back gradients, optimizer steps) without being told.
 
 Messages, in the order rank 0 sends them:
     ("base", entry)                                    load and shard a base model
@@ -45,14 +45,18 @@ class Mirror:
         parts = []
         for work, first, last in plan.parts:
             rows = (work.rows.ids[first:last], work.rows.targets[first:last], work.rows.inputs[first:last])
-            parts.append((work.wid, work.model.model_id, first, last, len(work.rows), rows, work.loss_name,
-                          work.config))
+            parts.append(
+                (work.wid, work.model.model_id, first, last, len(work.rows), rows, work.loss_name, work.config)
+            )
         self.send("pass", plan.backward, parts)
 
     def group(self, group: Any) -> None:
         if self.ranks is not None:
-            self.send("group", group.gid, [(m.work.key, m.request.prompt, m.request.params, m.request.num_samples)
-                                           for m in group.members])
+            self.send(
+                "group",
+                group.gid,
+                [(m.work.key, m.request.prompt, m.request.params, m.request.num_samples) for m in group.members],
+            )
 
     def step(self, group: Any) -> None:
         self.send("step", group.gid)

@@ -41,10 +41,15 @@ class SamplingOptions:
     @classmethod
     def from_pb(cls, pb: Any) -> "SamplingOptions":
         """From a bios.v1.SamplingParams message: unset optional fields take their documented defaults."""
-        return cls(max_tokens=pb.max_tokens, temperature=pb.temperature if pb.HasField("temperature") else 1.0,
-                   top_p=pb.top_p if pb.HasField("top_p") else 1.0, top_k=pb.top_k,
-                   stop_token_ids=tuple(pb.stop_token_ids), stop_strings=tuple(pb.stop_strings),
-                   seed=pb.seed if pb.HasField("seed") else None)
+        return cls(
+            max_tokens=pb.max_tokens,
+            temperature=pb.temperature if pb.HasField("temperature") else 1.0,
+            top_p=pb.top_p if pb.HasField("top_p") else 1.0,
+            top_k=pb.top_k,
+            stop_token_ids=tuple(pb.stop_token_ids),
+            stop_strings=tuple(pb.stop_strings),
+            seed=pb.seed if pb.HasField("seed") else None,
+        )
 
 
 @dataclass
@@ -73,8 +78,14 @@ class SampleResult:
     prompt_logprobs: list[float]
 
 
-def validate(prompt: list[int], params: SamplingOptions, num_samples: int, vocab_size: int,
-             max_context: int, max_prompt_tokens: int) -> None:
+def validate(
+    prompt: list[int],
+    params: SamplingOptions,
+    num_samples: int,
+    vocab_size: int,
+    max_context: int,
+    max_prompt_tokens: int,
+) -> None:
     if not prompt:
         raise InvalidArgumentError("prompt: no tokens")
     if min(prompt) < 0 or max(prompt) >= vocab_size:
@@ -84,8 +95,10 @@ def validate(prompt: list[int], params: SamplingOptions, num_samples: int, vocab
     if params.max_tokens <= 0:
         raise InvalidArgumentError(f"sampling_params.max_tokens: must be > 0, got {params.max_tokens}")
     if len(prompt) + params.max_tokens > max_context:
-        raise InvalidArgumentError(f"sampling_params.max_tokens: prompt ({len(prompt)}) + max_tokens "
-                                   f"({params.max_tokens}) exceeds the model context ({max_context})")
+        raise InvalidArgumentError(
+            f"sampling_params.max_tokens: prompt ({len(prompt)}) + max_tokens "
+            f"({params.max_tokens}) exceeds the model context ({max_context})"
+        )
     if not 1 <= num_samples <= 256:
         raise InvalidArgumentError(f"num_samples: must be in 1..256, got {num_samples}")
     if not math.isfinite(params.temperature) or params.temperature < 0:
@@ -132,8 +145,8 @@ def _choose(logits: torch.Tensor, params: SamplingOptions, generator: torch.Gene
 def _ends_with_stop(tokenizer: Any, tokens: list[int], stop_strings: list[str]) -> bool:
     """Did the newest token complete a stop string? Only the tail is decoded, so the cost stays flat."""
     longest = max(len(s) for s in stop_strings)
-    tail = tokenizer.decode(tokens[-(longest + 8):])
-    previous = tokenizer.decode(tokens[-(longest + 8):-1])
+    tail = tokenizer.decode(tokens[-(longest + 8) :])
+    previous = tokenizer.decode(tokens[-(longest + 8) : -1])
     return any(s in tail and s not in previous for s in stop_strings)
 
 
@@ -167,16 +180,21 @@ class _Member:
             seq.tokens.append(token)
             seq.logprobs.append(logprob)
             step.append((i, token, logprob))
-            if token in self.stop_ids or (self.stop_strings and _ends_with_stop(
-                    self.request.tokenizer, seq.tokens, self.stop_strings)):
+            if token in self.stop_ids or (
+                self.stop_strings and _ends_with_stop(self.request.tokenizer, seq.tokens, self.stop_strings)
+            ):
                 seq.done, seq.stop_reason = True, "stop"
         self.produced += 1
         self.request.emit(step)
 
     @property
     def finished(self) -> bool:
-        return (self.failed or all(s.done for s in self.sequences) or self.produced >= self.request.params.max_tokens
-                or self.request.cancelled.is_set())
+        return (
+            self.failed
+            or all(s.done for s in self.sequences)
+            or self.produced >= self.request.params.max_tokens
+            or self.request.cancelled.is_set()
+        )
 
 
 _group_ids = itertools.count()
@@ -229,8 +247,12 @@ class DecodeGroup:
                 if all(math.isfinite(v) for v in values):
                     member.record(chosen.tolist(), values)
                 else:  # NaN or +inf logits: there is no distribution to draw from
-                    member.fail(FailedPreconditionError("the model's logits are not finite (its weights were driven "
-                                                        "to overflow?); nothing to sample from"))
+                    member.fail(
+                        FailedPreconditionError(
+                            "the model's logits are not finite (its weights were driven "
+                            "to overflow?); nothing to sample from"
+                        )
+                    )
                 chosen_rows.append(chosen)
                 start += n
             self.chosen = torch.cat(chosen_rows)
@@ -247,15 +269,20 @@ class DecodeGroup:
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         mask = torch.zeros(len(prompts), width, dtype=torch.long)
         for i, p in enumerate(prompts):  # left padding: every row's last token is at the end
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self.cache = DynamicCache(config=base.causal_lm.config)
         segments = self._segments([1] * len(prompts))
         with base.router.route(segments):
-            hidden = base.decoder(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
-                                  past_key_values=self.cache, use_cache=True).last_hidden_state
+            hidden = base.decoder(
+                input_ids=ids,
+                attention_mask=mask if padded else None,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+            ).last_hidden_state
             logits = base.head(hidden[:, -1])
         for i, member in enumerate(self.members):
             if member.request.include_prompt_logprobs and not self.follower:
@@ -277,9 +304,13 @@ class DecodeGroup:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         segments = self._segments([m.request.num_samples for m in self.members])
         with base.router.route(segments):
-            hidden = base.decoder(input_ids=self.chosen[:, None], attention_mask=self.mask,
-                                  position_ids=self.positions[:, None], past_key_values=self.cache,
-                                  use_cache=True).last_hidden_state
+            hidden = base.decoder(
+                input_ids=self.chosen[:, None],
+                attention_mask=self.mask,
+                position_ids=self.positions[:, None],
+                past_key_values=self.cache,
+                use_cache=True,
+            ).last_hidden_state
             return base.head(hidden[:, -1])
 
     def _retire(self, leaving: list[bool]) -> list[Any]:

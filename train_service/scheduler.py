@@ -82,8 +82,17 @@ _work_ids = itertools.count()
 class ForwardWork(Work):
     """A forward or forward_backward request: its rows go through one or more passes, maybe with others'."""
 
-    def __init__(self, model: Any, rows: Rows, loss: Any, config: dict[str, float], backward: bool,
-                 finish: Callable[["ForwardWork"], Any], loss_name: str = "", wid: int | None = None):
+    def __init__(
+        self,
+        model: Any,
+        rows: Rows,
+        loss: Any,
+        config: dict[str, float],
+        backward: bool,
+        finish: Callable[["ForwardWork"], Any],
+        loss_name: str = "",
+        wid: int | None = None,
+    ):
         super().__init__()
         self.wid = next(_work_ids) if wid is None else wid  # names it to the other ranks (train_service.replay)
         self.model = model  # has .base, .adapter and the gradient bookkeeping (sessions.TrainingModel)
@@ -255,8 +264,11 @@ class Scheduler:
             first = self._head(other)
             if first is None:
                 self.ring.remove(other)
-            elif (isinstance(first, SampleWork) and first.base is head.base
-                  and rows + first.request.num_samples <= self.max_decode_rows):
+            elif (
+                isinstance(first, SampleWork)
+                and first.base is head.base
+                and rows + first.request.num_samples <= self.max_decode_rows
+            ):
                 self.ring.remove(other)
                 take(other)
         return group

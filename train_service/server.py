@@ -92,10 +92,18 @@ class TrainServer:
             self.engine.drop(key, gone)
 
 
-async def start(host: str = "127.0.0.1", port: int = 0, checkpoint_dir: str | None = None,
-                api_keys: ApiKeys | None = None, health_port: int | None = None, pod: int | None = None,
-                device: str | DeviceConfig = "auto", limits: Limits | None = None,
-                allow_local_paths: bool = False, ranks: Ranks | None = None) -> TrainServer:
+async def start(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    checkpoint_dir: str | None = None,
+    api_keys: ApiKeys | None = None,
+    health_port: int | None = None,
+    pod: int | None = None,
+    device: str | DeviceConfig = "auto",
+    limits: Limits | None = None,
+    allow_local_paths: bool = False,
+    ranks: Ranks | None = None,
+) -> TrainServer:
     """A started server on `port` (0 = pick a free port); `health_port` adds a plaintext health-only port;
     `pod`: this replica's ordinal, put in the ids it issues so clients find their session's pod (bios.placement);
     `device`: auto (CUDA when available), cpu, cuda or cuda:N, or a DeviceConfig; `limits`: the engine's;
@@ -104,30 +112,53 @@ async def start(host: str = "127.0.0.1", port: int = 0, checkpoint_dir: str | No
     mirror = Mirror(ranks)  # `ranks`: this is rank 0 of several, which follow what it does
     engine = Engine(limits, mirror=mirror, heartbeat_s=HEARTBEAT_S if ranks is not None else None)
     pool = BaseModelPool(device, ranks, mirror if ranks is not None else None)
-    sessions = SessionManager(CheckpointStore(checkpoint_dir or default_checkpoint_dir()), pool, pod=pod,
-                              allow_local_paths=allow_local_paths, mirror=mirror)
+    sessions = SessionManager(
+        CheckpointStore(checkpoint_dir or default_checkpoint_dir()),
+        pool,
+        pod=pod,
+        allow_local_paths=allow_local_paths,
+        mirror=mirror,
+    )
     metrics.bind(sessions, engine, device)
     server, health_servicer, names = build_server("train", [service.add_to_server(sessions, engine)], api_keys)
     bound = add_port(server, f"{host}:{port}")
     await server.start()
-    health_server, bound_health = (await start_health_server(health_servicer, host, health_port)
-                                   if health_port is not None else (None, None))
+    health_server, bound_health = (
+        await start_health_server(health_servicer, host, health_port) if health_port is not None else (None, None)
+    )
     await mark_serving(health_servicer, names)
     return TrainServer(server, bound, engine, sessions, health_servicer, names, health_server, bound_health, ranks)
 
 
-async def serve(host: str, port: int, checkpoint_dir: str | None, metrics_port: int, health_port: int,
-                pod: int | None, device: DeviceConfig, limits: Limits, allow_local_paths: bool = False,
-                ranks: Ranks | None = None) -> None:
+async def serve(
+    host: str,
+    port: int,
+    checkpoint_dir: str | None,
+    metrics_port: int,
+    health_port: int,
+    pod: int | None,
+    device: DeviceConfig,
+    limits: Limits,
+    allow_local_paths: bool = False,
+    ranks: Ranks | None = None,
+) -> None:
     api_keys, signalled = ApiKeys.from_env(), catch_stop_signals()
     warn_if_open("train service", host, api_keys)
-    running = await start(host, port, checkpoint_dir, api_keys, health_port or None, pod, device, limits,
-                          allow_local_paths, ranks)
+    running = await start(
+        host, port, checkpoint_dir, api_keys, health_port or None, pod, device, limits, allow_local_paths, ranks
+    )
     if metrics_port:
         serve_metrics(metrics_port)
-    logging.info("train service listening on %s:%d (metrics on :%d, pod ordinal %s, device %s, %s base weights%s)",
-                 host, running.port, metrics_port, pod, device.describe(), device.dtype_name,
-                 f", rank 0 of {ranks.world}" if ranks else "")
+    logging.info(
+        "train service listening on %s:%d (metrics on :%d, pod ordinal %s, device %s, %s base weights%s)",
+        host,
+        running.port,
+        metrics_port,
+        pod,
+        device.describe(),
+        device.dtype_name,
+        f", rank 0 of {ranks.world}" if ranks else "",
+    )
     if ranks is not None:
         asyncio.create_task(_exit_when_a_rank_fails(running))
     await wait_for_signal(lambda: running.stop(grace=drain_seconds()), signalled)
@@ -162,8 +193,20 @@ def main(argv: list[str] | None = None) -> None:
     if ranks is not None and ranks.rank > 0:
         follower.follow(ranks, device)
         return
-    asyncio.run(serve(args.host, args.port, args.checkpoint_dir, args.metrics_port, args.health_port, args.pod_ordinal,
-                      device, limits, args.allow_local_paths, ranks))
+    asyncio.run(
+        serve(
+            args.host,
+            args.port,
+            args.checkpoint_dir,
+            args.metrics_port,
+            args.health_port,
+            args.pod_ordinal,
+            device,
+            limits,
+            args.allow_local_paths,
+            ranks,
+        )
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -173,13 +216,20 @@ def add_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     if not prefix:
         add_host_argument(parser)
     parser.add_argument(f"--{prefix}port", type=int, default=50052, help="gRPC port")
-    parser.add_argument("--checkpoint-dir", default=None, help="where checkpoints are written (default: "
-                        "$BIOS_CHECKPOINT_DIR, else ~/.cache/bios/checkpoints)")
+    parser.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="where checkpoints are written (default: $BIOS_CHECKPOINT_DIR, else ~/.cache/bios/checkpoints)",
+    )
     parser.add_argument(f"--{prefix}metrics-port", type=int, default=9091, help="Prometheus /metrics port (0 = off)")
     if not prefix:
-        parser.add_argument("--pod-ordinal", type=int, default=placement.pod_ordinal(os.environ.get("BIOS_POD_NAME")),
-                            help="this replica's ordinal, written into the ids it issues (default: from "
-                                 "$BIOS_POD_NAME, e.g. bios-train-3 -> 3; none outside a StatefulSet)")
+        parser.add_argument(
+            "--pod-ordinal",
+            type=int,
+            default=placement.pod_ordinal(os.environ.get("BIOS_POD_NAME")),
+            help="this replica's ordinal, written into the ids it issues (default: from "
+            "$BIOS_POD_NAME, e.g. bios-train-3 -> 3; none outside a StatefulSet)",
+        )
     add_health_port_argument(parser, prefix)
     if not prefix:
         add_allow_local_paths_argument(parser)
@@ -194,18 +244,32 @@ def drain_seconds() -> float:
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The engine's device and limits (shared by `python -m train_service` and `bios serve`)."""
     defaults = Limits()
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N "
-                        "(default: %(default)s)")
-    parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="recompute decoder layers in backward instead of keeping their activations")
-    parser.add_argument("--max-request-tokens", type=int, default=defaults.max_request_tokens,
-                        help="tokens in one forward / forward_backward request (default: %(default)s)")
-    parser.add_argument("--max-pass-tokens", type=int, default=defaults.max_pass_tokens,
-                        help="padded tokens in one pass over a base model; also the longest datum or prompt "
-                             "(default: %(default)s)")
-    parser.add_argument("--max-pass-requests", type=int, default=defaults.max_pass_ops,
-                        help="requests of different models coalesced into one pass; 1 turns coalescing off "
-                             "(default: %(default)s)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute decoder layers in backward instead of keeping their activations",
+    )
+    parser.add_argument(
+        "--max-request-tokens",
+        type=int,
+        default=defaults.max_request_tokens,
+        help="tokens in one forward / forward_backward request (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-pass-tokens",
+        type=int,
+        default=defaults.max_pass_tokens,
+        help="padded tokens in one pass over a base model; also the longest datum or prompt (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-pass-requests",
+        type=int,
+        default=defaults.max_pass_ops,
+        help="requests of different models coalesced into one pass; 1 turns coalescing off (default: %(default)s)",
+    )
 
 
 def engine_options(args: argparse.Namespace) -> tuple[DeviceConfig, Limits]:

@@ -30,12 +30,22 @@ def _model_info(model: TrainingModel, limits: Limits) -> train_pb2.ModelInfo:
     entry, base = model.entry, model.base
     memory = base.memory()
     return train_pb2.ModelInfo(
-        model_id=model.model_id, base_model=entry.name, lora_rank=model.lora.rank, step=model.step,
-        tokenizer=entry.name, renderer=entry.renderer, vocab_size=base.vocab_size, device=base.device.describe(),
-        dtype=base.device.dtype_name, max_request_tokens=limits.max_request_tokens,
-        max_pass_tokens=limits.max_pass_tokens, max_context=min(base.max_context, 2**31 - 1),
-        device_memory_allocated_bytes=memory["allocated"], device_memory_peak_bytes=memory["peak"],
-        lora_parameters=model.adapter.num_parameters())
+        model_id=model.model_id,
+        base_model=entry.name,
+        lora_rank=model.lora.rank,
+        step=model.step,
+        tokenizer=entry.name,
+        renderer=entry.renderer,
+        vocab_size=base.vocab_size,
+        device=base.device.describe(),
+        dtype=base.device.dtype_name,
+        max_request_tokens=limits.max_request_tokens,
+        max_pass_tokens=limits.max_pass_tokens,
+        max_context=min(base.max_context, 2**31 - 1),
+        device_memory_allocated_bytes=memory["allocated"],
+        device_memory_peak_bytes=memory["peak"],
+        lora_parameters=model.adapter.num_parameters(),
+    )
 
 
 class TrainServicer(train_pb2_grpc.TrainServiceServicer):
@@ -67,10 +77,15 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
     async def CreateModel(self, request, context):
         lora, tenant = wire.lora_config_from_pb(request.lora), current_tenant()
         # Loading weights can take minutes for a real model: off the engine, which keeps serving others.
-        entry, base, lora = await asyncio.to_thread(self.sessions.prepare_model, request.session_id, tenant,
-                                                    request.base_model, lora, request.from_state)
-        model = await self._run("control", lambda: self.sessions.create_model(
-            request.session_id, tenant, entry, base, lora, request.from_state, request.load_optimizer))
+        entry, base, lora = await asyncio.to_thread(
+            self.sessions.prepare_model, request.session_id, tenant, request.base_model, lora, request.from_state
+        )
+        model = await self._run(
+            "control",
+            lambda: self.sessions.create_model(
+                request.session_id, tenant, entry, base, lora, request.from_state, request.load_optimizer
+            ),
+        )
         return _model_info(model, self.engine.limits)
 
     async def DeleteModel(self, request, context):
@@ -84,14 +99,22 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
         if source is None:
             raise InvalidArgumentError("source: give base_model or model_path")
         tenant = current_tenant()
-        entry, base, saved = await asyncio.to_thread(self.sessions.prepare_sampler, request.session_id, tenant,
-                                                     request.base_model, request.model_path)
-        sampler = await self._run("control", lambda: self.sessions.create_sampler(
-            request.session_id, tenant, entry, base, saved, request.model_path))
+        entry, base, saved = await asyncio.to_thread(
+            self.sessions.prepare_sampler, request.session_id, tenant, request.base_model, request.model_path
+        )
+        sampler = await self._run(
+            "control",
+            lambda: self.sessions.create_sampler(request.session_id, tenant, entry, base, saved, request.model_path),
+        )
         eos = (await asyncio.to_thread(self.sessions.tokenizer, entry)).eos_token_id
-        return train_pb2.SamplerInfo(sampler_id=sampler.sampler_id, base_model=entry.name,
-                                     model_path=sampler.model_path, tokenizer=entry.name, renderer=entry.renderer,
-                                     eos_token_ids=[] if eos is None else [eos])
+        return train_pb2.SamplerInfo(
+            sampler_id=sampler.sampler_id,
+            base_model=entry.name,
+            model_path=sampler.model_path,
+            tokenizer=entry.name,
+            renderer=entry.renderer,
+            eos_token_ids=[] if eos is None else [eos],
+        )
 
     async def GetInfo(self, request, context):
         return _model_info(self.sessions.model(request.model_id, current_tenant()), self.engine.limits)
@@ -136,7 +159,9 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
             return await asyncio.shield(future)
         except Exception as exc:  # noqa: BLE001 - one failed operation answers with its status
             code, message = status_of(exc)
-            return train_pb2.OperationEvent(seq=seq, error=train_pb2.OperationError(code=code.value[0], message=message))
+            return train_pb2.OperationEvent(
+                seq=seq, error=train_pb2.OperationError(code=code.value[0], message=message)
+            )
 
     async def Operate(self, request_iterator, context) -> AsyncIterator[train_pb2.OperationEvent]:
         pending: asyncio.Queue = asyncio.Queue()
@@ -184,14 +209,21 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
             prompt += chunk.encoded_text.tokens
         params = sampling.SamplingOptions.from_pb(request.sampling_params)
         num_samples = request.num_samples or 1
-        sampling.validate(prompt, params, num_samples, base.vocab_size, base.max_context,
-                          self.engine.limits.max_pass_tokens)
+        sampling.validate(
+            prompt, params, num_samples, base.vocab_size, base.max_context, self.engine.limits.max_pass_tokens
+        )
 
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
-        job = sampling.SampleRequest(prompt, params, num_samples, adapter, self.sessions.tokenizer(entry),
-                                     request.include_prompt_logprobs,
-                                     emit=lambda step: loop.call_soon_threadsafe(deltas.put_nowait, step))
+        job = sampling.SampleRequest(
+            prompt,
+            params,
+            num_samples,
+            adapter,
+            self.sessions.tokenizer(entry),
+            request.include_prompt_logprobs,
+            emit=lambda step: loop.call_soon_threadsafe(deltas.put_nowait, step),
+        )
         future = self.engine.submit(key, SampleWork(base, job))
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(deltas.put_nowait, _DONE))
         try:
@@ -208,9 +240,15 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
                     yield train_pb2.SampleEvent(deltas=event)
             result: sampling.SampleResult = future.result()
             metrics.TOKENS.labels("sample").inc(sum(len(s.tokens) for s in result.sequences))
-            response = train_pb2.SampleResponse(sequences=[
-                train_pb2.SampledSequence(tokens=s.tokens, logprobs=s.logprobs, stop_reason=_STOP_REASONS[s.stop_reason])
-                for s in result.sequences], prompt_logprobs=result.prompt_logprobs)
+            response = train_pb2.SampleResponse(
+                sequences=[
+                    train_pb2.SampledSequence(
+                        tokens=s.tokens, logprobs=s.logprobs, stop_reason=_STOP_REASONS[s.stop_reason]
+                    )
+                    for s in result.sequences
+                ],
+                prompt_logprobs=result.prompt_logprobs,
+            )
             yield train_pb2.SampleEvent(result=response)
         finally:
             job.cancelled.set()

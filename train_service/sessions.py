@@ -72,8 +72,9 @@ class TrainingModel:
         if seq in self.results:
             return self.results[seq]
         if seq <= self.max_seq:
-            return failed(FailedPreconditionError(f"seq: {seq} is not after {self.max_seq} and is no longer "
-                                                  "remembered"))
+            return failed(
+                FailedPreconditionError(f"seq: {seq} is not after {self.max_seq} and is no longer remembered")
+            )
         try:
             future = submit()
         except Exception as exc:  # noqa: BLE001 - answered as this operation's error
@@ -89,8 +90,7 @@ class TrainingModel:
 
     # ---- forward / forward_backward: validated here, computed in passes by the engine -----------------
 
-    def forward_work(self, request: train_pb2.ForwardBackwardInput, backward: bool,
-                     limits: Limits) -> ForwardWork:
+    def forward_work(self, request: train_pb2.ForwardBackwardInput, backward: bool, limits: Limits) -> ForwardWork:
         name = request.loss_fn or "cross_entropy"
         config = dict(request.loss_fn_config)
         loss, needed = get_loss(name, config)
@@ -104,9 +104,13 @@ class TrainingModel:
             "optim_step": lambda: event(optim_step=self.optim_step(request.optim_step)),
             "save_state": lambda: event(checkpoint=self.save_state(request.save_state)),
             "save_weights_for_sampler": lambda: event(
-                checkpoint=self.save_weights_for_sampler(request.save_weights_for_sampler)),
-            "load_state": lambda: event(load_state=train_pb2.LoadStateResponse(
-                step=self.load_state(request.load_state.path, request.load_state.load_optimizer))),
+                checkpoint=self.save_weights_for_sampler(request.save_weights_for_sampler)
+            ),
+            "load_state": lambda: event(
+                load_state=train_pb2.LoadStateResponse(
+                    step=self.load_state(request.load_state.path, request.load_state.load_optimizer)
+                )
+            ),
         }
         if kind not in ops:
             raise InvalidArgumentError(f"op: request seq {request.seq} names no operation")
@@ -117,8 +121,7 @@ class TrainingModel:
     def optim_step(self, request: train_pb2.OptimStepRequest) -> train_pb2.OptimStepResponse:
         optimizer.validate_adam(request.adam_params)
         if not self.has_gradient:
-            raise FailedPreconditionError("optim_step: no gradient since the last step (call forward_backward "
-                                          "first)")
+            raise FailedPreconditionError("optim_step: no gradient since the last step (call forward_backward first)")
         self.mirror.send("optim_step", self.model_id, request.SerializeToString())
         self.has_gradient = False  # consumed whether the step is taken or refused
         metrics = optimizer.adam_step(self.optimizer, self._params, request.adam_params)
@@ -126,8 +129,7 @@ class TrainingModel:
         return train_pb2.OptimStepResponse(metrics={**metrics, "step": float(self.step)}, step=self.step)
 
     def _meta(self, metadata: dict[str, Any]) -> dict[str, Any]:
-        return {"base_model": self.entry.name, "step": self.step, "metadata": metadata,
-                "lora": self.lora.model_dump()}
+        return {"base_model": self.entry.name, "step": self.step, "metadata": metadata, "lora": self.lora.model_dump()}
 
     def _write_adapter(self, directory: Path) -> None:
         checkpoints.write_adapter(directory, self.adapter.config, self.adapter.state_dict())
@@ -140,17 +142,28 @@ class TrainingModel:
             self._write_adapter(directory)
             checkpoints.write_optimizer(directory, self.optimizer, self.step)
 
-        checkpoint = self.store.write(self.model_id, self.tenant, layout.STATE, request.name, self._meta(metadata), fill,
-                                      replace=not request.fail_if_exists)
+        checkpoint = self.store.write(
+            self.model_id,
+            self.tenant,
+            layout.STATE,
+            request.name,
+            self._meta(metadata),
+            fill,
+            replace=not request.fail_if_exists,
+        )
         CHECKPOINT_BYTES.inc(checkpoint.size_bytes)
         return checkpoint
 
     def save_weights_for_sampler(self, request: train_pb2.SaveWeightsForSamplerRequest) -> train_pb2.Checkpoint:
         validate_name(request.name, "save_weights_for_sampler.name")
-        metadata = (wire.json_object(request.metadata_json, "save_weights_for_sampler.metadata_json")
-                    if request.metadata_json else {})
-        checkpoint = self.store.write(self.model_id, self.tenant, layout.SAMPLER, request.name, self._meta(metadata),
-                                      self._write_adapter)
+        metadata = (
+            wire.json_object(request.metadata_json, "save_weights_for_sampler.metadata_json")
+            if request.metadata_json
+            else {}
+        )
+        checkpoint = self.store.write(
+            self.model_id, self.tenant, layout.SAMPLER, request.name, self._meta(metadata), self._write_adapter
+        )
         CHECKPOINT_BYTES.inc(checkpoint.size_bytes)
         return checkpoint
 
@@ -158,8 +171,9 @@ class TrainingModel:
         directory, meta = self.store.locate(path, self.tenant, field_name)
         saved_base = meta.get("base_model")
         if saved_base != self.entry.name and _weights_of(saved_base) != self.base.weights:
-            raise FailedPreconditionError(f"{field_name}: checkpoint is for base model {saved_base!r}, "
-                                          f"this model is {self.entry.name!r}")
+            raise FailedPreconditionError(
+                f"{field_name}: checkpoint is for base model {saved_base!r}, this model is {self.entry.name!r}"
+            )
         config, state = checkpoints.read_adapter(directory, field_name)
         mine = self.adapter.config
         theirs = (config.r, float(config.lora_alpha), sorted(config.target_modules or []))
@@ -167,7 +181,8 @@ class TrainingModel:
         if theirs != ours:
             raise InvalidArgumentError(
                 f"{field_name}: the checkpoint's LoRA (rank {theirs[0]}, alpha {theirs[1]:g}, target modules "
-                f"{theirs[2]}) differs from this model's (rank {ours[0]}, alpha {ours[1]:g}, target modules {ours[2]})")
+                f"{theirs[2]}) differs from this model's (rank {ours[0]}, alpha {ours[1]:g}, target modules {ours[2]})"
+            )
         saved_optimizer = checkpoints.read_optimizer(directory, field_name) if load_optimizer else None
         self.mirror.send("load", self.model_id, state, saved_optimizer)  # the other ranks have no checkpoint disk
         return self.apply_state(state, saved_optimizer, field_name)
@@ -196,12 +211,16 @@ def _forward_output(work: ForwardWork) -> train_pb2.ForwardBackwardOutput:
     """The answer of a forward / forward_backward, from the parts computed in one or more passes."""
     logprobs = [lp for r in work.results for lp in r.logprobs]
     losses = [el for r in work.results for el in r.losses]
-    outputs = [train_pb2.LossFnOutput(tensors={"logprobs": wire.array_to_tensor(lp),
-                                               "elementwise_loss": wire.array_to_tensor(el)})
-               for lp, el in zip(logprobs, losses)]
+    outputs = [
+        train_pb2.LossFnOutput(
+            tensors={"logprobs": wire.array_to_tensor(lp), "elementwise_loss": wire.array_to_tensor(el)}
+        )
+        for lp, el in zip(logprobs, losses)
+    ]
     total = float(np.sum([r.loss for r in work.results]))
-    return train_pb2.ForwardBackwardOutput(loss_fn_outputs=outputs,
-                                           metrics={"loss:sum": total, "tokens:sum": float(work.rows.tokens)})
+    return train_pb2.ForwardBackwardOutput(
+        loss_fn_outputs=outputs, metrics={"loss:sum": total, "tokens:sum": float(work.rows.tokens)}
+    )
 
 
 @dataclass
@@ -227,8 +246,14 @@ class Session:
 class SessionManager:
     """All sessions, models and samplers of this process, under one lock."""
 
-    def __init__(self, store: CheckpointStore, pool: BaseModelPool | None = None, pod: int | None = None,
-                 allow_local_paths: bool = True, mirror: Mirror | None = None):
+    def __init__(
+        self,
+        store: CheckpointStore,
+        pool: BaseModelPool | None = None,
+        pod: int | None = None,
+        allow_local_paths: bool = True,
+        mirror: Mirror | None = None,
+    ):
         """`pod`: this replica's StatefulSet ordinal, written into every id it issues (bios.placement);
         `allow_local_paths`: may callers name base models by server directory (model_registry.resolve)?"""
         self.store = store
@@ -279,8 +304,9 @@ class SessionManager:
 
     # ---- creation: `prepare_*` loads weights (any thread), `create_*` adds the adapter (engine thread) ----
 
-    def prepare_model(self, session_id: str, tenant: str, base_model: str, lora: types.LoraConfig,
-                      from_state: str) -> tuple[ModelEntry, BaseModel, types.LoraConfig]:
+    def prepare_model(
+        self, session_id: str, tenant: str, base_model: str, lora: types.LoraConfig, from_state: str
+    ) -> tuple[ModelEntry, BaseModel, types.LoraConfig]:
         self.session(session_id, tenant)
         if from_state:
             _, meta = self.store.locate(from_state, tenant, "from_state")
@@ -289,8 +315,16 @@ class SessionManager:
         entry = self.entry(base_model)
         return entry, self.pool.preload(entry), lora
 
-    def create_model(self, session_id: str, tenant: str, entry: ModelEntry, base: BaseModel | None,
-                     lora: types.LoraConfig, from_state: str, load_optimizer: bool) -> TrainingModel:
+    def create_model(
+        self,
+        session_id: str,
+        tenant: str,
+        entry: ModelEntry,
+        base: BaseModel | None,
+        lora: types.LoraConfig,
+        from_state: str,
+        load_optimizer: bool,
+    ) -> TrainingModel:
         session = self.session(session_id, tenant)
         model_id = self._new_id("model")
         base = base or self.pool.get(entry)
@@ -309,8 +343,9 @@ class SessionManager:
             session.model_ids.add(model.model_id)
         return model
 
-    def prepare_sampler(self, session_id: str, tenant: str, base_model: str,
-                        model_path: str) -> tuple[ModelEntry, BaseModel, Any]:
+    def prepare_sampler(
+        self, session_id: str, tenant: str, base_model: str, model_path: str
+    ) -> tuple[ModelEntry, BaseModel, Any]:
         self.session(session_id, tenant)
         saved = None
         if model_path:
@@ -320,8 +355,9 @@ class SessionManager:
         entry = self.entry(base_model)
         return entry, self.pool.preload(entry), saved
 
-    def create_sampler(self, session_id: str, tenant: str, entry: ModelEntry, base: BaseModel | None, saved: Any,
-                       model_path: str) -> Sampler:
+    def create_sampler(
+        self, session_id: str, tenant: str, entry: ModelEntry, base: BaseModel | None, saved: Any, model_path: str
+    ) -> Sampler:
         session = self.session(session_id, tenant)
         sampler_id = self._new_id("sampler")
         base = base or self.pool.get(entry)
@@ -346,8 +382,9 @@ class SessionManager:
         """Save every open model's state as `drain-step<N>` (engine thread; used by graceful shutdown)."""
         paths = []
         for model in list(self.models.values()):
-            request = train_pb2.SaveStateRequest(name=f"drain-step{model.step}",
-                                                 metadata_json=json.dumps({"reason": "server shutdown"}))
+            request = train_pb2.SaveStateRequest(
+                name=f"drain-step{model.step}", metadata_json=json.dumps({"reason": "server shutdown"})
+            )
             paths.append(model.save_state(request).path)
         return paths
 
@@ -362,8 +399,9 @@ class SessionManager:
 
     # ---- the ordered operation stream (event loop) -----------------------------------------------------
 
-    async def submit_operation(self, model: TrainingModel, request: train_pb2.OperationRequest,
-                               engine: Engine) -> asyncio.Future:
+    async def submit_operation(
+        self, model: TrainingModel, request: train_pb2.OperationRequest, engine: Engine
+    ) -> asyncio.Future:
         """The future of this sequence number's event (the original one when the number was seen before)."""
         loop = asyncio.get_running_loop()
         kind = request.WhichOneof("op")
@@ -377,8 +415,9 @@ class SessionManager:
         prepared: Any = None
         if kind in ("forward", "forward_backward") and model.is_new(request.seq):
             try:  # validation and decoding off the event loop: a request may hold 10^5 datums
-                prepared = await asyncio.to_thread(model.forward_work, getattr(request, kind),
-                                                   kind == "forward_backward", engine.limits)
+                prepared = await asyncio.to_thread(
+                    model.forward_work, getattr(request, kind), kind == "forward_backward", engine.limits
+                )
             except Exception as exc:  # noqa: BLE001 - answered as this operation's error
                 prepared = exc
 
@@ -389,8 +428,7 @@ class SessionManager:
                 raise prepared
             if prepared is not None:
                 output = prepared.finish
-                prepared.finish = lambda work: train_pb2.OperationEvent(seq=request.seq,
-                                                                        forward_backward=output(work))
+                prepared.finish = lambda work: train_pb2.OperationEvent(seq=request.seq, forward_backward=output(work))
                 work = prepared
             else:
                 work = model.operation(request, kind)

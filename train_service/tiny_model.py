@@ -108,10 +108,23 @@ LLAMA3_BOS_ID, LLAMA3_EOT_ID = 128000, 128009
 
 def build_tiny_llama3(seed: int = TINY_QWEN3_SEED, dtype: torch.dtype = torch.float32) -> transformers.LlamaForCausalLM:
     config = transformers.LlamaConfig(
-        vocab_size=LLAMA3_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_act="silu", max_position_embeddings=4096,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
-        bos_token_id=LLAMA3_BOS_ID, eos_token_id=LLAMA3_EOT_ID, attn_implementation="sdpa")
+        vocab_size=LLAMA3_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        hidden_act="silu",
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=LLAMA3_BOS_ID,
+        eos_token_id=LLAMA3_EOT_ID,
+        attn_implementation="sdpa",
+    )
     with torch.random.fork_rng(devices=[]):
         model = transformers.LlamaForCausalLM(config)
     _init_parameters(model, torch.Generator(device="cpu").manual_seed(seed))

@@ -75,11 +75,16 @@ def run_plan(plan: PassPlan) -> list[ForwardWork]:
                 for part in plan.parts:
                     answered += run_plan(PassPlan(plan.backward, [part], []))
                 return answered
-            exc = ResourceExhaustedError(f"out of memory on {base.device.describe()} for this request "
-                                         f"({part_tokens(plan)} tokens in the pass); send fewer or shorter data")
+            exc = ResourceExhaustedError(
+                f"out of memory on {base.device.describe()} for this request "
+                f"({part_tokens(plan)} tokens in the pass); send fewer or shorter data"
+            )
         return [_fail(w, exc) for w in works]
-    metrics.record_pass("forward_backward" if plan.backward else "forward", len(parts),
-                        sum(len(w.rows.ids[i]) for w, a, b in plan.parts for i in range(a, b)))
+    metrics.record_pass(
+        "forward_backward" if plan.backward else "forward",
+        len(parts),
+        sum(len(w.rows.ids[i]) for w, a, b in plan.parts for i in range(a, b)),
+    )
     answered = []
     for (work, _, last), result, p, old in zip(plan.parts, results, params, before or [None] * len(works)):
         if result.error is not None:
@@ -141,7 +146,8 @@ def step_group(group: DecodeGroup) -> list[Any]:
             return group.fail(exc)
         if is_out_of_memory(exc):
             group.base.device.release_cached()
-            exc = ResourceExhaustedError(f"out of memory on {group.base.device.describe()} while sampling; "
-                                         "ask for fewer samples or tokens")
+            exc = ResourceExhaustedError(
+                f"out of memory on {group.base.device.describe()} while sampling; ask for fewer samples or tokens"
+            )
         return group.fail(exc)
     return answered

@@ -1,13 +1,6 @@
 """The renderer library: one small module per model family over a shared base."""
 
-from render_service.renderers.base import (
-    BaseRenderer,
-    Message,
-    RenderedTokens,
-    RenderError,
-    Segment,
-    SupervisedExample,
-)
+from render_service.renderers.base import BaseRenderer, Message, RenderedTokens, RenderError, Segment, SupervisedExample
 from render_service.renderers.display import format_colorized, format_html
 from render_service.renderers.registry import (
     canonical_name,

@@ -105,8 +105,9 @@ def validate_messages(messages: Sequence[Mapping[str, Any]], field: str = "messa
                 if not isinstance(part, Mapping) or not isinstance(part.get("text", ""), str):
                     raise RenderError(f"{field}[{i}].content[{j}]: expected {{'type': 'text', 'text': str}}")
                 if part.get("type", "text") != "text":  # an image would be dropped without a word
-                    raise RenderError(f"{field}[{i}].content[{j}].type: {part.get('type')!r} parts are not "
-                                      "supported (text only)")
+                    raise RenderError(
+                        f"{field}[{i}].content[{j}].type: {part.get('type')!r} parts are not supported (text only)"
+                    )
         if len(m) != 2 or content is None:  # more than role and content: the optional fields, when present
             _validate_optional_fields(m, f"{field}[{i}]")
         if role == "assistant":
@@ -185,30 +186,40 @@ class BaseRenderer(ABC):
         """RenderError naming both when a special token of the family is not one token of the tokenizer."""
         for token in self.special_tokens:
             token_id = self.tokenizer.convert_tokens_to_ids(token)
-            if token_id is None or token_id == self.tokenizer.unk_token_id or \
-                    self.tokenizer.encode(token, add_special_tokens=False) != [token_id]:
+            if (
+                token_id is None
+                or token_id == self.tokenizer.unk_token_id
+                or self.tokenizer.encode(token, add_special_tokens=False) != [token_id]
+            ):
                 name = tokenizer_name or getattr(self.tokenizer, "name_or_path", "") or "given"
-                raise RenderError(f"renderer: {self.name!r} does not match the tokenizer {name!r}: its special token "
-                                  f"{token!r} is not a token of that tokenizer (leave the renderer out to follow the "
-                                  f"tokenizer, or give the tokenizer of a model of the {self.name} family)")
+                raise RenderError(
+                    f"renderer: {self.name!r} does not match the tokenizer {name!r}: its special token "
+                    f"{token!r} is not a token of that tokenizer (leave the renderer out to follow the "
+                    f"tokenizer, or give the tokenizer of a model of the {self.name} family)"
+                )
 
     def _refuse_unrepresentable(self, messages: Sequence[Message], tools: list[dict] | None) -> None:
         if tools and "tools" in self.cannot_represent:
-            raise RenderError(f"tools: the {self.name} renderer cannot represent tools (its format has no tool "
-                              "declarations); use a renderer whose format has them, e.g. qwen3")
+            raise RenderError(
+                f"tools: the {self.name} renderer cannot represent tools (its format has no tool "
+                "declarations); use a renderer whose format has them, e.g. qwen3"
+            )
         for i, m in enumerate(messages):
             for key in self.cannot_represent:
                 if key != "tools" and m.get(key):
-                    raise RenderError(f"messages[{i}].{key}: the {self.name} renderer cannot represent it (its "
-                                      "format has no place for it); use a renderer whose format does, e.g. qwen3")
+                    raise RenderError(
+                        f"messages[{i}].{key}: the {self.name} renderer cannot represent it (its "
+                        "format has no place for it); use a renderer whose format does, e.g. qwen3"
+                    )
 
     def _check_options(self) -> None:
         """An option nothing reads would be dropped without a word: refuse it, naming it."""
         for key in self.options:
             if key not in self.option_names:
                 known = ", ".join(self.option_names) or "none"
-                raise RenderError(f"renderer.options.{key}: not an option of the {self.name} renderer "
-                                  f"(its options: {known})")
+                raise RenderError(
+                    f"renderer.options.{key}: not an option of the {self.name} renderer (its options: {known})"
+                )
 
     # ---- what a family defines ----------------------------------------------------------------
 
@@ -318,8 +329,9 @@ def tokenize_segments(tokenizer: Any, segments: Sequence[Segment], roles: Sequen
     return _attribute(ids, counts, segments, roles)
 
 
-def _attribute(ids: list[int], counts: Sequence[int], segments: Sequence[Segment],
-               roles: Sequence[str]) -> RenderedTokens:
+def _attribute(
+    ids: list[int], counts: Sequence[int], segments: Sequence[Segment], roles: Sequence[str]
+) -> RenderedTokens:
     """Attribution runs from how many tokens start in each segment (per segment, not per token)."""
     lengths: list[int] = []
     keys: list[tuple[int, bool, bool]] = []

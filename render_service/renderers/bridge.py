@@ -26,13 +26,24 @@ from render_service.renderers.base import BaseRenderer, Message, RenderedTokens,
 # Two stand-in histories: if the appended tokens differ between them, they depend on the real history.
 _STAND_INS: tuple[list[Message], ...] = (
     [{"role": "user", "content": "Hello."}],
-    [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi."},
-     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Next question."}],
+    [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Next question."},
+    ],
 )
 
 
-def _suffix(renderer: BaseRenderer, history: Sequence[Message], sampled: Message, new_messages: Sequence[Message],
-            tools, prev_prompt: list[int] | None, completion: list[int]) -> tuple[RenderedTokens | None, str]:
+def _suffix(
+    renderer: BaseRenderer,
+    history: Sequence[Message],
+    sampled: Message,
+    new_messages: Sequence[Message],
+    tools,
+    prev_prompt: list[int] | None,
+    completion: list[int],
+) -> tuple[RenderedTokens | None, str]:
     """Render history + sampled turn + new messages; check the sampled turn; return what follows it."""
     messages = [*history, sampled, *new_messages]
     try:
@@ -44,10 +55,12 @@ def _suffix(renderer: BaseRenderer, history: Sequence[Message], sampled: Message
     if not positions:
         return None, "the renderer gives no attribution for the sampled turn, so its end cannot be located"
     end = positions[-1] + 1
-    if full.token_ids[max(0, end - len(completion)):end] != completion:
-        return None, ("the re-render of the history does not reproduce the completion tokens (the template "
-                      "rewrites the sampled turn, e.g. drops its reasoning, or the sampled tokenization is "
-                      "not canonical)")
+    if full.token_ids[max(0, end - len(completion)) : end] != completion:
+        return None, (
+            "the re-render of the history does not reproduce the completion tokens (the template "
+            "rewrites the sampled turn, e.g. drops its reasoning, or the sampled tokenization is "
+            "not canonical)"
+        )
     if prev_prompt is not None and full.token_ids[:end] != prev_prompt + completion:
         return None, "the re-render of the history does not reproduce prev_prompt_ids as a prefix"
 

@@ -34,7 +34,7 @@ from render_service.renderers.registry import register_renderer
 
 MARKERS, MARKERS_STRIPPED, PREFIX_DIFF, NONE = "markers", "markers_stripped", "prefix_diff", "none"
 _MARK_FIRST, _MARK_LAST = 0xF0000, 0xFFFFD  # Supplementary Private Use Area-A
-_MARK_RE = re.compile("[\U000F0000-\U000FFFFD]")
+_MARK_RE = re.compile("[\U000f0000-\U000ffffd]")
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class _Marks:
         if not strip:
             return opener + text + closer
         lead = text[: len(text) - len(text.lstrip())]
-        return lead + opener + core + closer + text[len(lead) + len(core):]
+        return lead + opener + core + closer + text[len(lead) + len(core) :]
 
 
 def _marked_message(message: Message, index: int, strip: bool, marks: _Marks) -> Message:
@@ -97,8 +97,10 @@ def _marked_message(message: Message, index: int, strip: bool, marks: _Marks) ->
         out["content"] = marks.wrap(content, index, strip)
     elif isinstance(content, list):
         out["content"] = [
-            {**p, "text": marks.wrap(p["text"], index, strip)} if isinstance(p, dict) and isinstance(p.get("text"), str)
-            else p for p in content
+            {**p, "text": marks.wrap(p["text"], index, strip)}
+            if isinstance(p, dict) and isinstance(p.get("text"), str)
+            else p
+            for p in content
         ]
     for key in ("reasoning_content", "thinking"):
         if isinstance(message.get(key), str) and message[key]:
@@ -151,7 +153,7 @@ class _Context:
         for k in dict.fromkeys((len(self.messages), last_assistant)):
             gen, plain = (self.render(k, True), self.render(k, False)) if k else (None, None)
             if gen is not None and plain is not None and gen.startswith(plain):
-                return gen[len(plain):]
+                return gen[len(plain) :]
         return ""
 
     def _leading_special(self, text: str) -> str | None:
@@ -179,7 +181,7 @@ class _Context:
             text = text or ""
             at = text.find(self.opener)
             while at >= 0:
-                before = text[max(0, at - 256):at].rstrip()
+                before = text[max(0, at - 256) : at].rstrip()
                 tok = next((t for t in self.specials if before.endswith(t)), None)
                 if tok and tok not in (bos, self.opener):
                     eot.add(tok)
@@ -214,8 +216,10 @@ class _Context:
 def _marked_spans(ctx: _Context, levels: dict[int, str]) -> dict[int, list[_Span]] | None:
     """Render once with markers on the messages in `levels`; None unless the marker-free text is the plain text."""
     marks = _Marks()
-    msgs = [_marked_message(m, i, levels[i] == MARKERS_STRIPPED, marks) if i in levels else m
-            for i, m in enumerate(ctx.messages)]
+    msgs = [
+        _marked_message(m, i, levels[i] == MARKERS_STRIPPED, marks) if i in levels else m
+        for i, m in enumerate(ctx.messages)
+    ]
     try:
         marked = _apply(ctx.tokenizer, msgs, ctx.tools, ctx.add_generation_prompt, ctx.options)
     except RenderError:
@@ -325,8 +329,11 @@ def attribute(
             regions[i], spans[i] = found
             methods[i] = PREFIX_DIFF if found[1] else NONE
 
-    anchors = {i: regions[i][0] if i in regions else min(s.start for s in spans[i])
-               for i in range(n) if i in regions or spans.get(i)}
+    anchors = {
+        i: regions[i][0] if i in regions else min(s.start for s in spans[i])
+        for i in range(n)
+        if i in regions or spans.get(i)
+    }
     main = _longest_increasing(anchors)
     trailer = len(text)  # where the generation prompt starts
     if ctx.add_generation_prompt:
@@ -392,7 +399,10 @@ def _paint(text: str, base, overlays) -> list[Segment]:
         else:
             seg = base[max(0, bisect.bisect_right(base_starts, a) - 1)][2]
         if out and (out[-1].message_index, out[-1].is_content, out[-1].sampled) == (
-                seg.message_index, seg.is_content, seg.sampled):
+            seg.message_index,
+            seg.is_content,
+            seg.sampled,
+        ):
             out[-1] = Segment(out[-1].text + text[a:b], seg.message_index, seg.is_content, seg.sampled)
         else:
             out.append(Segment(text[a:b], seg.message_index, seg.is_content, seg.sampled))
@@ -405,8 +415,9 @@ def chat_template_segments(
     return attribute(tokenizer, messages, tools, add_generation_prompt, options)[0]
 
 
-def attribution_methods(tokenizer: Any, messages: Sequence[Message], tools=None,
-                        add_generation_prompt: bool = False, **options: Any) -> list[str]:
+def attribution_methods(
+    tokenizer: Any, messages: Sequence[Message], tools=None, add_generation_prompt: bool = False, **options: Any
+) -> list[str]:
     """Per message: 'markers', 'markers_stripped', 'prefix_diff' or 'none' (for reports and tests)."""
     return attribute(tokenizer, messages, tools, add_generation_prompt, options)[1]
 
@@ -414,17 +425,34 @@ def attribution_methods(tokenizer: Any, messages: Sequence[Message], tools=None,
 def detected_stop_tokens(tokenizer: Any, **options: Any) -> list[int]:
     """Token ids that end an assistant turn under this template: eos plus the turn-end token found before each
     header (e.g. Llama <|eot_id|>, gpt-oss <|end|>), from a probe conversation. For get_stop_sequences()."""
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-             {"role": "user", "content": "Bye"}]
+    probe = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+    ]
     ctx = _Context(tokenizer, probe, None, True, options)
     ids = {tokenizer.convert_tokens_to_ids(t) for t in ctx.eot}
     return sorted(i for i in ids if isinstance(i, int) and i != getattr(tokenizer, "unk_token_id", None))
 
 
 # apply_chat_template's own parameters: an option of the same name would collide with them.
-_RESERVED_OPTIONS = frozenset({"conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",
-                               "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
-                               "return_assistant_tokens_mask", "tokenizer_kwargs"})
+_RESERVED_OPTIONS = frozenset(
+    {
+        "conversation",
+        "tools",
+        "documents",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
 
 
 class ChatTemplateRenderer(BaseRenderer):
@@ -463,5 +491,9 @@ class ChatTemplateRenderer(BaseRenderer):
         return list(self._stop_ids)
 
 
-register_renderer("chat_template", ChatTemplateRenderer, aliases=("default",),
-                  description="any HF tokenizer's own chat template, with attribution recovered from it")
+register_renderer(
+    "chat_template",
+    ChatTemplateRenderer,
+    aliases=("default",),
+    description="any HF tokenizer's own chat template, with attribution recovered from it",
+)

@@ -1,7 +1,7 @@
 """ChatML (`ultrasafe`, alias `chatml`): the format of the embedded usf-* development models.
 
-    <|im_start|>{role}\n{content}<|im_end|>\n   per message
-    <|im_start|>assistant\n                      generation prompt; the model stops at <|im_end|>
+<|im_start|>{role}\n{content}<|im_end|>\n   per message
+<|im_start|>assistant\n                      generation prompt; the model stops at <|im_end|>
 """
 
 from __future__ import annotations

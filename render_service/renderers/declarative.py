@@ -78,30 +78,37 @@ class DeclarativeRenderer(BaseRenderer):
             ids = [component.content] if isinstance(component.content, int) else list(component.content)
         text = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         if ids[0] is None or tok.encode(text, add_special_tokens=False) != ids:
-            raise RenderError(f"template: component {component.type}={component.content!r} does not round-trip "
-                              f"through this tokenizer as text")
+            raise RenderError(
+                f"template: component {component.type}={component.content!r} does not round-trip "
+                f"through this tokenizer as text"
+            )
         return text
 
     def _tools_text(self, tools: list[dict] | None) -> str:
         return "\n".join(json.dumps(t, ensure_ascii=False) for t in tools or [])
 
-    def _pieces(self, formatter: BaseFormatter, values: dict[str, str], items: list[str] | None,
-                tools: list[dict] | None) -> list[_Piece]:
+    def _pieces(
+        self, formatter: BaseFormatter, values: dict[str, str], items: list[str] | None, tools: list[dict] | None
+    ) -> list[_Piece]:
         """Formatter output for one message (or the tools block) as literal / body pieces."""
         if isinstance(formatter, ListFormatter):
             out: list[_Piece] = []
             for k, item in enumerate(items if items is not None else [values.get("content", "")]):
                 if k and formatter.separator:
                     out.append(_Piece(formatter.separator, False, True))
-                out += self._pieces(StringFormatter.model_construct(template=formatter.template),
-                                    {**values, "content": item}, None, tools)
+                out += self._pieces(
+                    StringFormatter.model_construct(template=formatter.template),
+                    {**values, "content": item},
+                    None,
+                    tools,
+                )
             return out
         out = []
         for comp in formatter.template:
             if comp.type == "string":
                 pos = 0
                 for hit in PLACEHOLDER_RE.finditer(comp.content):
-                    out.append(_Piece(comp.content[pos:hit.start()], False, comp.mask))
+                    out.append(_Piece(comp.content[pos : hit.start()], False, comp.mask))
                     out.append(_Piece(values.get(hit.group(1), ""), True, comp.mask))
                     pos = hit.end()
                 out.append(_Piece(comp.content[pos:], False, comp.mask))
@@ -123,8 +130,15 @@ class DeclarativeRenderer(BaseRenderer):
         pieces = self._pieces(self.template.assistant_formatter, values, None, None)
         first = next((k for k, p in enumerate(pieces) if p.body), len(pieces))
         tail = "".join(p.text for p in pieces[first:] if not p.body and p.mask)
-        specials = sorted({t.content for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values()
-                           if getattr(t, "special", False)}, key=len, reverse=True)
+        specials = sorted(
+            {
+                t.content
+                for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values()
+                if getattr(t, "special", False)
+            },
+            key=len,
+            reverse=True,
+        )
         hits = [(tail.find(t), t) for t in specials if t in tail]
         if hits:
             return [min(hits)[1]]
@@ -148,15 +162,17 @@ class DeclarativeRenderer(BaseRenderer):
         content = text_of(m.get("content"))
         if m.get("tool_calls"):
             if self.template.tool_call_formatter is None:
-                raise RenderError(f"messages[{i}].tool_calls: template {self.template.template_name!r} has no "
-                                  f"tool_call_formatter")
+                raise RenderError(
+                    f"messages[{i}].tool_calls: template {self.template.template_name!r} has no tool_call_formatter"
+                )
             for call in m["tool_calls"]:
                 fn = call.get("function") or {}
                 args = fn.get("arguments")
                 args = json.loads(args) if isinstance(args, str) and args.strip().startswith("{") else args
                 payload = json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False)
-                content += "".join(p.text for p in self._pieces(self.template.tool_call_formatter,
-                                                                 {"content": payload}, None, None))
+                content += "".join(
+                    p.text for p in self._pieces(self.template.tool_call_formatter, {"content": payload}, None, None)
+                )
         return {"content": content, "reasoning_content": m.get("reasoning_content") or ""}
 
     def segments(self, messages: Sequence[Message], tools, add_generation_prompt: bool) -> list[Segment]:
@@ -169,8 +185,12 @@ class DeclarativeRenderer(BaseRenderer):
             raise RenderError(f"tools: template {t.template_name!r} has no tools_formatter")
 
         def tools_block() -> list[Segment]:
-            pieces = self._pieces(t.tools_formatter, {"content": self._tools_text(tools)},
-                                  [json.dumps(x, ensure_ascii=False) for x in tools], tools)
+            pieces = self._pieces(
+                t.tools_formatter,
+                {"content": self._tools_text(tools)},
+                [json.dumps(x, ensure_ascii=False) for x in tools],
+                tools,
+            )
             return [Segment(p.text) for p in pieces]
 
         if tools_at == -1:
@@ -178,8 +198,9 @@ class DeclarativeRenderer(BaseRenderer):
         for i, m in enumerate(messages):
             formatter = t.formatter_for(m["role"])
             if formatter is None:
-                raise RenderError(f"messages[{i}].role: template {t.template_name!r} has no formatter for "
-                                  f"role {m['role']!r}")
+                raise RenderError(
+                    f"messages[{i}].role: template {t.template_name!r} has no formatter for role {m['role']!r}"
+                )
             if i and t.separator:
                 out.append(Segment(self._component_text(t.separator), i - 1))
             content = m.get("content")
@@ -232,17 +253,21 @@ class DeclarativeRenderer(BaseRenderer):
         text = self.tokenizer.decode(tokens if end is None else tokens[:end], skip_special_tokens=False)
         message: Message = {"role": "assistant", "content": text}
         # With "<think>{{reasoning_content}}</think>{{content}}"-style formatters, split on the literal between.
-        pieces = self._pieces(self.template.assistant_formatter, {"content": "\0c", "reasoning_content": "\0r"},
-                              None, None)
+        pieces = self._pieces(
+            self.template.assistant_formatter, {"content": "\0c", "reasoning_content": "\0r"}, None, None
+        )
         _, rest = self._header(pieces)
         flat = "".join(p.text for p in rest)
         if "\0r" in flat and flat.index("\0r") < flat.find("\0c"):
-            between = flat[flat.index("\0r") + 2: flat.index("\0c")]
+            between = flat[flat.index("\0r") + 2 : flat.index("\0c")]
             if between and between in text:
                 reasoning, content = text.split(between, 1)
                 message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
         return message, end is not None
 
 
-register_renderer("declarative", DeclarativeRenderer,
-                  description="a chat format from a declarative ConversationTemplate (JSON/YAML, seed 003)")
+register_renderer(
+    "declarative",
+    DeclarativeRenderer,
+    description="a chat format from a declarative ConversationTemplate (JSON/YAML, seed 003)",
+)

@@ -53,8 +53,10 @@ class TemplateComponent(_Model):
             raise ValueError(f"{self.type} component: content must be a string, got {self.content!r}")
         if self.type in ("token", "string") and not self.content:
             raise ValueError(f"{self.type} component: content cannot be empty")
-        if self.type == "token_id" and not (isinstance(self.content, int) or (
-                isinstance(self.content, list) and self.content and all(isinstance(i, int) for i in self.content))):
+        if self.type == "token_id" and not (
+            isinstance(self.content, int)
+            or (isinstance(self.content, list) and self.content and all(isinstance(i, int) for i in self.content))
+        ):
             raise ValueError(f"token_id component: content must be an int or a list of ints, got {self.content!r}")
         if self.type == "string":
             unknown = set(PLACEHOLDER_RE.findall(self.content)) - set(PLACEHOLDERS)
@@ -121,8 +123,10 @@ class ConversationTemplate(_Model):
     @classmethod
     def _plain_component(cls, value: TemplateComponent | None) -> TemplateComponent | None:
         if value is not None and (value.type == "tools" or PLACEHOLDER_RE.search(str(value.content))):
-            raise ValueError("separator/special_starter/special_stopper: must be a string, token or token_id "
-                             "component without placeholders")
+            raise ValueError(
+                "separator/special_starter/special_stopper: must be a string, token or token_id "
+                "component without placeholders"
+            )
         return value
 
     @classmethod
@@ -156,12 +160,17 @@ class ConversationTemplate(_Model):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}"
-                                 for e in exc.errors(include_url=False, include_input=False, include_context=False))
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}"
+                for e in exc.errors(include_url=False, include_input=False, include_context=False)
+            )
             raise RenderError(f"template: {source}: {problems}") from None
 
     def formatter_for(self, role: str) -> BaseFormatter | None:
         if role in self.role_formatters:
             return self.role_formatters[role]
-        return {"user": self.user_formatter, "assistant": self.assistant_formatter,
-                "system": self.system_formatter}.get(role)
+        return {
+            "user": self.user_formatter,
+            "assistant": self.assistant_formatter,
+            "system": self.system_formatter,
+        }.get(role)

@@ -82,8 +82,9 @@ class DeepSeekV3Renderer(BaseRenderer):
     option_names = ()
     special_tokens = (BOS, EOS, USER, ASSISTANT)
 
-    def segments(self, messages: Sequence[Message], tools: list[dict] | None, add_generation_prompt: bool
-                 ) -> list[Segment]:
+    def segments(
+        self, messages: Sequence[Message], tools: list[dict] | None, add_generation_prompt: bool
+    ) -> list[Segment]:
         if not messages:
             raise RenderError("messages: empty conversation; the DeepSeek-V3 template needs at least one message")
         out = [Segment(BOS)]
@@ -98,8 +99,10 @@ class DeepSeekV3Renderer(BaseRenderer):
             role, content = m["role"], text_of(m.get("content"))
             calls = m.get("tool_calls") or []
             if role in UNSUPPORTED_ROLES:
-                raise RenderError(f"messages[{i}].role: {role!r} is not supported by the DeepSeek-V3 template "
-                                  "(it would silently drop the message); use 'system' or 'user'")
+                raise RenderError(
+                    f"messages[{i}].role: {role!r} is not supported by the DeepSeek-V3 template "
+                    "(it would silently drop the message); use 'system' or 'user'"
+                )
             if calls and role != "assistant":
                 raise RenderError(f"messages[{i}].tool_calls: only assistant messages can carry tool calls")
             if role == "user":
@@ -107,16 +110,21 @@ class DeepSeekV3Renderer(BaseRenderer):
                 out += [Segment(USER, i), Segment(content, i, is_content=True)]
             elif role == "assistant" and calls:
                 # The header is what the generation prompt ended with: <｜tool▁outputs▁end｜> after outputs.
-                out += [Segment(OUTPUTS_END if after_outputs else ASSISTANT, i),
-                        Segment(content + CALLS_BEGIN, i, True, True)]
+                out += [
+                    Segment(OUTPUTS_END if after_outputs else ASSISTANT, i),
+                    Segment(content + CALLS_BEGIN, i, True, True),
+                ]
                 out += [Segment(("\n" if k else "") + call_text(i, k, c), i, True, True) for k, c in enumerate(calls)]
                 out.append(Segment(CALLS_END + EOS, i, True, True))
                 after_outputs = outputs_begun = False
             elif role == "assistant":
                 if not after_outputs and THINK_CLOSE in content:
                     content = content.split(THINK_CLOSE)[-1]
-                out += [Segment(OUTPUTS_END if after_outputs else ASSISTANT, i), Segment(content, i, True, True),
-                        Segment(EOS, i, True, True)]
+                out += [
+                    Segment(OUTPUTS_END if after_outputs else ASSISTANT, i),
+                    Segment(content, i, True, True),
+                    Segment(EOS, i, True, True),
+                ]
                 after_outputs = False
             elif role == "tool":
                 opener = OUTPUT_BEGIN if outputs_begun else OUTPUTS_BEGIN + OUTPUT_BEGIN
@@ -154,12 +162,12 @@ class DeepSeekV3Renderer(BaseRenderer):
             cut = body.index(self._id(THINK_CLOSE))
             thought = body[1:cut] if body[:1] == [self._id(THINK_OPEN)] else body[:cut]
             message["reasoning_content"] = self._decode(thought).strip()
-            body = body[cut + 1:]
+            body = body[cut + 1 :]
         calls_begin = self._id(CALLS_BEGIN)
         cut = body.index(calls_begin) if calls_begin in body else len(body)
         message["content"] = self._decode(body[:cut])
         if cut < len(body):
-            message["tool_calls"] = self._parse_calls(body[cut + 1:], tools, closed)
+            message["tool_calls"] = self._parse_calls(body[cut + 1 :], tools, closed)
         return message, closed
 
     def _parse_calls(self, tokens: list[int], tools: list[dict] | None, closed: bool) -> list[dict]:
@@ -184,7 +192,7 @@ class DeepSeekV3Renderer(BaseRenderer):
         sep = self._id(CALL_SEP)
         if sep not in tokens:
             return tc.make_call("", {}, tc.MISSING_NAME, raw_text=raw)
-        text = self._decode(tokens[tokens.index(sep) + 1:])
+        text = self._decode(tokens[tokens.index(sep) + 1 :])
         name, _, rest = text.partition("\n")
         name = name.strip()
         if not name:
@@ -194,7 +202,9 @@ class DeepSeekV3Renderer(BaseRenderer):
 
 
 register_renderer(
-    "deepseek-v3", DeepSeekV3Renderer, aliases=("deepseekv3",),
+    "deepseek-v3",
+    DeepSeekV3Renderer,
+    aliases=("deepseekv3",),
     description="DeepSeek-V3: hoisted system prompt, <｜User｜>/<｜Assistant｜> tags, special-token tool calls",
     model_patterns=("deepseek-ai/deepseek-v3", "deepseek-ai/deepseek-v3-*"),
 )

@@ -114,8 +114,10 @@ class GptOssRenderer(BaseRenderer):
     def system_text(self, has_tools: bool) -> str:
         identity = self.options.get("model_identity")
         effort = self.options.get("reasoning_effort")
-        text = (f"{IDENTITY if identity is None else identity}\nKnowledge cutoff: 2024-06\n"
-                f"Current date: {self.current_date()}\n\nReasoning: {'medium' if effort is None else effort}\n\n")
+        text = (
+            f"{IDENTITY if identity is None else identity}\nKnowledge cutoff: 2024-06\n"
+            f"Current date: {self.current_date()}\n\nReasoning: {'medium' if effort is None else effort}\n\n"
+        )
         builtin = self.options.get("builtin_tools")
         if builtin:
             text += "# Tools\n\n" + (BROWSER if "browser" in builtin else "") + (PYTHON if "python" in builtin else "")
@@ -144,19 +146,29 @@ class GptOssRenderer(BaseRenderer):
                 last_call = call_function(m, i)["name"] if "tool_calls" in m else None
             elif role == "tool":
                 if last_call is None:
-                    raise RenderError(f"messages[{i}].role: tool result with no assistant tool call since the last "
-                                      f"answer (the gpt-oss template names a result after the latest call)")
+                    raise RenderError(
+                        f"messages[{i}].role: tool result with no assistant tool call since the last "
+                        f"answer (the gpt-oss template names a result after the latest call)"
+                    )
                 if "content" not in m:
                     raise RenderError(f"messages[{i}].content: missing")
                 content = m["content"]
-                out += [Segment(f"{START}functions.{last_call} to=assistant{CHANNEL}commentary{MESSAGE}", i),
-                        Segment(tojson(content), i, is_content=True), Segment(END, i)]
+                out += [
+                    Segment(f"{START}functions.{last_call} to=assistant{CHANNEL}commentary{MESSAGE}", i),
+                    Segment(tojson(content), i, is_content=True),
+                    Segment(END, i),
+                ]
             elif role == "user":
-                out += [Segment(f"{START}user{MESSAGE}", i),
-                        Segment(required_text(m, i, "gpt-oss"), i, is_content=True), Segment(END, i)]
+                out += [
+                    Segment(f"{START}user{MESSAGE}", i),
+                    Segment(required_text(m, i, "gpt-oss"), i, is_content=True),
+                    Segment(END, i),
+                ]
             else:
-                raise RenderError(f"messages[{i}].role: {role!r} is only allowed as the first message "
-                                  f"(the gpt-oss template would drop it)")
+                raise RenderError(
+                    f"messages[{i}].role: {role!r} is only allowed as the first message "
+                    f"(the gpt-oss template would drop it)"
+                )
         if add_generation_prompt:
             out.append(Segment(f"{START}assistant"))
         return out
@@ -169,8 +181,10 @@ class GptOssRenderer(BaseRenderer):
             raise RenderError(f"messages[{i}].reasoning_content: expected a string")
         for name, text in (("content", content), ("reasoning_content", reasoning or "")):
             if any(tag in text for tag in CHANNEL_TAGS):
-                raise RenderError(f"messages[{i}].{name}: contains <|channel|> tags; pass the analysis text as "
-                                  f"reasoning_content and the final text as content")
+                raise RenderError(
+                    f"messages[{i}].{name}: contains <|channel|> tags; pass the analysis text as "
+                    f"reasoning_content and the final text as content"
+                )
         # The role header is the generation prompt; all that follows is what the model samples.
         out = [Segment(f"{START}assistant", i)]
 
@@ -185,13 +199,14 @@ class GptOssRenderer(BaseRenderer):
         if "tool_calls" in m:
             function = call_function(m, i)
             if content and reasoning:
-                raise RenderError(f"messages[{i}].content: a tool-calling message cannot have both content and "
-                                  f"reasoning_content (the gpt-oss template renders either as its analysis)")
-            answered_later = any(f["role"] == "assistant" and "tool_calls" not in f for f in msgs[i + 1:])
+                raise RenderError(
+                    f"messages[{i}].content: a tool-calling message cannot have both content and "
+                    f"reasoning_content (the gpt-oss template renders either as its analysis)"
+                )
+            answered_later = any(f["role"] == "assistant" and "tool_calls" not in f for f in msgs[i + 1 :])
             if (content or reasoning) and not answered_later:
                 analysis(content or reasoning)
-            said(f" to=functions.{function['name']}{CHANNEL}commentary {function.get('content_type', 'json')}"
-                 f"{MESSAGE}")
+            said(f" to=functions.{function['name']}{CHANNEL}commentary {function.get('content_type', 'json')}{MESSAGE}")
             said(tojson(function["arguments"]))
             said(CALL)
         elif i == len(msgs) - 1 and not add_generation_prompt:
@@ -226,7 +241,7 @@ class GptOssRenderer(BaseRenderer):
                 break  # truncated inside a header
             end_at = next((k for k in range(body_at + 1, len(tokens)) if tokens[k] in stops), None)
             header = self.tokenizer.decode(tokens[pos:body_at])
-            body = self.tokenizer.decode(tokens[body_at + 1:end_at])
+            body = self.tokenizer.decode(tokens[body_at + 1 : end_at])
             recipient = HEADER_RECIPIENT.search(header)
             channel = HEADER_CHANNEL.search(header)
             if recipient and recipient.group(1) != "assistant":
@@ -267,6 +282,10 @@ def call_function(m: Message, i: int) -> dict:
     return function
 
 
-register_renderer("gpt-oss", GptOssRenderer, aliases=("harmony",),
-                  description="gpt-oss harmony format (channels, TypeScript tool declarations)",
-                  model_patterns=("openai/gpt-oss-*",))
+register_renderer(
+    "gpt-oss",
+    GptOssRenderer,
+    aliases=("harmony",),
+    description="gpt-oss harmony format (channels, TypeScript tool declarations)",
+    model_patterns=("openai/gpt-oss-*",),
+)

@@ -58,7 +58,8 @@ KNOWLEDGE = "Cutting Knowledge Date: December 2023\n"
 CALL_FORMAT = 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
 SYSTEM_TOOLS_INTRO = (
     "You have access to the following functions. To call a function, please respond with JSON for a function call."
-    + CALL_FORMAT + "Do not use variables.\n\n"
+    + CALL_FORMAT
+    + "Do not use variables.\n\n"
 )
 USER_TOOLS_INTRO = (
     "Given the following functions, please respond with a JSON for a function call "
@@ -133,8 +134,9 @@ class Llama31Renderer(BaseRenderer):
 
     # ---- rendering ----------------------------------------------------------------------------------------
 
-    def segments(self, messages: Sequence[Message], tools: list[dict] | None, add_generation_prompt: bool
-                 ) -> list[Segment]:
+    def segments(
+        self, messages: Sequence[Message], tools: list[dict] | None, add_generation_prompt: bool
+    ) -> list[Segment]:
         if not messages:
             raise RenderError("messages: empty conversation; the Llama 3 templates need at least one message")
         tools, builtin = self._tools(tools), self._builtin_tools()
@@ -146,15 +148,22 @@ class Llama31Renderer(BaseRenderer):
             rest = rest[1:]
         if tools is not None and in_user:
             if not rest:
-                raise RenderError("messages: tools go into the first user message (tools_in_user_message=True) "
-                                  "but there is no message after the system message")
+                raise RenderError(
+                    "messages: tools go into the first user message (tools_in_user_message=True) "
+                    "but there is no message after the system message"
+                )
             i, first = rest.pop(0)
             if first["role"] != "user" or tool_calls_of(i, first):
-                raise RenderError(f"messages[{i}].role: tools go into the first user message "
-                                  f"(tools_in_user_message=True), but this message is {first['role']!r}")
+                raise RenderError(
+                    f"messages[{i}].role: tools go into the first user message "
+                    f"(tools_in_user_message=True), but this message is {first['role']!r}"
+                )
             declared = "".join(tojson(t, indent=4) + "\n\n" for t in tools)
-            out += [Segment(header("user") + USER_TOOLS_INTRO + declared, i),
-                    Segment(text_of(first.get("content")).strip(), i, is_content=True), Segment(EOT, i)]
+            out += [
+                Segment(header("user") + USER_TOOLS_INTRO + declared, i),
+                Segment(text_of(first.get("content")).strip(), i, is_content=True),
+                Segment(EOT, i),
+            ]
         for i, m in rest:
             out += self._message_segments(i, m, builtin)
         if add_generation_prompt:
@@ -183,27 +192,36 @@ class Llama31Renderer(BaseRenderer):
             return [Segment(header("ipython"), i), Segment(result, i, is_content=True), Segment(EOT, i)]
         if calls:
             if len(calls) != 1:
-                raise RenderError(f"messages[{i}].tool_calls: {self.name} renders exactly one tool call per message "
-                                  f"(got {len(calls)}); the template raises 'only supports single tool-calls'")
+                raise RenderError(
+                    f"messages[{i}].tool_calls: {self.name} renders exactly one tool call per message "
+                    f"(got {len(calls)}); the template raises 'only supports single tool-calls'"
+                )
             body = self._call_text(i, calls[0], builtin)
             end = EOM if builtin is not None else EOT
             return [Segment(header("assistant"), i), Segment(body, i, True, True), Segment(end, i, True, True)]
         sampled = role == "assistant"
-        return [Segment(header(role), i), Segment(text_of(m.get("content")).strip(), i, True, sampled),
-                Segment(EOT, i, is_content=sampled, sampled=sampled)]
+        return [
+            Segment(header(role), i),
+            Segment(text_of(m.get("content")).strip(), i, True, sampled),
+            Segment(EOT, i, is_content=sampled, sampled=sampled),
+        ]
 
     def _call_text(self, i: int, call: dict, builtin: list[str] | None) -> str:
         name, arguments = call_parts(i, call)
         if builtin is not None and name in builtin:
             # The template concatenates `name="value"` pairs, so only string values can be written.
             if not isinstance(arguments, dict):
-                raise RenderError(f"messages[{i}].tool_calls[0].function.arguments: a builtin tool call needs "
-                                  f"an object of string arguments, got {type(arguments).__name__}")
+                raise RenderError(
+                    f"messages[{i}].tool_calls[0].function.arguments: a builtin tool call needs "
+                    f"an object of string arguments, got {type(arguments).__name__}"
+                )
             pairs = []
             for key, value in arguments.items():
                 if not isinstance(value, str):
-                    raise RenderError(f"messages[{i}].tool_calls[0].function.arguments.{key}: builtin tool "
-                                      f"arguments must be strings, got {type(value).__name__}")
+                    raise RenderError(
+                        f"messages[{i}].tool_calls[0].function.arguments.{key}: builtin tool "
+                        f"arguments must be strings, got {type(value).__name__}"
+                    )
                 pairs.append(f'{key}="{value}"')
             return f"{PYTHON_TAG}{name}.call({', '.join(pairs)})"
         return f'{{"name": "{name}", "parameters": {tojson(arguments)}}}'
@@ -229,8 +247,11 @@ class Llama31Renderer(BaseRenderer):
         python_tag = self.tokenizer.convert_tokens_to_ids(PYTHON_TAG)
         if body and body[0] == python_tag:
             text = self._decode(body[1:])
-            call = (tc.parse_json_call(text.strip(), tools, closed) if text.lstrip().startswith("{")
-                    else self._parse_builtin(text, tools, closed))
+            call = (
+                tc.parse_json_call(text.strip(), tools, closed)
+                if text.lstrip().startswith("{")
+                else self._parse_builtin(text, tools, closed)
+            )
             return {"role": "assistant", "content": "", "tool_calls": [call]}, closed
         text = self._decode(body)
         if text.lstrip().startswith('{"name"'):
@@ -271,13 +292,19 @@ class Llama32Renderer(Llama31Renderer):
 
 
 register_renderer(
-    "llama3.1", Llama31Renderer, aliases=("llama3",),
+    "llama3.1",
+    Llama31Renderer,
+    aliases=("llama3",),
     description="Llama 3.1 / 3.3 instruct: header-tagged turns, JSON tool calls, ipython tool results",
-    model_patterns=("meta-llama/llama-3.1-*-instruct*", "meta-llama/meta-llama-3.1-*-instruct*",
-                    "meta-llama/llama-3.3-*-instruct*"),
+    model_patterns=(
+        "meta-llama/llama-3.1-*-instruct*",
+        "meta-llama/meta-llama-3.1-*-instruct*",
+        "meta-llama/llama-3.3-*-instruct*",
+    ),
 )
 register_renderer(
-    "llama3.2", Llama32Renderer,
+    "llama3.2",
+    Llama32Renderer,
     description="Llama 3.2 instruct (1B/3B): as llama3.1 without builtin tools, date from strftime_now",
     model_patterns=("meta-llama/llama-3.2-1b-instruct*", "meta-llama/llama-3.2-3b-instruct*"),
 )

@@ -59,16 +59,20 @@ def tools_block(tools: list[dict]) -> str:
         function = tool.get("function") if isinstance(tool, Mapping) else None
         if not isinstance(function, Mapping):
             raise RenderError(f"tools[{n}].function: missing (expected an OpenAI tool dict)")
-        fields = [f'"{key}": "{value}"' if isinstance(value, str) else f'"{key}": {tojson(value)}'
-                  for key, value in function.items() if key != "return"]
+        fields = [
+            f'"{key}": "{value}"' if isinstance(value, str) else f'"{key}": {tojson(value)}'
+            for key, value in function.items()
+            if key != "return"
+        ]
         entries.append('{"type": "function", "function": {' + ", ".join(fields) + "}}")
     return TOOLS_OPEN + "[" + ", ".join(entries) + ("]" if entries else "") + TOOLS_CLOSE
 
 
 def checked_id(value: Any, where: str) -> str:
     if not isinstance(value, str) or len(value) != ID_LENGTH:
-        raise RenderError(f"{where}: the Mistral Nemo template requires 9-character alphanumeric tool call ids, "
-                          f"got {value!r}")
+        raise RenderError(
+            f"{where}: the Mistral Nemo template requires 9-character alphanumeric tool call ids, got {value!r}"
+        )
     return value
 
 
@@ -81,8 +85,10 @@ def check_alternation(msgs: list[Message], first: int) -> None:
             continue
         if (m["role"] == "user") != (turn % 2 == 0):
             expected = "user" if turn % 2 == 0 else "assistant"
-            raise RenderError(f"messages[{i}].role: expected {expected!r} (after the optional system message, "
-                              f"roles must alternate user/assistant, tool calls and results aside), got {m['role']!r}")
+            raise RenderError(
+                f"messages[{i}].role: expected {expected!r} (after the optional system message, "
+                f"roles must alternate user/assistant, tool calls and results aside), got {m['role']!r}"
+            )
         turn += 1
 
 
@@ -115,18 +121,25 @@ class MistralNemoRenderer(BaseRenderer):
                 # The model samples the whole call list and the </s> after it; the message content is dropped.
                 out.append(Segment(self.calls_text(m, i), i, is_content=True, sampled=True))
             elif role == "assistant":
-                out += [Segment(required_text(m, i, "Mistral Nemo"), i, is_content=True, sampled=True),
-                        Segment(EOS, i, is_content=True, sampled=True)]
+                out += [
+                    Segment(required_text(m, i, "Mistral Nemo"), i, is_content=True, sampled=True),
+                    Segment(EOS, i, is_content=True, sampled=True),
+                ]
             elif role == "tool":
                 if "content" not in m:
                     raise RenderError(f"messages[{i}].content: missing (a tool result needs content)")
                 call_id = checked_id(m.get("tool_call_id"), f"messages[{i}].tool_call_id")
                 # The space after "content": belongs to the body: BPE merges it with the body's first symbol.
-                out += [Segment(RESULTS_OPEN + '{"content":', i), Segment(" " + text_of(m["content"]), i, True),
-                        Segment(f', "call_id": "{call_id}"}}' + RESULTS_CLOSE, i)]
+                out += [
+                    Segment(RESULTS_OPEN + '{"content":', i),
+                    Segment(" " + text_of(m["content"]), i, True),
+                    Segment(f', "call_id": "{call_id}"}}' + RESULTS_CLOSE, i),
+                ]
             else:
-                raise RenderError(f"messages[{i}].role: {role!r} is not supported here; the Mistral Nemo template "
-                                  f"allows user, assistant and tool messages after an optional first system message")
+                raise RenderError(
+                    f"messages[{i}].role: {role!r} is not supported here; the Mistral Nemo template "
+                    f"allows user, assistant and tool messages after an optional first system message"
+                )
         return out
 
     @staticmethod
@@ -155,7 +168,7 @@ class MistralNemoRenderer(BaseRenderer):
         at = body.index(marker) if marker in body else None
         message: Message = {"role": "assistant", "content": self.tokenizer.decode(body if at is None else body[:at])}
         if at is not None:
-            message["tool_calls"] = parse_call_list(self.tokenizer.decode(body[at + 1:]), tools, end is not None)
+            message["tool_calls"] = parse_call_list(self.tokenizer.decode(body[at + 1 :]), tools, end is not None)
         return message, end is not None
 
 
@@ -177,6 +190,10 @@ def parse_call_list(text: str, tools: list[dict] | None, closed: bool) -> list[d
     return calls
 
 
-register_renderer("mistral-nemo", MistralNemoRenderer, aliases=("tekken",),
-                  description="Mistral Nemo [INST] format with JSON tool calls",
-                  model_patterns=("mistralai/mistral-nemo*",))
+register_renderer(
+    "mistral-nemo",
+    MistralNemoRenderer,
+    aliases=("tekken",),
+    description="Mistral Nemo [INST] format with JSON tool calls",
+    model_patterns=("mistralai/mistral-nemo*",),
+)

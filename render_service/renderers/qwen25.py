@@ -61,8 +61,10 @@ def check_messages(messages: Sequence[Message], family: str) -> None:
         raise RenderError("messages: empty conversation; the Qwen templates need at least one message")
     for i, m in enumerate(messages):
         if m["role"] in UNSUPPORTED_ROLES:
-            raise RenderError(f"messages[{i}].role: {m['role']!r} is not supported by the {family} template "
-                              "(it would silently drop the message); use 'system' or 'user'")
+            raise RenderError(
+                f"messages[{i}].role: {m['role']!r} is not supported by the {family} template "
+                "(it would silently drop the message); use 'system' or 'user'"
+            )
 
 
 def system_segments(messages: Sequence[Message], tools: list[dict] | None, default_system: str | None) -> list[Segment]:
@@ -78,8 +80,12 @@ def system_segments(messages: Sequence[Message], tools: list[dict] | None, defau
         body = [Segment(default_system)]
     separator = [Segment("\n\n", owner)] if body else []
     declared = "".join("\n" + tojson(tool) for tool in tools)
-    return [Segment(f"{IM_START}system\n", owner), *body, *separator,
-            Segment(TOOLS_INTRO + declared + TOOLS_OUTRO, owner)]
+    return [
+        Segment(f"{IM_START}system\n", owner),
+        *body,
+        *separator,
+        Segment(TOOLS_INTRO + declared + TOOLS_OUTRO, owner),
+    ]
 
 
 def turn_segments(i: int, role: str, content: str) -> list[Segment]:
@@ -92,8 +98,11 @@ def tool_response_segments(messages: Sequence[Message], i: int) -> list[Segment]
     out = []
     if i == 0 or messages[i - 1]["role"] != "tool":
         out.append(Segment(f"{IM_START}user", i))
-    out += [Segment("\n<tool_response>\n", i), Segment(text_of(messages[i].get("content")), i, is_content=True),
-            Segment("\n</tool_response>", i)]
+    out += [
+        Segment("\n<tool_response>\n", i),
+        Segment(text_of(messages[i].get("content")), i, is_content=True),
+        Segment("\n</tool_response>", i),
+    ]
     if i == len(messages) - 1 or messages[i + 1]["role"] != "tool":
         out.append(Segment(f"{IM_END}\n", i))
     return out
@@ -133,8 +142,9 @@ def cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> tuple[list[in
     return (tokens, False) if end is None else (tokens[:end], True)
 
 
-def parse_content_and_calls(tokenizer: Any, tokens: Sequence[int], tools: list[dict] | None,
-                            lstrip_content: bool = False) -> tuple[str, list[dict]]:
+def parse_content_and_calls(
+    tokenizer: Any, tokens: Sequence[int], tools: list[dict] | None, lstrip_content: bool = False
+) -> tuple[str, list[dict]]:
     """Split sampled tokens at the `<tool_call>` / `</tool_call>` token ids into content text and calls.
 
     Text outside calls is content; the one newline the renderer puts before each call is removed again.
@@ -155,7 +165,7 @@ def parse_content_and_calls(tokenizer: Any, tokens: Sequence[int], tools: list[d
         if start == len(tokens):
             break
         end = next((j for j in range(start + 1, len(tokens)) if tokens[j] == close_id), None)
-        body = tokenizer.decode(tokens[start + 1:end]).strip("\n")
+        body = tokenizer.decode(tokens[start + 1 : end]).strip("\n")
         calls.append(tc.parse_json_call(body, tools, closed=end is not None))
         if end is None:
             break
@@ -179,8 +189,9 @@ class Qwen25Renderer(BaseRenderer):
     option_names = ()
     special_tokens = (IM_START, IM_END)
 
-    def segments(self, messages: Sequence[Message], tools: list[dict] | None, add_generation_prompt: bool
-                 ) -> list[Segment]:
+    def segments(
+        self, messages: Sequence[Message], tools: list[dict] | None, add_generation_prompt: bool
+    ) -> list[Segment]:
         check_messages(messages, "Qwen2.5")
         out = system_segments(messages, tools, DEFAULT_SYSTEM)
         for i, m in enumerate(messages):
@@ -209,8 +220,14 @@ class Qwen25Renderer(BaseRenderer):
 
 
 register_renderer(
-    "qwen2.5", Qwen25Renderer, aliases=("qwen25",),
+    "qwen2.5",
+    Qwen25Renderer,
+    aliases=("qwen25",),
     description="Qwen2.5-Instruct: ChatML, default Qwen system prompt, <tool_call> JSON tool calls",
-    model_patterns=("qwen/qwen2.5-[0-9]*-instruct", "qwen/qwen2.5-[0-9]*-instruct-*",
-                    "qwen/qwen2.5-coder-[0-9]*-instruct", "qwen/qwen2.5-coder-[0-9]*-instruct-*"),
+    model_patterns=(
+        "qwen/qwen2.5-[0-9]*-instruct",
+        "qwen/qwen2.5-[0-9]*-instruct-*",
+        "qwen/qwen2.5-coder-[0-9]*-instruct",
+        "qwen/qwen2.5-coder-[0-9]*-instruct-*",
+    ),
 )

@@ -56,8 +56,9 @@ def last_query_index(messages: Sequence[Message]) -> int:
     """Index of the last real user query (tool results wrapped as user text do not count)."""
     for i in range(len(messages) - 1, -1, -1):
         text = text_of(messages[i].get("content"))
-        if messages[i]["role"] == "user" and not (text.startswith("<tool_response>") and
-                                                  text.endswith("</tool_response>")):
+        if messages[i]["role"] == "user" and not (
+            text.startswith("<tool_response>") and text.endswith("</tool_response>")
+        ):
             return i
     return len(messages) - 1
 
@@ -84,8 +85,9 @@ class Qwen3Renderer(Qwen25Renderer):
         # The template tests `enable_thinking is false`: only an explicit False turns thinking off.
         return self.options.get("enable_thinking") is False
 
-    def segments(self, messages: Sequence[Message], tools: list[dict] | None, add_generation_prompt: bool
-                 ) -> list[Segment]:
+    def segments(
+        self, messages: Sequence[Message], tools: list[dict] | None, add_generation_prompt: bool
+    ) -> list[Segment]:
         check_messages(messages, "Qwen3")
         out = system_segments(messages, tools, default_system=None)
         query = last_query_index(messages)
@@ -110,8 +112,10 @@ class Qwen3Renderer(Qwen25Renderer):
             think = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n"
             # With thinking off the generation prompt already holds the empty block: the model does not sample it.
             prompt_owned = think == EMPTY_THINK and self.thinking_disabled
-            out += [Segment(think, i, is_content=not prompt_owned, sampled=not prompt_owned),
-                    Segment(content.lstrip("\n"), i, True, True)]
+            out += [
+                Segment(think, i, is_content=not prompt_owned, sampled=not prompt_owned),
+                Segment(content.lstrip("\n"), i, True, True),
+            ]
         else:
             out.append(Segment(content, i, True, True))
         # The separator before the first call tests the content before lstrip, as the template does.
@@ -126,7 +130,7 @@ class Qwen3Renderer(Qwen25Renderer):
         reasoning = ""
         if close_id in body:
             cut = body.index(close_id)
-            thought, body = body[:cut], body[cut + 1:]
+            thought, body = body[:cut], body[cut + 1 :]
             reasoning = self.tokenizer.decode(thought[1:] if thought[:1] == [open_id] else thought).strip("\n")
         elif body[:1] == [open_id]:
             # Thinking never closed (usually truncated): everything is reasoning.
@@ -136,10 +140,15 @@ class Qwen3Renderer(Qwen25Renderer):
 
 
 register_renderer(
-    "qwen3", Qwen3Renderer,
+    "qwen3",
+    Qwen3Renderer,
     description="Qwen3 hybrid thinking: ChatML, <think> reasoning, <tool_call> JSON tool calls",
     # Hybrid-thinking checkpoints only (Qwen3-8B, Qwen3-30B-A3B, ...): the 2507 Instruct/Thinking, Coder and VL
     # models ship different templates.
-    model_patterns=("qwen/qwen3-[0-9]*b", "qwen/qwen3-[0-9]*b-base", "qwen/qwen3-[0-9]*b-fp8",
-                    "qwen/qwen3-[0-9]*b-awq"),
+    model_patterns=(
+        "qwen/qwen3-[0-9]*b",
+        "qwen/qwen3-[0-9]*b-base",
+        "qwen/qwen3-[0-9]*b-fp8",
+        "qwen/qwen3-[0-9]*b-awq",
+    ),
 )

@@ -11,8 +11,17 @@ from typing import Any
 
 from render_service.renderers.base import BaseRenderer, RenderError
 
-FAMILY_MODULES = ("chat_template", "chatml", "qwen25", "qwen3", "llama3", "deepseek_v3", "gpt_oss", "mistral_nemo",
-                  "declarative")
+FAMILY_MODULES = (
+    "chat_template",
+    "chatml",
+    "qwen25",
+    "qwen3",
+    "llama3",
+    "deepseek_v3",
+    "gpt_oss",
+    "mistral_nemo",
+    "declarative",
+)
 
 _RENDERERS: dict[str, type[BaseRenderer]] = {}
 _ALIASES: dict[str, str] = {}
@@ -20,8 +29,13 @@ _DESCRIPTIONS: dict[str, str] = {}
 _MODEL_PATTERNS: list[tuple[str, str]] = []  # (fnmatch pattern on the lower-cased model name, renderer)
 
 
-def register_renderer(name: str, cls: type[BaseRenderer], aliases: tuple[str, ...] = (), description: str = "",
-                      model_patterns: tuple[str, ...] = ()) -> None:
+def register_renderer(
+    name: str,
+    cls: type[BaseRenderer],
+    aliases: tuple[str, ...] = (),
+    description: str = "",
+    model_patterns: tuple[str, ...] = (),
+) -> None:
     _RENDERERS[name] = cls
     _DESCRIPTIONS[name] = description or (cls.__doc__ or name).strip().splitlines()[0]
     for alias in aliases:

@@ -9,7 +9,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-OK, INVALID_JSON, UNCLOSED, UNKNOWN_TOOL, MISSING_NAME = "ok", "invalid_json", "unclosed", "unknown_tool", "missing_name"
+OK, INVALID_JSON, UNCLOSED, UNKNOWN_TOOL, MISSING_NAME = (
+    "ok",
+    "invalid_json",
+    "unclosed",
+    "unknown_tool",
+    "missing_name",
+)
 
 
 def tool_names(tools: list[dict] | None) -> set[str] | None:

@@ -75,8 +75,10 @@ def ts_type(spec: Any) -> str:
             return "object"
         required = field(spec, "required")
         required = required if truthy(required) else []
-        members = [name + ("" if name in required else "?") + ": \n" + " " * 16 + ts_type(sub)
-                   for name, sub in properties.items()]
+        members = [
+            name + ("" if name in required else "?") + ": \n" + " " * 16 + ts_type(sub)
+            for name, sub in properties.items()
+        ]
         return "{\n" + ", ".join(members) + "}"
     return "any"
 
@@ -88,8 +90,10 @@ def functions_namespace(tools: list[dict]) -> str:
         function = field(tool, "function")
         for key in ("description", "name"):
             if not isinstance(field(function, key), str):
-                raise RenderError(f"tools[{n}].function.{key}: missing (the gpt-oss template writes every tool's "
-                                  f"name and description)")
+                raise RenderError(
+                    f"tools[{n}].function.{key}: missing (the gpt-oss template writes every tool's "
+                    f"name and description)"
+                )
         try:
             out += "// " + function["description"] + "\n" + "type " + function["name"] + " = "
             parameters = field(function, "parameters")

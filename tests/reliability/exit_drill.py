@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 20
 
-SCRIPT = '''
+SCRIPT = """
 import sys
 import bios
 from bios import types
@@ -37,9 +37,12 @@ saved = training_client.save_state("final")
 if WAIT:
     print(saved.result().path)
 END
-'''
-ENDINGS = {"exit": "", "exception": "raise RuntimeError('the script fails after submitting')",
-           "sys.exit(3)": "sys.exit(3)"}
+"""
+ENDINGS = {
+    "exit": "",
+    "exception": "raise RuntimeError('the script fails after submitting')",
+    "sys.exit(3)": "sys.exit(3)",
+}
 EXPECTED_CODE = {"exit": 0, "exception": 1, "sys.exit(3)": 3}
 
 
@@ -70,25 +73,42 @@ def final_state(checkpoints: Path) -> tuple[int | None, dict | None]:
     return json.loads(metas[0].read_text())["step"], load_file(str(metas[0].parent / "adapter_model.safetensors"))
 
 
-def run_once(workdir: Path, reference: dict | None, wait: bool = False, ending: str = "exit",
-             timeout: float = 300) -> Run:
+def run_once(
+    workdir: Path, reference: dict | None, wait: bool = False, ending: str = "exit", timeout: float = 300
+) -> Run:
     checkpoints = Path(tempfile.mkdtemp(prefix="ckpt-", dir=workdir))
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", script(wait, ending)], env=env(checkpoints), cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-c", script(wait, ending)],
+        env=env(checkpoints),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     step, weights = final_state(checkpoints)
     import numpy as np
 
-    match = reference is not None and weights is not None and weights.keys() == reference.keys() and all(
-        np.allclose(weights[k], reference[k], rtol=0, atol=1e-6) for k in weights)
+    match = (
+        reference is not None
+        and weights is not None
+        and weights.keys() == reference.keys()
+        and all(np.allclose(weights[k], reference[k], rtol=0, atol=1e-6) for k in weights)
+    )
     return Run(done.returncode, step, match, time.monotonic() - started, done.stderr[-3000:])
 
 
 def reference_weights(workdir: Path) -> dict:
     """The adapter after 20 steps in a script that waits for its save: what every drill run must leave."""
     checkpoints = Path(tempfile.mkdtemp(prefix="reference-", dir=workdir))
-    done = subprocess.run([sys.executable, "-c", script(wait=True)], env=env(checkpoints), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script(wait=True)],
+        env=env(checkpoints),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     step, weights = final_state(checkpoints)
     assert step == STEPS, step
@@ -109,11 +129,15 @@ def main() -> int:
     args = parser.parse_args()
     runs = drill(args.runs, args.parallel)
     for k, run in enumerate(runs, 1):
-        print(f"run {k:2d}: exit code {run.code}, state on disk at step {run.step}, "
-              f"weights {'equal' if run.weights_match else 'DIFFER from'} the waited run's, {run.seconds:.1f} s")
+        print(
+            f"run {k:2d}: exit code {run.code}, state on disk at step {run.step}, "
+            f"weights {'equal' if run.weights_match else 'DIFFER from'} the waited run's, {run.seconds:.1f} s"
+        )
     good = sum(r.code == 0 for r in runs), sum(r.step == STEPS for r in runs), sum(r.weights_match for r in runs)
-    print(f"\n{len(runs)} runs: {good[0]} x exit code 0, {good[1]} x the state on disk at step {STEPS}, "
-          f"{good[2]} x the waited run's weights")
+    print(
+        f"\n{len(runs)} runs: {good[0]} x exit code 0, {good[1]} x the state on disk at step {STEPS}, "
+        f"{good[2]} x the waited run's weights"
+    )
     for run in runs:
         if run.code != 0:
             print(run.stderr)

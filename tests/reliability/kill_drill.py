@@ -49,12 +49,17 @@ def tensor(values, dtype=Y.DTYPE_INT64):
     return Y.Tensor(dtype=dtype, shape=[len(values)], data=array.tobytes())
 
 
-DATUM = Y.Datum(model_input=Y.ModelInput(chunks=[Y.Chunk(encoded_text=Y.EncodedTextChunk(tokens=TOKENS))]),
-                loss_fn_inputs={"target_tokens": tensor([t + 1 for t in TOKENS]),
-                                "weights": tensor([1.0] * len(TOKENS), Y.DTYPE_FLOAT32)})
-STEP = [dict(forward_backward=T.ForwardBackwardInput(data=[DATUM])),
-        dict(optim_step=T.OptimStepRequest(adam_params=Y.AdamParams(learning_rate=2e-3, beta1=0.9, beta2=0.95,
-                                                                    eps=1e-8)))]
+DATUM = Y.Datum(
+    model_input=Y.ModelInput(chunks=[Y.Chunk(encoded_text=Y.EncodedTextChunk(tokens=TOKENS))]),
+    loss_fn_inputs={
+        "target_tokens": tensor([t + 1 for t in TOKENS]),
+        "weights": tensor([1.0] * len(TOKENS), Y.DTYPE_FLOAT32),
+    },
+)
+STEP = [
+    dict(forward_backward=T.ForwardBackwardInput(data=[DATUM])),
+    dict(optim_step=T.OptimStepRequest(adam_params=Y.AdamParams(learning_rate=2e-3, beta1=0.9, beta2=0.95, eps=1e-8))),
+]
 LORA = Y.LoraConfig(rank=8, seed=11, train_attn=True, train_mlp=True)
 
 
@@ -82,9 +87,26 @@ class Server:
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("BIOS_")} | {"HF_HUB_OFFLINE": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "train_service", "--host", "127.0.0.1", "--port", str(self.port),
-             "--checkpoint-dir", str(checkpoints), "--metrics-port", "0", "--device", "cpu"],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                sys.executable,
+                "-m",
+                "train_service",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--checkpoint-dir",
+                str(checkpoints),
+                "--metrics-port",
+                "0",
+                "--device",
+                "cpu",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=CHANNEL_OPTIONS)
         self.stub = train_pb2_grpc.TrainServiceStub(self.channel)
         try:
@@ -126,8 +148,10 @@ def verify(server: Server, checkpoints: Path, report: Report, trial: int) -> Non
         if checkpoint.path not in chosen:
             continue
         try:
-            model = server.stub.CreateModel(T.CreateModelRequest(session_id=server.session, from_state=checkpoint.path,
-                                                                 load_optimizer=True), timeout=60)
+            model = server.stub.CreateModel(
+                T.CreateModelRequest(session_id=server.session, from_state=checkpoint.path, load_optimizer=True),
+                timeout=60,
+            )
             (event,) = server.operate(model.model_id, [dict(forward=T.ForwardBackwardInput(data=[DATUM]))])
             server.stub.DeleteModel(T.DeleteModelRequest(model_id=model.model_id), timeout=60)
         except (grpc.RpcError, AssertionError) as exc:
@@ -193,8 +217,9 @@ def reference_losses(steps: int) -> dict[int, float]:
     with tempfile.TemporaryDirectory(prefix="kill-drill-reference-") as tmp:
         server = Server(Path(tmp))
         try:
-            model = server.stub.CreateModel(T.CreateModelRequest(session_id=server.session, base_model=MODEL,
-                                                                 lora=LORA), timeout=60).model_id
+            model = server.stub.CreateModel(
+                T.CreateModelRequest(session_id=server.session, base_model=MODEL, lora=LORA), timeout=60
+            ).model_id
             forward = dict(forward=T.ForwardBackwardInput(data=[DATUM]))
             events = server.operate(model, [forward] + [op for _ in range(steps) for op in (*STEP, forward)])
         finally:
@@ -239,11 +264,13 @@ def main() -> int:
     args = parser.parse_args()
     report = drill(args.trials, args.seed)
     steps = sorted({s for s, _ in report.loss_checks})
-    print(f"{report.trials} kill -9 trials in {report.seconds:.0f} s: {report.kills_inside_a_write} killed inside a "
-          f"checkpoint write; {report.leftovers_removed} hidden leftovers, all removed at the restart; "
-          f"{report.checkpoints_verified} checkpoints loaded (steps {steps[0] if steps else '-'}.."
-          f"{steps[-1] if steps else '-'}), every loss equal to the uninterrupted run's; problems: "
-          f"{len(report.problems)}")
+    print(
+        f"{report.trials} kill -9 trials in {report.seconds:.0f} s: {report.kills_inside_a_write} killed inside a "
+        f"checkpoint write; {report.leftovers_removed} hidden leftovers, all removed at the restart; "
+        f"{report.checkpoints_verified} checkpoints loaded (steps {steps[0] if steps else '-'}.."
+        f"{steps[-1] if steps else '-'}), every loss equal to the uninterrupted run's; problems: "
+        f"{len(report.problems)}"
+    )
     for problem in report.problems:
         print("  ", problem)
     return 1 if report.problems else 0

@@ -33,9 +33,11 @@ TIMEOUT = 60.0  # per request: a bound, so a hang fails instead of stalling the 
 
 
 def conversation(k: int) -> list[dict]:
-    return [{"role": "system", "content": "Answer briefly."},
-            {"role": "user", "content": f"Question {k}: what is {k} squared? " + "Think. " * (k % 9)},
-            {"role": "assistant", "content": f"{k * k}." + " Indeed." * (k % 4)}]
+    return [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": f"Question {k}: what is {k} squared? " + "Think. " * (k % 9)},
+        {"role": "assistant", "content": f"{k * k}." + " Indeed." * (k % 4)},
+    ]
 
 
 @dataclass
@@ -58,9 +60,13 @@ def start_server() -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("BIOS_")} | {"HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "render_service", "--host", "127.0.0.1", "--port", str(port),
-                                "--metrics-port", "0"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "render_service", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         grpc.channel_ready_future(channel).result(timeout=120)
@@ -84,34 +90,47 @@ class Client:
         kind = n % 6
         try:
             if kind == 0:
-                got = self.stub.Render(R.RenderRequest(renderer=spec, conversation=wire.conversation_to_pb(
-                    self.expected["convs"][k])), timeout=TIMEOUT).token_ids
+                got = self.stub.Render(
+                    R.RenderRequest(renderer=spec, conversation=wire.conversation_to_pb(self.expected["convs"][k])),
+                    timeout=TIMEOUT,
+                ).token_ids
                 return None if list(got) == self.expected["render"][k] else f"Render {k}: wrong tokens"
             if kind == 1:
-                got = self.stub.BuildSupervisedExample(R.BuildSupervisedExampleRequest(
-                    renderer=spec, conversation=wire.conversation_to_pb(self.expected["convs"][k])), timeout=TIMEOUT)
+                got = self.stub.BuildSupervisedExample(
+                    R.BuildSupervisedExampleRequest(
+                        renderer=spec, conversation=wire.conversation_to_pb(self.expected["convs"][k])
+                    ),
+                    timeout=TIMEOUT,
+                )
                 ok = wire.supervised_from_pb(got) == self.expected["supervised"][k]
                 return None if ok else f"BuildSupervisedExample {k}: wrong example"
             if kind == 2:
-                got = self.stub.BuildGenerationPrompt(R.BuildGenerationPromptRequest(
-                    renderer=spec, conversation=wire.conversation_to_pb(self.expected["convs"][k][:-1])),
-                    timeout=TIMEOUT).token_ids
+                got = self.stub.BuildGenerationPrompt(
+                    R.BuildGenerationPromptRequest(
+                        renderer=spec, conversation=wire.conversation_to_pb(self.expected["convs"][k][:-1])
+                    ),
+                    timeout=TIMEOUT,
+                ).token_ids
                 return None if list(got) == self.expected["prompt"][k] else f"BuildGenerationPrompt {k}: wrong"
             if kind == 3:
                 batch = R.RenderBatchRequest(renderer=spec, kind=R.SUPERVISED)
-                for conv in self.expected["convs"][k:k + 8]:
+                for conv in self.expected["convs"][k : k + 8]:
                     wire.conversation_to_pb(conv, into=batch.conversations.add())
                 got = [wire.supervised_from_pb(e) for e in self.stub.RenderBatch(batch, timeout=TIMEOUT).examples]
-                return None if got == self.expected["supervised"][k:k + 8] else f"RenderBatch {k}: wrong examples"
+                return None if got == self.expected["supervised"][k : k + 8] else f"RenderBatch {k}: wrong examples"
             if kind == 4:
                 tokens = self.expected["completion"][k]
                 got = self.stub.ParseResponse(R.ParseResponseRequest(renderer=spec, tokens=tokens), timeout=TIMEOUT)
-                return None if got.ok and got.message.content == self.expected["convs"][k][-1]["content"] \
+                return (
+                    None
+                    if got.ok and got.message.content == self.expected["convs"][k][-1]["content"]
                     else f"ParseResponse {k}: wrong message"
+                )
             bad = [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}]
             try:
-                self.stub.Render(R.RenderRequest(renderer=spec, conversation=wire.conversation_to_pb(bad)),
-                                 timeout=TIMEOUT)
+                self.stub.Render(
+                    R.RenderRequest(renderer=spec, conversation=wire.conversation_to_pb(bad)), timeout=TIMEOUT
+                )
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages[1].role" in err.details():
                     return None
@@ -130,10 +149,13 @@ def expected_answers(n: int = 64) -> dict:
     tokenizer = tokenizer_utils.get_tokenizer("ultrasafe/usf-mini")
     local = renderers.get_renderer("ultrasafe", tokenizer)
     convs = [conversation(k) for k in range(n)]
-    return {"convs": convs, "render": [local.render(c).token_ids for c in convs],
-            "supervised": [local.build_supervised_example(c) for c in convs],
-            "prompt": [local.build_generation_prompt(c[:-1]).to_ints() for c in convs],
-            "completion": [tokenizer.encode(c[-1]["content"] + "<|im_end|>", add_special_tokens=False) for c in convs]}
+    return {
+        "convs": convs,
+        "render": [local.render(c).token_ids for c in convs],
+        "supervised": [local.build_supervised_example(c) for c in convs],
+        "prompt": [local.build_generation_prompt(c[:-1]).to_ints() for c in convs],
+        "completion": [tokenizer.encode(c[-1]["content"] + "<|im_end|>", add_special_tokens=False) for c in convs],
+    }
 
 
 def drill(rounds: int, clients: int = CLIENTS) -> Report:
@@ -163,9 +185,11 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=CLIENTS)
     args = parser.parse_args()
     report = drill(args.rounds, args.clients)
-    print(f"{args.clients} concurrent clients, {report.requests} requests in {report.seconds:.1f} s "
-          f"({report.requests / report.seconds:.0f}/s): {len(report.errors)} errors; service RSS per round (MB): "
-          + " ".join(f"{m:.0f}" for m in report.rss_mb))
+    print(
+        f"{args.clients} concurrent clients, {report.requests} requests in {report.seconds:.1f} s "
+        f"({report.requests / report.seconds:.0f}/s): {len(report.errors)} errors; service RSS per round (MB): "
+        + " ".join(f"{m:.0f}" for m in report.rss_mb)
+    )
     for error in report.errors[:20]:
         print("  ", error)
     return 1 if report.errors else 0

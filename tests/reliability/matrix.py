@@ -20,8 +20,12 @@ from bios.v1 import render_pb2_grpc, train_pb2_grpc
 from bios.v1 import train_pb2 as T
 from bios.v1 import types_pb2 as Y
 
-STREAMING = {"ConversationsToData": "stream_stream", "Operate": "stream_stream", "Sample": "unary_stream",
-             "ExportWeights": "unary_stream"}
+STREAMING = {
+    "ConversationsToData": "stream_stream",
+    "Operate": "stream_stream",
+    "Sample": "unary_stream",
+    "ExportWeights": "unary_stream",
+}
 SERVICES = {"render": "bios.v1.RenderService", "train": "bios.v1.TrainService"}
 TIMEOUT = 120.0  # a bound, not a target: a hang fails the case instead of the whole run
 
@@ -34,8 +38,10 @@ def invoke(channel: grpc.Channel, case: Case, ctx: Context) -> tuple[grpc.Status
     """(status, message) of one case; for Operate, a failed operation's own status."""
     request = case.request(ctx) if callable(case.request) else case.request
     kind = STREAMING.get(case.method, "unary_unary")
-    method = getattr(channel, kind)(f"/{SERVICES[case.service]}/{case.method}",
-                                    request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString())
+    method = getattr(channel, kind)(
+        f"/{SERVICES[case.service]}/{case.method}",
+        request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
+    )
     try:
         if kind == "unary_unary":
             method(request, timeout=TIMEOUT)
@@ -66,8 +72,10 @@ class Matrix:
         self.loop = LoopThread.named("reliability-matrix")
         self.render = self.loop.run(render_server.start("127.0.0.1", 0))
         self.train = self.loop.run(train_server.start("127.0.0.1", 0, str(self.tmp / "checkpoints"), device="cpu"))
-        self.channels = {"render": grpc.insecure_channel(f"127.0.0.1:{self.render.port}", options=CHANNEL_OPTIONS),
-                         "train": grpc.insecure_channel(f"127.0.0.1:{self.train.port}", options=CHANNEL_OPTIONS)}
+        self.channels = {
+            "render": grpc.insecure_channel(f"127.0.0.1:{self.render.port}", options=CHANNEL_OPTIONS),
+            "train": grpc.insecure_channel(f"127.0.0.1:{self.train.port}", options=CHANNEL_OPTIONS),
+        }
         self.render_stub = render_pb2_grpc.RenderServiceStub(self.channels["render"])
         self.train_stub = train_pb2_grpc.TrainServiceStub(self.channels["train"])
         get_tokenizer(MODEL).save_pretrained(str(self.tmp / "tokenizer"))
@@ -83,14 +91,16 @@ class Matrix:
         sampler = stub.CreateSampler(T.CreateSamplerRequest(session_id=session, base_model=MODEL)).sampler_id
         ctx = Context(session, model, sampler, "", "", "", str(self.tmp / "tokenizer"))
         ctx.state = self._operate(model, 1, save_state=T.SaveStateRequest(name="matrix-state")).checkpoint.path
-        ctx.sampler_path = self._operate(model, 2, save_weights_for_sampler=T.SaveWeightsForSamplerRequest(
-            name="matrix-sampler")).checkpoint.path
+        ctx.sampler_path = self._operate(
+            model, 2, save_weights_for_sampler=T.SaveWeightsForSamplerRequest(name="matrix-sampler")
+        ).checkpoint.path
         ctx.rank8_state = self._operate(other, 1, save_state=T.SaveStateRequest(name="rank8")).checkpoint.path
         return ctx
 
     def _operate(self, model_id: str, seq: int, **op: Any) -> T.OperationEvent:
-        (event,) = self.train_stub.Operate(iter([T.OperationRequest(seq=seq, model_id=model_id, **op)]),
-                                           timeout=TIMEOUT)
+        (event,) = self.train_stub.Operate(
+            iter([T.OperationRequest(seq=seq, model_id=model_id, **op)]), timeout=TIMEOUT
+        )
         assert event.WhichOneof("event") != "error", event.error.message
         return event
 
@@ -131,15 +141,19 @@ def main() -> int:
             ok = passed(case, code, message, serving)
             failures += not ok
             shown = (message[:110] + "…" if len(message) > 110 else message).replace("|", "\\|").replace("\n", " ")
-            rows.append(f"| {k} | {case.service}.{case.method} | {case.id} | {case.code.name} | "
-                        f"{code.name}{'' if ok else ' **FAIL**'} | {shown} |")
+            rows.append(
+                f"| {k} | {case.service}.{case.method} | {case.id} | {case.code.name} | "
+                f"{code.name}{'' if ok else ' **FAIL**'} | {shown} |"
+            )
     finally:
         matrix.close()
     print("| # | RPC | case | expected | got | message |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
     n_render = sum(c.service == "render" for c in cases())
-    print(f"\n{len(rows)} cases ({n_render} render, {len(rows) - n_render} train): {len(rows) - failures} as expected, "
-          f"{failures} not; both services answered a good request exactly as before after every case")
+    print(
+        f"\n{len(rows)} cases ({n_render} render, {len(rows) - n_render} train): {len(rows) - failures} as expected, "
+        f"{failures} not; both services answered a good request exactly as before after every case"
+    )
     return 1 if failures else 0
 
 

@@ -46,12 +46,17 @@ def test_cancel_frees_the_engine_within_a_second(services, how):
     try:
         sampler = client.create_sampling_client(base_model="ultrasafe/usf-mini")
         trainer = other.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4)
-        datum = types.Datum(model_input=types.ModelInput.from_ints([100, 101, 102]),
-                            loss_fn_inputs={"target_tokens": [101, 102, 103], "weights": [1.0, 1.0, 1.0]})
+        datum = types.Datum(
+            model_input=types.ModelInput.from_ints([100, 101, 102]),
+            loss_fn_inputs={"target_tokens": [101, 102, 103], "weights": [1.0, 1.0, 1.0]},
+        )
         before = decode_steps()
         # 64 sequences x 4000 tokens: minutes of decoding on this CPU, were it not cancelled
-        future = sampler.sample(types.ModelInput.from_ints([100, 101]),
-                                types.SamplingParams(max_tokens=4000, temperature=1.0, seed=1), num_samples=64)
+        future = sampler.sample(
+            types.ModelInput.from_ints([100, 101]),
+            types.SamplingParams(max_tokens=4000, temperature=1.0, seed=1),
+            num_samples=64,
+        )
         assert wait_until(lambda: decode_steps() - before >= 5, 60) is not None, "decoding never started"
         assert trainer.forward([datum]).result(30).metrics["loss:sum"] > 0  # others are served meanwhile
         steps_at_cancel = decode_steps() - before

@@ -17,8 +17,10 @@ from bios import types
 from bios.errors import FailedPreconditionError
 
 RUNS = int(os.environ.get("BIOS_EXIT_DRILL_RUNS", "8"))  # + 2 other endings = 10 runs; 20: docs/reliability.md
-DATUM = types.Datum(model_input=types.ModelInput.from_ints(list(range(100, 132))),
-                    loss_fn_inputs={"target_tokens": list(range(101, 133)), "weights": [1.0] * 32})
+DATUM = types.Datum(
+    model_input=types.ModelInput.from_ints(list(range(100, 132))),
+    loss_fn_inputs={"target_tokens": list(range(101, 133)), "weights": [1.0] * 32},
+)
 
 
 def test_every_unwaited_operation_is_applied_and_the_exit_code_is_the_scripts_own(tmp_path):
@@ -33,7 +35,7 @@ def test_every_unwaited_operation_is_applied_and_the_exit_code_is_the_scripts_ow
         assert "terminate called" not in run.stderr and "exiting without them" not in run.stderr
 
 
-WITH_SCRIPT = '''
+WITH_SCRIPT = """
 import os, sys
 import bios
 from bios import types
@@ -50,17 +52,23 @@ with bios.ServiceClient() as service_client:
 from bios_server import embedded
 saved = [p for p in os.listdir(checkpoints) if os.path.isdir(os.path.join(checkpoints, p, "state", "after-with"))]
 print("saved before exit:", len(saved), "services running:", sorted(embedded._addresses))
-'''
+"""
 
 
 def test_leaving_a_with_block_waits_and_stops_the_embedded_services(tmp_path):
-    done = subprocess.run([sys.executable, "-c", WITH_SCRIPT], env=exit_drill.env(tmp_path), cwd=exit_drill.REPO,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", WITH_SCRIPT],
+        env=exit_drill.env(tmp_path),
+        cwd=exit_drill.REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "saved before exit: 1 services running: []" in done.stdout
 
 
-BOUNDED_SCRIPT = '''
+BOUNDED_SCRIPT = """
 import bios
 from bios import types
 
@@ -69,13 +77,19 @@ datum = types.Datum(model_input=types.ModelInput.from_ints(list(range(100, 2100)
                     loss_fn_inputs={"target_tokens": list(range(101, 2101)), "weights": [1.0] * 2000})
 for _ in range(500):
     training_client.forward_backward([datum])
-'''
+"""
 
 
 def test_the_exit_wait_is_bounded_and_reported(tmp_path):
     env = exit_drill.env(tmp_path) | {"BIOS_EXIT_WAIT_SECONDS": "2"}
-    done = subprocess.run([sys.executable, "-c", BOUNDED_SCRIPT], env=env, cwd=exit_drill.REPO,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", BOUNDED_SCRIPT],
+        env=env,
+        cwd=exit_drill.REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "operations still unanswered after 2 s ($BIOS_EXIT_WAIT_SECONDS); exiting without them" in done.stderr
     assert "terminate called" not in done.stderr

@@ -31,8 +31,18 @@ def requests(service: str, method: str, code: str, at_least: float = 0.0) -> flo
     return GRPC_REQUESTS.labels(service, method, code)._value.get()
 
 
-@pytest.mark.parametrize("bug", [KeyError("messages"), LookupError("x"), ValueError("bad"), TypeError("int"),
-                                 AttributeError("y"), RuntimeError("z")], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize(
+    "bug",
+    [
+        KeyError("messages"),
+        LookupError("x"),
+        ValueError("bad"),
+        TypeError("int"),
+        AttributeError("y"),
+        RuntimeError("z"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
 def test_a_handler_bug_reaches_the_client_as_internal_and_is_logged(client, monkeypatch, caplog, bug):
     from render_service.service import RenderServicer
 
@@ -58,8 +68,10 @@ def test_an_operation_bug_is_internal_for_that_operation_only(client, monkeypatc
     from train_service.sessions import TrainingModel
 
     tc = client.create_lora_training_client(base_model="ultrasafe/usf-mini", rank=4)
-    datum = types.Datum(model_input=types.ModelInput.from_ints([100, 101, 102]),
-                        loss_fn_inputs={"target_tokens": [101, 102, 103], "weights": [1.0, 1.0, 1.0]})
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints([100, 101, 102]),
+        loss_fn_inputs={"target_tokens": [101, 102, 103], "weights": [1.0, 1.0, 1.0]},
+    )
     before = tc.forward([datum]).result().metrics["loss:sum"]
 
     def broken(self, request):

@@ -1,8 +1,8 @@
 """bios: a self-hostable training API for language models (client).
 
-    import bios
-    service_client = bios.ServiceClient()          # embedded services when no address is configured
-    training_client = service_client.create_lora_training_client(base_model="ultrasafe/usf-mini")
+import bios
+service_client = bios.ServiceClient()          # embedded services when no address is configured
+training_client = service_client.create_lora_training_client(base_model="ultrasafe/usf-mini")
 """
 
 import importlib
@@ -24,12 +24,28 @@ def _version() -> str:
 
 __version__ = _version()
 # Exports load on first use: `import bios.errors` (the train engine's core does) pulls in no client or gRPC code.
-_EXPORTS = {"APIFuture": "bios.futures", "BiosError": "bios.errors", "InvalidArgumentError": "bios.errors",
-            "NotFoundError": "bios.errors", "RenderClient": "bios.render_client",
-            "SamplingClient": "bios.sampling_client", "ServiceClient": "bios.service_client",
-            "TrainingClient": "bios.training_client", "types": "bios.types"}
-__all__ = ["APIFuture", "BiosError", "InvalidArgumentError", "NotFoundError", "RenderClient", "SamplingClient",
-           "ServiceClient", "TrainingClient", "types"]  # = _EXPORTS, spelled out for linters and type checkers
+_EXPORTS = {
+    "APIFuture": "bios.futures",
+    "BiosError": "bios.errors",
+    "InvalidArgumentError": "bios.errors",
+    "NotFoundError": "bios.errors",
+    "RenderClient": "bios.render_client",
+    "SamplingClient": "bios.sampling_client",
+    "ServiceClient": "bios.service_client",
+    "TrainingClient": "bios.training_client",
+    "types": "bios.types",
+}
+__all__ = [
+    "APIFuture",
+    "BiosError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "RenderClient",
+    "SamplingClient",
+    "ServiceClient",
+    "TrainingClient",
+    "types",
+]  # = _EXPORTS, spelled out for linters and type checkers
 
 if TYPE_CHECKING:
     from bios import types

@@ -27,14 +27,23 @@ def _renderer(client: Any, renderer: Any, tokenizer: str, default: str) -> Any:
 
 def to_datum(tokens: Sequence[int], weights: Sequence[float]) -> types.Datum:
     """Next-token shift (seed 004): input = tokens[:-1], target = tokens[1:], weights = weights[1:]."""
-    return types.Datum(model_input=types.ModelInput.from_ints(list(tokens[:-1])),
-                       loss_fn_inputs={"target_tokens": list(tokens[1:]), "weights": list(weights[1:])})
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(list(tokens[:-1])),
+        loss_fn_inputs={"target_tokens": list(tokens[1:]), "weights": list(weights[1:])},
+    )
 
 
-def train_on_conversations(training_client: Any, conversations: Sequence[Sequence[dict]], renderer: Any = None,
-                           epochs: int = 1, batch_size: int = 8, learning_rate: float = 1e-4,
-                           train_on_what: str = "last_assistant_message", progress: bool = True,
-                           **adam: Any) -> list[types.TrainingResult]:
+def train_on_conversations(
+    training_client: Any,
+    conversations: Sequence[Sequence[dict]],
+    renderer: Any = None,
+    epochs: int = 1,
+    batch_size: int = 8,
+    learning_rate: float = 1e-4,
+    train_on_what: str = "last_assistant_message",
+    progress: bool = True,
+    **adam: Any,
+) -> list[types.TrainingResult]:
     """Render every conversation (one batched render call), then train epochs x batches, pipelined."""
     info = training_client._info
     renderer = _renderer(training_client, renderer, info.tokenizer, info.renderer)
@@ -43,10 +52,13 @@ def train_on_conversations(training_client: Any, conversations: Sequence[Sequenc
     else:
         examples = [renderer.build_supervised_example(c, train_on_what=train_on_what) for c in conversations]
     data = [to_datum(tokens, weights) for tokens, weights in examples]
-    batches = [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
+    batches = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
     # Submit everything at once: the server runs the steps in order while results stream back.
-    futures = [training_client.train_future(batch, learning_rate=learning_rate, **adam)
-               for _ in range(epochs) for batch in batches]
+    futures = [
+        training_client.train_future(batch, learning_rate=learning_rate, **adam)
+        for _ in range(epochs)
+        for batch in batches
+    ]
     results = []
     with tqdm(total=len(futures), desc="train", unit="step", disable=not progress) as bar:
         for future in futures:
@@ -56,8 +68,13 @@ def train_on_conversations(training_client: Any, conversations: Sequence[Sequenc
     return results
 
 
-def chat(client: Any, messages: Sequence[dict], renderer: Any = None,
-         sampling_params: types.SamplingParams | None = None, tools: list[dict] | None = None) -> ChatResult:
+def chat(
+    client: Any,
+    messages: Sequence[dict],
+    renderer: Any = None,
+    sampling_params: types.SamplingParams | None = None,
+    tools: list[dict] | None = None,
+) -> ChatResult:
     """Render the generation prompt (with attribution), sample one reply, parse it back into a message."""
     tokenizer = getattr(client, "tokenizer_name", None) or client._info.tokenizer
     default = getattr(client, "renderer_name", None) or client._info.renderer

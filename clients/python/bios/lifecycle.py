@@ -40,7 +40,8 @@ def embedded_address(service: str, client: Any) -> str:
             f"{service}_address: no address given and BIOS_{service.upper()}_ADDRESS is unset, so the embedded "
             f"default would start the services in this process, which needs the full install (the repository's "
             f"package: both services, torch, transformers, peft; missing: {exc.name}). Give the addresses of "
-            f"running services instead: ServiceClient(render_address=..., train_address=...)") from None
+            f"running services instead: ServiceClient(render_address=..., train_address=...)"
+        ) from None
     return embedded.address(service, client)
 
 
@@ -76,11 +77,17 @@ def shutdown(timeout: float = EXIT_WAIT_SECONDS) -> None:
     abandon = False
     try:
         if (left := _unanswered(clients, time.monotonic() + min(5.0, timeout / 2))) and time.monotonic() < deadline:
-            log.warning("bios: waiting up to %.0f s for %d unanswered operations before exit (Ctrl-C stops waiting)",
-                        deadline - time.monotonic(), left)
+            log.warning(
+                "bios: waiting up to %.0f s for %d unanswered operations before exit (Ctrl-C stops waiting)",
+                deadline - time.monotonic(),
+                left,
+            )
         if left and (left := _unanswered(clients, deadline)):
-            log.warning("bios: %d operations still unanswered after %.0f s ($BIOS_EXIT_WAIT_SECONDS); exiting "
-                        "without them", left, timeout)
+            log.warning(
+                "bios: %d operations still unanswered after %.0f s ($BIOS_EXIT_WAIT_SECONDS); exiting without them",
+                left,
+                timeout,
+            )
             abandon = True
     except KeyboardInterrupt:
         log.warning("bios: interrupted at exit: not waiting for unanswered operations")

@@ -27,9 +27,15 @@ _CLOSE = object()  # in the outbox: half-close the stream (the server answers wh
 
 
 class OperationStream:
-    def __init__(self, loop: LoopThread, stub: train_pb2_grpc.TrainServiceStub, model_id: str,
-                 metadata: tuple = (), max_retries: int = 8,
-                 track: Callable[[concurrent.futures.Future], Any] = lambda future: future):
+    def __init__(
+        self,
+        loop: LoopThread,
+        stub: train_pb2_grpc.TrainServiceStub,
+        model_id: str,
+        metadata: tuple = (),
+        max_retries: int = 8,
+        track: Callable[[concurrent.futures.Future], Any] = lambda future: future,
+    ):
         """`track`: told of every submitted operation's future (the ServiceClient waits for them at close)."""
         self._loop = loop
         self._track = track
@@ -102,8 +108,9 @@ class OperationStream:
                 if err.code() in RETRYABLE and attempt < self._max_retries:
                     attempt += 1
                     delay = min(10.0, 0.1 * 2**attempt) * (0.5 + random.random())
-                    log.warning("operation stream %s: %s; retry %d in %.1fs", self._model_id, err.code().name,
-                                attempt, delay)
+                    log.warning(
+                        "operation stream %s: %s; retry %d in %.1fs", self._model_id, err.code().name, attempt, delay
+                    )
                     await asyncio.sleep(delay)
                     continue
                 self._fail_all(from_status(err.code(), err.details() or ""))

@@ -53,22 +53,31 @@ class RenderedTokens:
 
     __slots__ = ("token_ids", "_runs", "_lists")
 
-    def __init__(self, token_ids: list[int], message_indices: list[int], message_roles: list[str | None],
-                 sampled_mask: list[bool], is_content: list[bool]):
+    def __init__(
+        self,
+        token_ids: list[int],
+        message_indices: list[int],
+        message_roles: list[str | None],
+        sampled_mask: list[bool],
+        is_content: list[bool],
+    ):
         self.token_ids = token_ids
         self._runs: list[AttributionRun] | None = None
         self._lists: tuple[list, list, list, list] | None = (message_indices, message_roles, sampled_mask, is_content)
 
     @classmethod
-    def from_runs(cls, token_ids: list[int], runs: Iterable[AttributionRun], canonical: bool = False) -> "RenderedTokens":
+    def from_runs(
+        cls, token_ids: list[int], runs: Iterable[AttributionRun], canonical: bool = False
+    ) -> "RenderedTokens":
         """`canonical=True`: the caller built maximal runs (no empty ones, no equal neighbours)."""
         self = cls.__new__(cls)
         self.token_ids = token_ids
         self._runs = runs if canonical and isinstance(runs, list) else _canonical(runs)
         self._lists = None
         if sum(run.length for run in self._runs) != len(token_ids):
-            raise ValueError(f"attribution runs cover {sum(r.length for r in self._runs)} tokens, "
-                             f"not the {len(token_ids)} token ids")
+            raise ValueError(
+                f"attribution runs cover {sum(r.length for r in self._runs)} tokens, not the {len(token_ids)} token ids"
+            )
         return self
 
     message_indices = _per_token_field(0, "per token: index of its message, -1 on scaffolding")
@@ -107,9 +116,11 @@ class RenderedTokens:
         return self.token_ids == other.token_ids and self.runs == other.runs
 
     def __repr__(self) -> str:
-        return (f"RenderedTokens(token_ids={self.token_ids!r}, message_indices={self.message_indices!r}, "
-                f"message_roles={self.message_roles!r}, sampled_mask={self.sampled_mask!r}, "
-                f"is_content={self.is_content!r})")
+        return (
+            f"RenderedTokens(token_ids={self.token_ids!r}, message_indices={self.message_indices!r}, "
+            f"message_roles={self.message_roles!r}, sampled_mask={self.sampled_mask!r}, "
+            f"is_content={self.is_content!r})"
+        )
 
     def to_model_input(self) -> ModelInput:
         return ModelInput.from_ints(self.token_ids)
@@ -142,4 +153,3 @@ class RenderedTokens:
         for run in self.runs:
             mask += [run.is_content and run.role in wanted] * run.length
         return mask
-

@@ -14,8 +14,16 @@ from bios.v1 import train_pb2
 
 
 class SamplingClient:
-    def __init__(self, service: Any, sampler_id: str | None = None, model_id: str | None = None,
-                 base_model: str = "", model_path: str = "", tokenizer: str = "", renderer: str = ""):
+    def __init__(
+        self,
+        service: Any,
+        sampler_id: str | None = None,
+        model_id: str | None = None,
+        base_model: str = "",
+        model_path: str = "",
+        tokenizer: str = "",
+        renderer: str = "",
+    ):
         self._service = service
         self._target = {"sampler_id": sampler_id} if sampler_id else {"model_id": model_id}
         self.sampler_id = sampler_id
@@ -24,21 +32,35 @@ class SamplingClient:
         self.tokenizer_name = tokenizer or base_model
         self.renderer_name = renderer
 
-    def chat(self, messages: list[dict], renderer: Any = None, sampling_params: types.SamplingParams | None = None,
-             tools: list[dict] | None = None) -> compose.ChatResult:
+    def chat(
+        self,
+        messages: list[dict],
+        renderer: Any = None,
+        sampling_params: types.SamplingParams | None = None,
+        tools: list[dict] | None = None,
+    ) -> compose.ChatResult:
         """Render the prompt, sample, parse the reply: see bios.compose.chat."""
         return compose.chat(self, messages, renderer, sampling_params, tools)
 
     def get_tokenizer(self) -> Any:
         return self._service.get_tokenizer(self.tokenizer_name)
 
-    def _request(self, prompt: types.ModelInput, sampling_params: types.SamplingParams, num_samples: int,
-                 include_prompt_logprobs: bool) -> train_pb2.SampleRequest:
+    def _request(
+        self,
+        prompt: types.ModelInput,
+        sampling_params: types.SamplingParams,
+        num_samples: int,
+        include_prompt_logprobs: bool,
+    ) -> train_pb2.SampleRequest:
         if isinstance(prompt, list):
             prompt = types.ModelInput.from_ints(prompt)
-        return train_pb2.SampleRequest(**self._target, prompt=wire.model_input_to_pb(prompt),
-                                       sampling_params=wire.sampling_params_to_pb(sampling_params),
-                                       num_samples=num_samples, include_prompt_logprobs=include_prompt_logprobs)
+        return train_pb2.SampleRequest(
+            **self._target,
+            prompt=wire.model_input_to_pb(prompt),
+            sampling_params=wire.sampling_params_to_pb(sampling_params),
+            num_samples=num_samples,
+            include_prompt_logprobs=include_prompt_logprobs,
+        )
 
     async def _collect(self, request: train_pb2.SampleRequest) -> types.SampleResponse:
         async for event in self.stream_events(request):
@@ -47,16 +69,16 @@ class SamplingClient:
         raise from_status(grpc.StatusCode.INTERNAL, "sample stream ended without a result")
 
     async def stream_events(self, request: train_pb2.SampleRequest) -> AsyncIterator[train_pb2.SampleEvent]:
-        call = self._service._train.Sample(request, metadata=self._service._metadata,
-                                           timeout=self._service.timeout)
+        call = self._service._train.Sample(request, metadata=self._service._metadata, timeout=self._service.timeout)
         try:
             async for event in call:
                 yield event
         except grpc.aio.AioRpcError as err:
             raise from_status(err.code(), err.details() or "") from None
 
-    async def sample_stream(self, prompt: types.ModelInput, sampling_params: types.SamplingParams,
-                            num_samples: int = 1) -> AsyncIterator[tuple[int, list[int]] | types.SampleResponse]:
+    async def sample_stream(
+        self, prompt: types.ModelInput, sampling_params: types.SamplingParams, num_samples: int = 1
+    ) -> AsyncIterator[tuple[int, list[int]] | types.SampleResponse]:
         """Tokens as they are produced: yields (sequence_index, new_tokens) pairs, then the SampleResponse.
 
         Iterate it with `async for` on your own event loop; the gRPC stream is driven by the client's loop."""
@@ -82,19 +104,28 @@ class SamplingClient:
             else:
                 yield wire.sample_response_from_pb(event.result)
 
-    def sample(self, prompt: types.ModelInput, sampling_params: types.SamplingParams, num_samples: int = 1,
-               include_prompt_logprobs: bool = False) -> APIFuture[types.SampleResponse]:
+    def sample(
+        self,
+        prompt: types.ModelInput,
+        sampling_params: types.SamplingParams,
+        num_samples: int = 1,
+        include_prompt_logprobs: bool = False,
+    ) -> APIFuture[types.SampleResponse]:
         request = self._request(prompt, sampling_params, num_samples, include_prompt_logprobs)
         return APIFuture(self._service._track(self._service._loop.submit(self._collect(request))))
 
-    async def sample_async(self, prompt: types.ModelInput, sampling_params: types.SamplingParams,
-                           num_samples: int = 1, include_prompt_logprobs: bool = False) -> APIFuture[types.SampleResponse]:
+    async def sample_async(
+        self,
+        prompt: types.ModelInput,
+        sampling_params: types.SamplingParams,
+        num_samples: int = 1,
+        include_prompt_logprobs: bool = False,
+    ) -> APIFuture[types.SampleResponse]:
         return self.sample(prompt, sampling_params, num_samples, include_prompt_logprobs)
 
     def compute_logprobs(self, prompt: types.ModelInput) -> APIFuture[list[float | None]]:
         """logprob of every prompt token given the tokens before it (None for the first)."""
-        future = self.sample(prompt, types.SamplingParams(max_tokens=1, temperature=0.0),
-                             include_prompt_logprobs=True)
+        future = self.sample(prompt, types.SamplingParams(max_tokens=1, temperature=0.0), include_prompt_logprobs=True)
         return future.then(lambda response: response.prompt_logprobs or [])
 
     async def compute_logprobs_async(self, prompt: types.ModelInput) -> APIFuture[list[float | None]]:

@@ -42,13 +42,21 @@ class ServiceClient:
     or on the pod of the checkpoint it resumes from, and every later train call goes to that pod
     (bios.placement)."""
 
-    def __init__(self, train_address: str | None = None, render_address: str | None = None,
-                 api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT, tls_ca: str | None = None,
-                 train_pod_address: str | None = None):
+    def __init__(
+        self,
+        train_address: str | None = None,
+        render_address: str | None = None,
+        api_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        tls_ca: str | None = None,
+        train_pod_address: str | None = None,
+    ):
         # None: the embedded service, started when first needed (a client that only renders never starts the
         # train service and its torch models; one that only trains never starts a render service).
-        self._addresses = {"train": train_address or os.environ.get("BIOS_TRAIN_ADDRESS"),
-                           "render": render_address or os.environ.get("BIOS_RENDER_ADDRESS")}
+        self._addresses = {
+            "train": train_address or os.environ.get("BIOS_TRAIN_ADDRESS"),
+            "render": render_address or os.environ.get("BIOS_RENDER_ADDRESS"),
+        }
         api_key = api_key or os.environ.get("BIOS_API_KEY")
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.timeout = timeout
@@ -117,8 +125,9 @@ class ServiceClient:
             with self._lock:
                 if service not in self._stubs:
                     on_loop = threading.current_thread() is self._loop.thread
-                    self._stubs[service] = (self._open(service, address) if on_loop
-                                            else self._loop.run(self._open_async(service, address)))
+                    self._stubs[service] = (
+                        self._open(service, address) if on_loop else self._loop.run(self._open_async(service, address))
+                    )
                 stub = self._stubs[service]
         return stub
 
@@ -171,7 +180,8 @@ class ServiceClient:
         if self._pod is not None and self._pod != pod:
             raise FailedPreconditionError(
                 f"{field}: {path!r} is on train pod {pod}, and this client's session is on pod {self._pod}; "
-                f"open another ServiceClient to load it")
+                f"open another ServiceClient to load it"
+            )
 
     # ---- unary calls with retries on UNAVAILABLE --------------------------------------------------
 
@@ -196,13 +206,30 @@ class ServiceClient:
 
     # ---- training and sampling clients -----------------------------------------------------------
 
-    def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
-                                    train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = False,
-                                    alpha: float | None = None):
-        lora = types.LoraConfig(rank=rank, alpha=alpha, seed=seed or 0, train_attn=train_attn,
-                                train_mlp=train_mlp, train_unembed=train_unembed)
-        info = self._unary("CreateModel", train_pb2.CreateModelRequest(
-            session_id=self.session_id, base_model=base_model, lora=wire.lora_config_to_pb(lora)))
+    def create_lora_training_client(
+        self,
+        base_model: str,
+        rank: int = 32,
+        seed: int | None = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = False,
+        alpha: float | None = None,
+    ):
+        lora = types.LoraConfig(
+            rank=rank,
+            alpha=alpha,
+            seed=seed or 0,
+            train_attn=train_attn,
+            train_mlp=train_mlp,
+            train_unembed=train_unembed,
+        )
+        info = self._unary(
+            "CreateModel",
+            train_pb2.CreateModelRequest(
+                session_id=self.session_id, base_model=base_model, lora=wire.lora_config_to_pb(lora)
+            ),
+        )
         return TrainingClient(self, wire.model_info_from_pb(info))
 
     async def create_lora_training_client_async(self, *args: Any, **kwargs: Any):
@@ -210,8 +237,10 @@ class ServiceClient:
 
     def create_training_client_from_state(self, path: str, with_optimizer: bool = False):
         self._place_for(path, "path")
-        info = self._unary("CreateModel", train_pb2.CreateModelRequest(
-            session_id=self.session_id, from_state=path, load_optimizer=with_optimizer))
+        info = self._unary(
+            "CreateModel",
+            train_pb2.CreateModelRequest(session_id=self.session_id, from_state=path, load_optimizer=with_optimizer),
+        )
         return TrainingClient(self, wire.model_info_from_pb(info))
 
     def create_training_client_from_state_with_optimizer(self, path: str):
@@ -231,8 +260,14 @@ class ServiceClient:
         else:
             request.model_path = model_path
         info = self._unary("CreateSampler", request)
-        return SamplingClient(self, sampler_id=info.sampler_id, base_model=info.base_model,
-                              model_path=info.model_path, tokenizer=info.tokenizer, renderer=info.renderer)
+        return SamplingClient(
+            self,
+            sampler_id=info.sampler_id,
+            base_model=info.base_model,
+            model_path=info.model_path,
+            tokenizer=info.tokenizer,
+            renderer=info.renderer,
+        )
 
     async def create_sampling_client_async(self, *args: Any, **kwargs: Any):
         return await asyncio.to_thread(self.create_sampling_client, *args, **kwargs)
@@ -253,8 +288,9 @@ class ServiceClient:
         async def download() -> None:
             out = Path(directory)
             out.mkdir(parents=True, exist_ok=True)
-            call = self._train.ExportWeights(train_pb2.ExportWeightsRequest(path=path, merged=merged),
-                                             metadata=self._metadata, timeout=self.timeout)
+            call = self._train.ExportWeights(
+                train_pb2.ExportWeightsRequest(path=path, merged=merged), metadata=self._metadata, timeout=self.timeout
+            )
             try:
                 async for chunk in call:
                     target = out / Path(chunk.name).name
@@ -299,8 +335,9 @@ class ServiceClient:
                 return
         try:
             if wait and (left := self.wait_for_operations(timeout)):
-                log.warning("bios: %d operations were still unanswered after %.0f s; closing without them",
-                            left, timeout)
+                log.warning(
+                    "bios: %d operations were still unanswered after %.0f s; closing without them", left, timeout
+                )
             if self._session_id is not None:
                 request = train_pb2.CloseSessionRequest(session_id=self._session_id)
                 if retry:
@@ -327,4 +364,3 @@ class ServiceClient:
 
 async def _sleep(seconds: float) -> None:
     await asyncio.sleep(seconds)
-

@@ -16,8 +16,9 @@ from bios.v1 import train_pb2
 
 
 def _fb_input(data: Sequence[types.Datum], loss_fn: str, loss_fn_config: dict | None):
-    return train_pb2.ForwardBackwardInput(data=[wire.datum_to_pb(d) for d in data], loss_fn=loss_fn,
-                                          loss_fn_config=loss_fn_config or {})
+    return train_pb2.ForwardBackwardInput(
+        data=[wire.datum_to_pb(d) for d in data], loss_fn=loss_fn, loss_fn_config=loss_fn_config or {}
+    )
 
 
 def loss_weight(data: Sequence[types.Datum]) -> float:
@@ -40,28 +41,33 @@ class TrainingClient:
         self.model_id = info.model_id
         self.base_model = info.base_model
         self._info = info
-        self._ops = OperationStream(service._loop, service._train, info.model_id, service._metadata,
-                                    track=service._track)
+        self._ops = OperationStream(
+            service._loop, service._train, info.model_id, service._metadata, track=service._track
+        )
         service._streams.add(self._ops)
         self._tokenizer = None
 
     # ---- ordered operations -----------------------------------------------------------------------
 
-    def forward(self, data: Sequence[types.Datum], loss_fn: str = "cross_entropy",
-                loss_fn_config: dict | None = None) -> APIFuture[types.ForwardBackwardOutput]:
+    def forward(
+        self, data: Sequence[types.Datum], loss_fn: str = "cross_entropy", loss_fn_config: dict | None = None
+    ) -> APIFuture[types.ForwardBackwardOutput]:
         future = self._ops.submit(forward=_fb_input(data, loss_fn, loss_fn_config))
         weight = loss_weight(data)
         return APIFuture(future, lambda e: _output(e, weight))
 
-    def forward_backward(self, data: Sequence[types.Datum], loss_fn: str | Callable = "cross_entropy",
-                         loss_fn_config: dict | None = None) -> APIFuture[types.ForwardBackwardOutput]:
+    def forward_backward(
+        self, data: Sequence[types.Datum], loss_fn: str | Callable = "cross_entropy", loss_fn_config: dict | None = None
+    ) -> APIFuture[types.ForwardBackwardOutput]:
         if callable(loss_fn):
             return self.forward_backward_custom(data, loss_fn)
         future = self._ops.submit(forward_backward=_fb_input(data, loss_fn, loss_fn_config))
         weight = loss_weight(data)
         return APIFuture(future, lambda e: _output(e, weight))
 
-    def forward_backward_custom(self, data: Sequence[types.Datum], loss_fn: Callable) -> APIFuture[types.ForwardBackwardOutput]:
+    def forward_backward_custom(
+        self, data: Sequence[types.Datum], loss_fn: Callable
+    ) -> APIFuture[types.ForwardBackwardOutput]:
         """A loss computed here in torch on the model's logprobs; the server applies its gradient.
 
         `loss_fn(data, logprobs_list) -> (loss, metrics)`. The gradient g = dloss/dlogprobs is sent back
@@ -74,15 +80,25 @@ class TrainingClient:
         future = self._ops.submit(optim_step=train_pb2.OptimStepRequest(adam_params=wire.adam_params_to_pb(params)))
         return APIFuture(future, lambda e: wire.optim_step_response_from_pb(e.optim_step))
 
-    def train(self, data: Sequence[types.Datum], loss_fn: str | Callable = "cross_entropy",
-              learning_rate: float = 1e-4, **kwargs: Any) -> types.TrainingResult:
+    def train(
+        self,
+        data: Sequence[types.Datum],
+        loss_fn: str | Callable = "cross_entropy",
+        learning_rate: float = 1e-4,
+        **kwargs: Any,
+    ) -> types.TrainingResult:
         """One training step (forward_backward + optim_step), waited for: seed 001's train() -> TrainingResult.
 
         kwargs: weight_decay, grad_clip (or grad_clip_norm), beta1, beta2, eps, loss_fn_config."""
         return self.train_future(data, loss_fn, learning_rate, **kwargs).result()
 
-    def train_future(self, data: Sequence[types.Datum], loss_fn: str | Callable = "cross_entropy",
-                     learning_rate: float = 1e-4, **kwargs: Any) -> APIFuture[types.TrainingResult]:
+    def train_future(
+        self,
+        data: Sequence[types.Datum],
+        loss_fn: str | Callable = "cross_entropy",
+        learning_rate: float = 1e-4,
+        **kwargs: Any,
+    ) -> APIFuture[types.TrainingResult]:
         """The same step, submitted without waiting."""
         if "grad_clip" in kwargs:
             kwargs["grad_clip_norm"] = kwargs.pop("grad_clip")
@@ -100,8 +116,13 @@ class TrainingClient:
             except BaseException as exc:  # noqa: BLE001
                 both.set_exception(exc)
                 return
-            both.set_result(types.TrainingResult(loss=fb_out.metrics.get("loss:sum", 0.0),
-                                                 metrics={**fb_out.metrics, **opt_out.metrics}, step=opt_out.step))
+            both.set_result(
+                types.TrainingResult(
+                    loss=fb_out.metrics.get("loss:sum", 0.0),
+                    metrics={**fb_out.metrics, **opt_out.metrics},
+                    step=opt_out.step,
+                )
+            )
 
         opt._future.add_done_callback(finish)
         return APIFuture(both)
@@ -112,16 +133,21 @@ class TrainingClient:
 
     def load_state(self, path: str) -> APIFuture[types.LoadStateResponse]:
         request = train_pb2.LoadStateRequest(path=path, load_optimizer=False)
-        return APIFuture(self._ops.submit(load_state=request), lambda e: types.LoadStateResponse(step=e.load_state.step))
+        return APIFuture(
+            self._ops.submit(load_state=request), lambda e: types.LoadStateResponse(step=e.load_state.step)
+        )
 
     def load_state_with_optimizer(self, path: str) -> APIFuture[types.LoadStateResponse]:
         request = train_pb2.LoadStateRequest(path=path, load_optimizer=True)
-        return APIFuture(self._ops.submit(load_state=request), lambda e: types.LoadStateResponse(step=e.load_state.step))
+        return APIFuture(
+            self._ops.submit(load_state=request), lambda e: types.LoadStateResponse(step=e.load_state.step)
+        )
 
     def save_weights_for_sampler(self, name: str) -> APIFuture[types.Checkpoint]:
         request = train_pb2.SaveWeightsForSamplerRequest(name=name)
-        return APIFuture(self._ops.submit(save_weights_for_sampler=request),
-                         lambda e: wire.checkpoint_from_pb(e.checkpoint))
+        return APIFuture(
+            self._ops.submit(save_weights_for_sampler=request), lambda e: wire.checkpoint_from_pb(e.checkpoint)
+        )
 
     def save_weights_and_get_sampling_client(self, name: str) -> SamplingClient:
         checkpoint = self.save_weights_for_sampler(name).result()
@@ -129,8 +155,9 @@ class TrainingClient:
 
     # ---- sampling from the current weights ---------------------------------------------------------
 
-    def sample(self, prompt: types.ModelInput, sampling_params: types.SamplingParams,
-               num_samples: int = 1) -> APIFuture[types.SampleResponse]:
+    def sample(
+        self, prompt: types.ModelInput, sampling_params: types.SamplingParams, num_samples: int = 1
+    ) -> APIFuture[types.SampleResponse]:
         """Samples with the weights as of every operation submitted before this call."""
         concurrent.futures.wait(self._ops.pending())
         sampler = SamplingClient(self._service, model_id=self.model_id, base_model=self.base_model)
@@ -138,13 +165,27 @@ class TrainingClient:
 
     # ---- the two services together ------------------------------------------------------------------
 
-    def train_on_conversations(self, conversations: Sequence[Sequence[dict]], renderer: Any = None, epochs: int = 1,
-                               batch_size: int = 8, learning_rate: float = 1e-4, **kwargs: Any) -> list[types.TrainingResult]:
+    def train_on_conversations(
+        self,
+        conversations: Sequence[Sequence[dict]],
+        renderer: Any = None,
+        epochs: int = 1,
+        batch_size: int = 8,
+        learning_rate: float = 1e-4,
+        **kwargs: Any,
+    ) -> list[types.TrainingResult]:
         """Render (through the render service unless a renderer object is given) and train; see bios.compose."""
-        return compose.train_on_conversations(self, conversations, renderer, epochs, batch_size, learning_rate, **kwargs)
+        return compose.train_on_conversations(
+            self, conversations, renderer, epochs, batch_size, learning_rate, **kwargs
+        )
 
-    def chat(self, messages: list[dict], renderer: Any = None, sampling_params: types.SamplingParams | None = None,
-             tools: list[dict] | None = None):
+    def chat(
+        self,
+        messages: list[dict],
+        renderer: Any = None,
+        sampling_params: types.SamplingParams | None = None,
+        tools: list[dict] | None = None,
+    ):
         """Render + sample with the current weights + parse; returns a ChatResult with the prompt attribution."""
         return compose.chat(self, messages, renderer, sampling_params, tools)
 

@@ -7,8 +7,14 @@ from typing import Any, Literal, Sequence, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-_NUMPY_DTYPES = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float64": np.float64, "bool": np.bool_,
-                 "float16": np.float16}
+_NUMPY_DTYPES = {
+    "int64": np.int64,
+    "int32": np.int32,
+    "float32": np.float32,
+    "float64": np.float64,
+    "bool": np.bool_,
+    "float16": np.float16,
+}
 
 
 class _Base(BaseModel):

@@ -27,8 +27,14 @@ _TO_PB_DTYPE = {
     np.dtype("float16"): types_pb2.DTYPE_FLOAT16,
 }
 _FROM_PB_DTYPE = {v: k for k, v in _TO_PB_DTYPE.items()}
-_NAMES = {types_pb2.DTYPE_FLOAT32: "float32", types_pb2.DTYPE_FLOAT64: "float64", types_pb2.DTYPE_INT32: "int32",
-          types_pb2.DTYPE_INT64: "int64", types_pb2.DTYPE_BOOL: "bool", types_pb2.DTYPE_FLOAT16: "float16"}
+_NAMES = {
+    types_pb2.DTYPE_FLOAT32: "float32",
+    types_pb2.DTYPE_FLOAT64: "float64",
+    types_pb2.DTYPE_INT32: "int32",
+    types_pb2.DTYPE_INT64: "int64",
+    types_pb2.DTYPE_BOOL: "bool",
+    types_pb2.DTYPE_FLOAT16: "float16",
+}
 
 
 class WireError(InvalidArgumentError):
@@ -59,11 +65,13 @@ def tensor_data_to_pb(data: types.TensorData) -> types_pb2.Tensor:
 
 def tensor_data_from_pb(tensor: types_pb2.Tensor) -> types.TensorData:
     array = tensor_to_array(tensor)
-    return types.TensorData(data=array.reshape(-1).tolist(), dtype=_NAMES.get(tensor.dtype, "float32"),
-                            shape=list(array.shape))
+    return types.TensorData(
+        data=array.reshape(-1).tolist(), dtype=_NAMES.get(tensor.dtype, "float32"), shape=list(array.shape)
+    )
 
 
 # ---- model inputs ---------------------------------------------------------------------------------
+
 
 def model_input_to_pb(model_input: types.ModelInput) -> types_pb2.ModelInput:
     chunks = []
@@ -71,8 +79,13 @@ def model_input_to_pb(model_input: types.ModelInput) -> types_pb2.ModelInput:
         if isinstance(chunk, types.EncodedTextChunk):
             chunks.append(types_pb2.Chunk(encoded_text=types_pb2.EncodedTextChunk(tokens=chunk.tokens)))
         else:
-            chunks.append(types_pb2.Chunk(image=types_pb2.ImageChunk(
-                data=chunk.data, format=chunk.format, expected_tokens=chunk.expected_tokens or 0)))
+            chunks.append(
+                types_pb2.Chunk(
+                    image=types_pb2.ImageChunk(
+                        data=chunk.data, format=chunk.format, expected_tokens=chunk.expected_tokens or 0
+                    )
+                )
+            )
     return types_pb2.ModelInput(chunks=chunks)
 
 
@@ -80,8 +93,13 @@ def model_input_from_pb(pb: types_pb2.ModelInput) -> types.ModelInput:
     chunks: list[types.Chunk] = []
     for chunk in pb.chunks:
         if chunk.HasField("image"):
-            chunks.append(types.ImageChunk(data=chunk.image.data, format=chunk.image.format,
-                                           expected_tokens=chunk.image.expected_tokens or None))
+            chunks.append(
+                types.ImageChunk(
+                    data=chunk.image.data,
+                    format=chunk.image.format,
+                    expected_tokens=chunk.image.expected_tokens or None,
+                )
+            )
         else:
             chunks.append(types.EncodedTextChunk(tokens=list(chunk.encoded_text.tokens)))
     return types.ModelInput(chunks=chunks)
@@ -95,11 +113,14 @@ def datum_to_pb(datum: types.Datum) -> types_pb2.Datum:
 
 
 def datum_from_pb(pb: types_pb2.Datum) -> types.Datum:
-    return types.Datum(model_input=model_input_from_pb(pb.model_input),
-                       loss_fn_inputs={k: tensor_data_from_pb(v) for k, v in pb.loss_fn_inputs.items()})
+    return types.Datum(
+        model_input=model_input_from_pb(pb.model_input),
+        loss_fn_inputs={k: tensor_data_from_pb(v) for k, v in pb.loss_fn_inputs.items()},
+    )
 
 
 # ---- parameters -----------------------------------------------------------------------------------
+
 
 def sampling_params_to_pb(params: types.SamplingParams) -> types_pb2.SamplingParams:
     stop = params.stop
@@ -122,10 +143,14 @@ def sampling_params_to_pb(params: types.SamplingParams) -> types_pb2.SamplingPar
 def sampling_params_from_pb(pb: types_pb2.SamplingParams) -> types.SamplingParams:
     """Unset optional fields take their defaults; `stop` comes back as a list (strings, else token ids)."""
     stop: list[str] | list[int] | None = list(pb.stop_strings) or list(pb.stop_token_ids) or None
-    return types.SamplingParams(max_tokens=pb.max_tokens or None,
-                                temperature=pb.temperature if pb.HasField("temperature") else 1.0,
-                                top_p=pb.top_p if pb.HasField("top_p") else 1.0, top_k=pb.top_k, stop=stop,
-                                seed=pb.seed if pb.HasField("seed") else None)
+    return types.SamplingParams(
+        max_tokens=pb.max_tokens or None,
+        temperature=pb.temperature if pb.HasField("temperature") else 1.0,
+        top_p=pb.top_p if pb.HasField("top_p") else 1.0,
+        top_k=pb.top_k,
+        stop=stop,
+        seed=pb.seed if pb.HasField("seed") else None,
+    )
 
 
 def adam_params_to_pb(params: types.AdamParams) -> types_pb2.AdamParams:
@@ -137,8 +162,13 @@ def adam_params_from_pb(pb: types_pb2.AdamParams) -> types.AdamParams:
 
 
 def lora_config_to_pb(config: types.LoraConfig) -> types_pb2.LoraConfig:
-    pb = types_pb2.LoraConfig(rank=config.rank, seed=config.seed, train_attn=config.train_attn,
-                              train_mlp=config.train_mlp, train_unembed=config.train_unembed)
+    pb = types_pb2.LoraConfig(
+        rank=config.rank,
+        seed=config.seed,
+        train_attn=config.train_attn,
+        train_mlp=config.train_mlp,
+        train_unembed=config.train_unembed,
+    )
     if config.alpha is not None:
         pb.alpha = config.alpha
     return pb
@@ -146,8 +176,14 @@ def lora_config_to_pb(config: types.LoraConfig) -> types_pb2.LoraConfig:
 
 def lora_config_from_pb(pb: types_pb2.LoraConfig) -> types.LoraConfig:
     """rank 0 (unset) is 32; alpha unset is None (2 * rank)."""
-    return types.LoraConfig(rank=pb.rank or 32, alpha=pb.alpha if pb.HasField("alpha") else None, seed=pb.seed,
-                            train_attn=pb.train_attn, train_mlp=pb.train_mlp, train_unembed=pb.train_unembed)
+    return types.LoraConfig(
+        rank=pb.rank or 32,
+        alpha=pb.alpha if pb.HasField("alpha") else None,
+        seed=pb.seed,
+        train_attn=pb.train_attn,
+        train_mlp=pb.train_mlp,
+        train_unembed=pb.train_unembed,
+    )
 
 
 # ---- chat messages -------------------------------------------------------------------------------
@@ -155,6 +191,7 @@ def lora_config_from_pb(pb: types_pb2.LoraConfig) -> types.LoraConfig:
 # The builders below fill a message in place (`into`, e.g. `conversation.messages.add()`) rather than pass
 # finished messages to a parent's constructor: upb copies a nested message given to a constructor, and for a
 # batch of conversations those copies cost more than the building itself.
+
 
 def message_to_pb(message: Mapping[str, Any], into: types_pb2.Message | None = None) -> types_pb2.Message:
     pb = types_pb2.Message() if into is None else into
@@ -235,9 +272,12 @@ def message_from_pb(pb: types_pb2.Message) -> dict[str, Any]:
 
 def tool_to_pb(tool: Mapping[str, Any]) -> types_pb2.ToolSpec:
     function = tool.get("function", tool)
-    return types_pb2.ToolSpec(name=function.get("name", ""), description=function.get("description", ""),
-                              parameters_json=json.dumps(function.get("parameters", {}), ensure_ascii=False),
-                              spec_json=json.dumps(tool, ensure_ascii=False))
+    return types_pb2.ToolSpec(
+        name=function.get("name", ""),
+        description=function.get("description", ""),
+        parameters_json=json.dumps(function.get("parameters", {}), ensure_ascii=False),
+        spec_json=json.dumps(tool, ensure_ascii=False),
+    )
 
 
 def tool_from_pb(pb: types_pb2.ToolSpec, field: str = "tool") -> dict[str, Any]:
@@ -250,9 +290,11 @@ def tool_from_pb(pb: types_pb2.ToolSpec, field: str = "tool") -> dict[str, Any]:
         if "parameters" in function and not isinstance(function["parameters"], dict):
             raise WireError(f"{where}.function.parameters: expected a JSON object")
     else:
-        function = {"name": pb.name, "description": pb.description,
-                    "parameters": json_object(pb.parameters_json, f"{field}.parameters_json") if pb.parameters_json
-                    else {}}
+        function = {
+            "name": pb.name,
+            "description": pb.description,
+            "parameters": json_object(pb.parameters_json, f"{field}.parameters_json") if pb.parameters_json else {},
+        }
         tool, where = {"type": "function", "function": function}, field
     if not isinstance(function.get("name"), str) or not function["name"]:
         raise WireError(f"{where}.name: missing (a tool needs a name)")
@@ -293,8 +335,11 @@ def check_depth(value: Any, field: str) -> None:
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
-def conversation_to_pb(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping] | None = None,
-                       into: render_pb2.Conversation | None = None) -> render_pb2.Conversation:
+def conversation_to_pb(
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping] | None = None,
+    into: render_pb2.Conversation | None = None,
+) -> render_pb2.Conversation:
     pb = render_pb2.Conversation() if into is None else into
     add = pb.messages.add
     for i, message in enumerate(messages):
@@ -310,16 +355,26 @@ def conversation_to_pb(messages: Sequence[Mapping[str, Any]], tools: Sequence[Ma
 
 # ---- results --------------------------------------------------------------------------------------
 
+
 def checkpoint_to_pb(checkpoint: types.Checkpoint) -> train_pb2.Checkpoint:
-    return train_pb2.Checkpoint(**checkpoint.model_dump(exclude={"metadata"}),
-                                metadata_json=json.dumps(checkpoint.metadata))
+    return train_pb2.Checkpoint(
+        **checkpoint.model_dump(exclude={"metadata"}), metadata_json=json.dumps(checkpoint.metadata)
+    )
 
 
 def checkpoint_from_pb(pb: train_pb2.Checkpoint) -> types.Checkpoint:
-    return types.Checkpoint(id=pb.id, path=pb.path, kind=pb.kind, name=pb.name, model_id=pb.model_id,
-                            base_model=pb.base_model, step=pb.step,
-                            metadata=json.loads(pb.metadata_json) if pb.metadata_json else {},
-                            size_bytes=pb.size_bytes, created_unix_ms=pb.created_unix_ms)
+    return types.Checkpoint(
+        id=pb.id,
+        path=pb.path,
+        kind=pb.kind,
+        name=pb.name,
+        model_id=pb.model_id,
+        base_model=pb.base_model,
+        step=pb.step,
+        metadata=json.loads(pb.metadata_json) if pb.metadata_json else {},
+        size_bytes=pb.size_bytes,
+        created_unix_ms=pb.created_unix_ms,
+    )
 
 
 _STOP_REASONS = {train_pb2.STOP_REASON_STOP: "stop", train_pb2.STOP_REASON_LENGTH: "length"}
@@ -328,29 +383,44 @@ _TO_PB_STOP_REASONS = {v: k for k, v in _STOP_REASONS.items()}
 
 def sample_response_to_pb(response: types.SampleResponse) -> train_pb2.SampleResponse:
     """An unscored prompt position (None) travels as NaN."""
-    sequences = [train_pb2.SampledSequence(tokens=s.tokens, logprobs=s.logprobs or [],
-                                           stop_reason=_TO_PB_STOP_REASONS[s.stop_reason]) for s in response.sequences]
+    sequences = [
+        train_pb2.SampledSequence(
+            tokens=s.tokens, logprobs=s.logprobs or [], stop_reason=_TO_PB_STOP_REASONS[s.stop_reason]
+        )
+        for s in response.sequences
+    ]
     prompt = [float("nan") if x is None else x for x in response.prompt_logprobs or []]
     return train_pb2.SampleResponse(sequences=sequences, prompt_logprobs=prompt)
 
 
 def sample_response_from_pb(pb: train_pb2.SampleResponse) -> types.SampleResponse:
-    sequences = [types.SampledSequence(tokens=list(s.tokens), logprobs=list(s.logprobs) or None,
-                                       stop_reason=_STOP_REASONS.get(s.stop_reason, "length")) for s in pb.sequences]
+    sequences = [
+        types.SampledSequence(
+            tokens=list(s.tokens),
+            logprobs=list(s.logprobs) or None,
+            stop_reason=_STOP_REASONS.get(s.stop_reason, "length"),
+        )
+        for s in pb.sequences
+    ]
     prompt = [None if np.isnan(x) else x for x in pb.prompt_logprobs] or None
     return types.SampleResponse(sequences=sequences, prompt_logprobs=prompt)
 
 
 def forward_backward_to_pb(output: types.ForwardBackwardOutput) -> train_pb2.ForwardBackwardOutput:
     return train_pb2.ForwardBackwardOutput(
-        loss_fn_outputs=[train_pb2.LossFnOutput(tensors={k: tensor_data_to_pb(v) for k, v in out.items()})
-                         for out in output.loss_fn_outputs], metrics=output.metrics)
+        loss_fn_outputs=[
+            train_pb2.LossFnOutput(tensors={k: tensor_data_to_pb(v) for k, v in out.items()})
+            for out in output.loss_fn_outputs
+        ],
+        metrics=output.metrics,
+    )
 
 
 def forward_backward_from_pb(pb: train_pb2.ForwardBackwardOutput) -> types.ForwardBackwardOutput:
     return types.ForwardBackwardOutput(
         loss_fn_outputs=[{k: tensor_data_from_pb(v) for k, v in out.tensors.items()} for out in pb.loss_fn_outputs],
-        metrics=dict(pb.metrics))
+        metrics=dict(pb.metrics),
+    )
 
 
 def optim_step_response_to_pb(response: types.OptimStepResponse) -> train_pb2.OptimStepResponse:
@@ -366,13 +436,17 @@ def model_info_to_pb(info: types.ModelInfo) -> train_pb2.ModelInfo:
 
 
 def model_info_from_pb(pb: train_pb2.ModelInfo) -> types.ModelInfo:
-    return types.ModelInfo(**{f.name: getattr(pb, f.name) for f in pb.DESCRIPTOR.fields
-                              if f.name in types.ModelInfo.model_fields})
+    return types.ModelInfo(
+        **{f.name: getattr(pb, f.name) for f in pb.DESCRIPTOR.fields if f.name in types.ModelInfo.model_fields}
+    )
 
 
 # ---- rendered tokens ------------------------------------------------------------------------------
 
-def rendered_to_pb(rendered: RenderedTokens, into: render_pb2.RenderedTokens | None = None) -> render_pb2.RenderedTokens:
+
+def rendered_to_pb(
+    rendered: RenderedTokens, into: render_pb2.RenderedTokens | None = None
+) -> render_pb2.RenderedTokens:
     pb = render_pb2.RenderedTokens() if into is None else into
     runs = rendered.runs
     roles = [""] * (max((run.message_index for run in runs), default=-1) + 1)

@@ -36,8 +36,10 @@ def main(max_steps: int = 60) -> None:
     training_client = service_client.create_lora_training_client(base_model="ultrasafe/usf-healthcare", rank=16)
     tokenizer = training_client.get_tokenizer()
     renderer = renderers.get_renderer("ultrasafe", tokenizer)
-    print(f"services up in {time.time() - started:.1f}s: train {service_client.train_address}, "
-          f"render {service_client.render_address}\n")
+    print(
+        f"services up in {time.time() - started:.1f}s: train {service_client.train_address}, "
+        f"render {service_client.render_address}\n"
+    )
 
     examples = [renderer.build_supervised_example(conv) for conv in CONVERSATIONS]
     print("Rendered example (green = prompt, weight 0; red = completion, weight 1):")
@@ -62,7 +64,9 @@ def main(max_steps: int = 60) -> None:
     sampling_client = training_client.save_weights_and_get_sampling_client(name="demo-sampler")
     print(f"\nloss {first_loss:.3f} -> {result.loss:.3f} in {result.step} steps; state saved at {checkpoint.path}")
     for prompt, conv in zip(prompts, CONVERSATIONS):
-        output = sampling_client.sample(prompt, types.SamplingParams(max_tokens=40, temperature=0.0, stop=stop)).result()
+        output = sampling_client.sample(
+            prompt, types.SamplingParams(max_tokens=40, temperature=0.0, stop=stop)
+        ).result()
         message, ok = renderer.parse_response(output.sequences[0].tokens)
         print(f"\nuser:      {conv[-2]['content']}\nassistant: {message['content']}   (parse ok: {ok})")
     print(f"\ndone in {time.time() - started:.1f}s")

@@ -57,8 +57,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 tenant = self._tenant(context)
                 if tenant is None:
                     code = grpc.StatusCode.UNAUTHENTICATED
-                    await context.abort(code, "authorization: missing or unknown API key "
-                                              "(send 'authorization: Bearer <key>')")
+                    await context.abort(
+                        code, "authorization: missing or unknown API key (send 'authorization: Bearer <key>')"
+                    )
                 set_tenant(tenant)
                 yield
             except grpc.aio.AbortError:
@@ -126,8 +127,9 @@ def _decoder(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
     return decode
 
 
-def build_server(service: str, add_services: Iterable[Callable[[grpc.aio.Server], list[str]]],
-                 api_keys: ApiKeys | None = None) -> tuple[grpc.aio.Server, Any, list[str]]:
+def build_server(
+    service: str, add_services: Iterable[Callable[[grpc.aio.Server], list[str]]], api_keys: ApiKeys | None = None
+) -> tuple[grpc.aio.Server, Any, list[str]]:
     """A grpc.aio server with the given services, the standard health service and server reflection.
 
     Each `add_services` callable registers its servicers and returns their full service names.
@@ -157,24 +159,35 @@ def add_host_argument(parser: Any) -> None:
 def add_health_port_argument(parser: Any, prefix: str = "") -> None:
     """--health-port (with a prefix, e.g. `render-`: --render-health-port, for one of several services)."""
     default = int(os.environ.get("BIOS_HEALTH_PORT", "0")) if not prefix else 0
-    parser.add_argument(f"--{prefix}health-port", type=int, default=default,
-                        help="also serve grpc.health.v1 alone on this plaintext port, for kubelet probes when TLS "
-                             "is on (0 = off" + ("; env BIOS_HEALTH_PORT)" if not prefix else ")"))
+    parser.add_argument(
+        f"--{prefix}health-port",
+        type=int,
+        default=default,
+        help="also serve grpc.health.v1 alone on this plaintext port, for kubelet probes when TLS "
+        "is on (0 = off" + ("; env BIOS_HEALTH_PORT)" if not prefix else ")"),
+    )
 
 
 def warn_if_open(service: str, host: str, api_keys: ApiKeys | None) -> None:
     """Listening beyond this machine with no API keys lets anyone who reaches the port use it: say so."""
     if api_keys is None and host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("%s: listening on %s without API keys: anyone who can reach this port can use it "
-                    "(set BIOS_API_KEYS_FILE, or --host 127.0.0.1 for this machine only)", service, host)
+        log.warning(
+            "%s: listening on %s without API keys: anyone who can reach this port can use it "
+            "(set BIOS_API_KEYS_FILE, or --host 127.0.0.1 for this machine only)",
+            service,
+            host,
+        )
 
 
 def add_allow_local_paths_argument(parser: Any) -> None:
-    parser.add_argument("--allow-local-paths", action="store_true",
-                        default=os.environ.get("BIOS_ALLOW_LOCAL_PATHS", "") in ("1", "true"),
-                        help="let callers name models and tokenizers by a directory on this server and send their "
-                             "own chat templates (trusted callers only; off by default: names resolve through the "
-                             "registry, $BIOS_MODELS_DIR and the HF cache; env BIOS_ALLOW_LOCAL_PATHS=1)")
+    parser.add_argument(
+        "--allow-local-paths",
+        action="store_true",
+        default=os.environ.get("BIOS_ALLOW_LOCAL_PATHS", "") in ("1", "true"),
+        help="let callers name models and tokenizers by a directory on this server and send their "
+        "own chat templates (trusted callers only; off by default: names resolve through the "
+        "registry, $BIOS_MODELS_DIR and the HF cache; env BIOS_ALLOW_LOCAL_PATHS=1)",
+    )
 
 
 async def start_health_server(health_servicer: Any, host: str, port: int) -> tuple[grpc.aio.Server, int]:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
-GRPC_REQUESTS = Counter("bios_grpc_requests", "gRPC requests handled, by final status code.",
-                        ["service", "method", "code"])
-GRPC_DURATION = Histogram("bios_grpc_request_duration_seconds", "gRPC request latency.", ["service", "method"],
-                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
-                                   300))
+GRPC_REQUESTS = Counter(
+    "bios_grpc_requests", "gRPC requests handled, by final status code.", ["service", "method", "code"]
+)
+GRPC_DURATION = Histogram(
+    "bios_grpc_request_duration_seconds",
+    "gRPC request latency.",
+    ["service", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
 GRPC_IN_FLIGHT = Gauge("bios_grpc_requests_in_flight", "gRPC requests being handled.", ["service", "method"])
 
 

@@ -27,9 +27,22 @@ from render_service.renderers.fast_tokenize.encoder import (
 from render_service.renderers.fast_tokenize.unicode_guards import SlowPath, nfc_invariant
 
 __all__ = [
-    "PROBE_TEXT", "VERIFIED_PATTERNS", "FastEncoder", "Unsupported", "byte_to_char", "clear_piece_caches",
-    "encode_segments", "encode_with_offsets", "fast_path_disabled", "fast_path_status", "forget",
-    "get_fast_encoder", "nfc_invariant", "slow_encode_segments", "slow_encode_with_offsets", "trie_regex",
+    "PROBE_TEXT",
+    "VERIFIED_PATTERNS",
+    "FastEncoder",
+    "Unsupported",
+    "byte_to_char",
+    "clear_piece_caches",
+    "encode_segments",
+    "encode_with_offsets",
+    "fast_path_disabled",
+    "fast_path_status",
+    "forget",
+    "get_fast_encoder",
+    "nfc_invariant",
+    "slow_encode_segments",
+    "slow_encode_with_offsets",
+    "trie_regex",
     "_PieceCache",
 ]
 

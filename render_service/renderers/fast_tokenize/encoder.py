@@ -141,6 +141,7 @@ class _PieceCache:
     def __len__(self) -> int:
         return len(self._data)
 
+
 class FastEncoder:
     """Exact `tokenizer(text, add_special_tokens=False)` ids and token starts, without the HF call."""
 
@@ -210,13 +211,17 @@ class FastEncoder:
         if self.nfc:
             _bmp_unassigned()  # built now (0.1 s once per process) rather than on the first request
         self.kind = VERIFIED_PATTERNS[pattern]
-        self._enc = tiktoken.Encoding(f"bios-fast-{self.kind}", pat_str=pattern, mergeable_ranks=ranks,
-                                      special_tokens={})
+        self._enc = tiktoken.Encoding(
+            f"bios-fast-{self.kind}", pat_str=pattern, mergeable_ranks=ranks, special_tokens={}
+        )
         self._encode_ordinary = self._enc._core_bpe.encode_ordinary  # the str check is check_text's job
 
     def describe(self) -> str:
-        pieces = (f"tiktoken ({self.kind}{', NFC' if self.nfc else ''})" if self._encode_ordinary is not None
-                  else f"HF per piece (no tiktoken: {self.why_not_tiktoken})")
+        pieces = (
+            f"tiktoken ({self.kind}{', NFC' if self.nfc else ''})"
+            if self._encode_ordinary is not None
+            else f"HF per piece (no tiktoken: {self.why_not_tiktoken})"
+        )
         if self.whole is None:
             return f"fast: pieces by {pieces} + piece cache (no fastokens: {self.why_not_whole})"
         return f"fast: fastokens whole text; fallback pieces by {pieces} + piece cache"

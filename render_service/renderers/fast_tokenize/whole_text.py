@@ -22,12 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from render_service.renderers.fast_tokenize.checks import (
-    Unsupported,
-    check_common,
-    check_piecewise,
-    normalizer_kind,
-)
+from render_service.renderers.fast_tokenize.checks import Unsupported, check_common, check_piecewise, normalizer_kind
 from render_service.renderers.fast_tokenize.unicode_guards import nfc_invariant
 
 MAX_TOKENS = 1 << 22  # with token lengths below 2**40 (checks.token_byte_lengths), int64 sums cannot overflow

@@ -26,8 +26,18 @@ from bios.errors import BiosError
 from bios_server.cli import checkpoints, info, render, sample, serve, train
 from bios_server.cli.output import Console, UsageError, quiet_third_parties, setup_logging
 
-USER_ERROR_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "ALREADY_EXISTS",
-                    "OUT_OF_RANGE", "UNAUTHENTICATED", "PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED")
+USER_ERROR_CODES = (
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "FAILED_PRECONDITION",
+    "RESOURCE_EXHAUSTED",
+    "ALREADY_EXISTS",
+    "OUT_OF_RANGE",
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+)
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -36,8 +46,12 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("%(default)" in text or "default:" in text or not action.option_strings
-                or action.default in (None, False, argparse.SUPPRESS)):
+        if (
+            "%(default)" in text
+            or "default:" in text
+            or not action.option_strings
+            or action.default in (None, False, argparse.SUPPRESS)
+        ):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -51,12 +65,22 @@ def common_options() -> Parser:
     """-v, --debug and --color, accepted before or after the command (defaults filled in by main)."""
     common = Parser(add_help=False)
     group = common.add_argument_group("output")
-    group.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
-                       help="more log output (-v info, -vv debug, third-party libraries included; default: quiet)")
-    group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="show tracebacks instead of one-line errors")
-    group.add_argument("--color", choices=("auto", "always", "never"), default=argparse.SUPPRESS,
-                       help="colour output (auto: only on a terminal, never with $NO_COLOR; default: auto)")
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more log output (-v info, -vv debug, third-party libraries included; default: quiet)",
+    )
+    group.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks instead of one-line errors"
+    )
+    group.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default=argparse.SUPPRESS,
+        help="colour output (auto: only on a terminal, never with $NO_COLOR; default: auto)",
+    )
     return common
 
 
@@ -69,8 +93,9 @@ def build_parser(argv: list[str] | None = None) -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     def command(name: str, help: str, description: str | None = None) -> Parser:
-        return sub.add_parser(name, help=help, description=description or help, formatter_class=Formatter,
-                              parents=[common])
+        return sub.add_parser(
+            name, help=help, description=description or help, formatter_class=Formatter, parents=[common]
+        )
 
     for module in (render, train, sample, checkpoints, info):
         module.register(command, common)
@@ -129,8 +154,6 @@ def describe(exc: BaseException, fields: dict[str, str]) -> tuple[bool, str]:
     if isinstance(exc, OSError) and exc.filename:
         return True, f"{exc.filename}: {exc.strerror}"
     return False, f"{type(exc).__name__}: {exc}"
-
-
 
 
 Register = Callable[[str, str], Parser]

@@ -33,13 +33,23 @@ FIELDS = {"path": "CHECKPOINT"}
 def register(command, common) -> None:
     p = command("checkpoints", "list or delete saved checkpoints", __doc__)
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=type(p))
-    listing = verbs.add_parser("list", help="saved checkpoints, newest last", formatter_class=p.formatter_class,
-                               parents=[common], description="Saved checkpoints (this API key's), newest last.")
+    listing = verbs.add_parser(
+        "list",
+        help="saved checkpoints, newest last",
+        formatter_class=p.formatter_class,
+        parents=[common],
+        description="Saved checkpoints (this API key's), newest last.",
+    )
     listing.add_argument("--model-id", default="", help="only this model's (default: all)")
     listing.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
     listing.set_defaults(run=run_list, fields=FIELDS)
-    delete = verbs.add_parser("delete", help="delete checkpoints", formatter_class=p.formatter_class,
-                              parents=[common], description="Delete checkpoints by path.")
+    delete = verbs.add_parser(
+        "delete",
+        help="delete checkpoints",
+        formatter_class=p.formatter_class,
+        parents=[common],
+        description="Delete checkpoints by path.",
+    )
     delete.add_argument("paths", nargs="+", metavar="CHECKPOINT", help="bios://MODEL/state|sampler/NAME")
     delete.set_defaults(run=run_delete, fields=FIELDS)
 
@@ -53,8 +63,10 @@ def register(command, common) -> None:
 
 def checked_path(path: str) -> str:
     if not CHECKPOINT_PATH.match(path):
-        raise UsageError(f"CHECKPOINT: {path!r} is not a checkpoint path (bios://<model_id>/state|sampler/<name>; "
-                         "`bios checkpoints list` shows them)")
+        raise UsageError(
+            f"CHECKPOINT: {path!r} is not a checkpoint path (bios://<model_id>/state|sampler/<name>; "
+            "`bios checkpoints list` shows them)"
+        )
     return path
 
 
@@ -69,8 +81,17 @@ def run_list(args: Any, console: Console) -> int:
     if not checkpoints:
         console.note("no checkpoints yet (`bios sft` saves them)")
         return 0
-    rows = [(c.path, c.kind, str(c.step), size(c.size_bytes), time.strftime("%Y-%m-%d %H:%M",
-             time.localtime(c.created_unix_ms / 1000)), c.base_model) for c in checkpoints]
+    rows = [
+        (
+            c.path,
+            c.kind,
+            str(c.step),
+            size(c.size_bytes),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(c.created_unix_ms / 1000)),
+            c.base_model,
+        )
+        for c in checkpoints
+    ]
     header = ("CHECKPOINT", "KIND", "STEP", "SIZE", "CREATED", "BASE MODEL")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     console.print(console.paint("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "bold"))
@@ -98,16 +119,22 @@ def run_export(args: Any, console: Console) -> int:
     client = connect(args, ("train",))
     client.export_weights(path, out, merged=args.format == "merged")
     files = sorted(p for p in out.iterdir() if p.is_file())
-    console.print(f"exported {path} as {args.format} to {out}: " + ", ".join(f"{p.name} ({size(p.stat().st_size)})"
-                                                                            for p in files))
+    console.print(
+        f"exported {path} as {args.format} to {out}: "
+        + ", ".join(f"{p.name} ({size(p.stat().st_size)})" for p in files)
+    )
     if args.format == "peft":
-        console.note(f"load it: peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), {str(out)!r})")
+        console.note(
+            f"load it: peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), {str(out)!r})"
+        )
     elif args.format == "vllm":
         rank = check_vllm_adapter(out)
         base = _base_model(client, path)
         max_rank = next(r for r in VLLM_RANKS if r >= rank)
-        console.note(f"serve it: vllm serve {base} --enable-lora --max-lora-rank {max_rank} "
-                     f"--lora-modules {out.name}={out.resolve()}")
+        console.note(
+            f"serve it: vllm serve {base} --enable-lora --max-lora-rank {max_rank} "
+            f"--lora-modules {out.name}={out.resolve()}"
+        )
     else:
         console.note(f"load it: AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
@@ -126,25 +153,34 @@ def check_vllm_adapter(directory: Path) -> int:
     for key in ("r", "lora_alpha", "target_modules"):
         if not config.get(key):
             raise UsageError(f"--format vllm: adapter_config.json has no {key}, which vLLM requires")
-    refused = [(config.get("modules_to_save"), "modules_to_save (full copies of modules)"),
-               (config.get("use_dora"), "DoRA"), (config.get("bias", "none") != "none", "LoRA biases")]
+    refused = [
+        (config.get("modules_to_save"), "modules_to_save (full copies of modules)"),
+        (config.get("use_dora"), "DoRA"),
+        (config.get("bias", "none") != "none", "LoRA biases"),
+    ]
     for present, what in refused:
         if present:
-            raise UsageError(f"--format vllm: the adapter uses {what}, which vLLM does not load; export --format "
-                             "merged instead")
+            raise UsageError(
+                f"--format vllm: the adapter uses {what}, which vLLM does not load; export --format merged instead"
+            )
     targets = set(config["target_modules"]) if isinstance(config["target_modules"], list) else set()
     if targets & {"lm_head", "embed_tokens"}:
-        raise UsageError("--format vllm: the adapter trains the embeddings / LM head (train_unembed), which current "
-                         "vLLM LoRA does not load; export --format merged instead")
+        raise UsageError(
+            "--format vllm: the adapter trains the embeddings / LM head (train_unembed), which current "
+            "vLLM LoRA does not load; export --format merged instead"
+        )
     with safe_open(str(directory / "adapter_model.safetensors"), "np") as weights:
         for key in weights.keys():
             match = LORA_KEY.match(key)
             if not match or match.group(1).rsplit(".", 1)[-1] not in targets:
-                raise UsageError(f"--format vllm: weight {key!r} is not a lora_A / lora_B weight of a target module "
-                                 "(vLLM refuses such adapters)")
+                raise UsageError(
+                    f"--format vllm: weight {key!r} is not a lora_A / lora_B weight of a target module "
+                    "(vLLM refuses such adapters)"
+                )
     if config["r"] > VLLM_RANKS[-1]:
-        raise UsageError(f"--format vllm: rank {config['r']} is above vLLM's largest --max-lora-rank "
-                         f"({VLLM_RANKS[-1]})")
+        raise UsageError(
+            f"--format vllm: rank {config['r']} is above vLLM's largest --max-lora-rank ({VLLM_RANKS[-1]})"
+        )
     return int(config["r"])
 
 

@@ -72,8 +72,10 @@ def _probe(service: str, address: str, timeout: float) -> None:
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout)
     except grpc.FutureTimeoutError:
-        raise UsageError(f"cannot reach the {service} service at {address} ($BIOS_{service.upper()}_ADDRESS) within "
-                         f"{timeout:.0f} s: is it running? (`bios serve {service}` starts one; unset the variable "
-                         "to run the services inside this command)") from None
+        raise UsageError(
+            f"cannot reach the {service} service at {address} ($BIOS_{service.upper()}_ADDRESS) within "
+            f"{timeout:.0f} s: is it running? (`bios serve {service}` starts one; unset the variable "
+            "to run the services inside this command)"
+        ) from None
     finally:
         channel.close()

@@ -15,8 +15,16 @@ import time
 import warnings
 from typing import IO, Any
 
-STYLES = {"prompt": "32", "trained": "31", "dim": "2", "bold": "1", "ok": "32", "warn": "33", "error": "31",
-          "accent": "36"}
+STYLES = {
+    "prompt": "32",
+    "trained": "31",
+    "dim": "2",
+    "bold": "1",
+    "ok": "32",
+    "warn": "33",
+    "error": "31",
+    "accent": "36",
+}
 
 
 class UsageError(Exception):
@@ -28,8 +36,12 @@ def quiet_third_parties(verbosity: int) -> None:
     (set before they are imported; -vv lets them through)."""
     if verbosity >= 2:
         return
-    for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
-                        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    for name, value in (
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
         os.environ.setdefault(name, value)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft)\b")
@@ -91,8 +103,11 @@ def _is_tty(stream: Any) -> bool:
 
 def duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 def size(n: float) -> str:
@@ -118,8 +133,9 @@ class Progress:
         left = (self.total - step) * elapsed / max(1, step - self.first)
         filled = round(20 * step / max(1, self.total))
         bar = self.console.paint("█" * filled, "accent") + self.console.paint("░" * (20 - filled), "dim")
-        self.console.status(f"{bar} {self.unit} {step}/{self.total}  {fields}  {rate:,.0f} tok/s  "
-                            f"{duration(elapsed)}<{duration(left)}")
+        self.console.status(
+            f"{bar} {self.unit} {step}/{self.total}  {fields}  {rate:,.0f} tok/s  {duration(elapsed)}<{duration(left)}"
+        )
 
     def tokens_per_second(self) -> float:
         elapsed = time.monotonic() - self.started

@@ -31,7 +31,7 @@ def _open_text(path: str, what: str) -> str:
     try:
         return file.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = file.read_bytes()[:exc.start].count(b"\n") + 1
+        line = file.read_bytes()[: exc.start].count(b"\n") + 1
         raise UsageError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot be read ({exc.strerror})") from None
@@ -68,14 +68,16 @@ def read_records(path: str, default_tools: list[dict] | None = None) -> list[Rec
         if not isinstance(record, dict):
             raise UsageError(f"{where}: expected a JSON object with 'messages', got {type(record).__name__}")
         if "messages" not in record:
-            raise UsageError(f"{where}: messages: missing (each line is {{\"messages\": [...], \"tools\"?: [...]}})")
+            raise UsageError(f'{where}: messages: missing (each line is {{"messages": [...], "tools"?: [...]}})')
         messages, tools = record["messages"], record.get("tools")
         if not isinstance(messages, list) or not messages:
             raise UsageError(f"{where}: messages: expected a non-empty list of messages")
         for i, message in enumerate(messages):
             if not isinstance(message, dict):
-                raise UsageError(f"{where}: messages[{i}]: expected an object with 'role' and 'content', "
-                                 f"got {type(message).__name__}")
+                raise UsageError(
+                    f"{where}: messages[{i}]: expected an object with 'role' and 'content', "
+                    f"got {type(message).__name__}"
+                )
         if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
             raise UsageError(f"{where}: tools: expected a list of tool objects")
         records.append(Record(number, messages, (tools or None) if "tools" in record else default_tools))

@@ -26,25 +26,47 @@ def train_on_what_choices() -> list[str]:
 
 
 def register(command, common) -> None:
-    p = command("render", "show how conversations render: tokens, and which ones are trained",
-                __doc__)
-    p.add_argument("file", metavar="FILE.jsonl", help="chat JSONL: one {\"messages\": [...], \"tools\"?: [...]} a line")
-    p.add_argument("--tokenizer", default=None, metavar="NAME",
-                   help=f"model name or tokenizer directory (default: {DEFAULT_MODEL})")
-    p.add_argument("--renderer", default=None, metavar="NAME",
-                   help="renderer family (default: the tokenizer's own; `bios info` lists them)")
+    p = command("render", "show how conversations render: tokens, and which ones are trained", __doc__)
+    p.add_argument("file", metavar="FILE.jsonl", help='chat JSONL: one {"messages": [...], "tools"?: [...]} a line')
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="NAME",
+        help=f"model name or tokenizer directory (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--renderer",
+        default=None,
+        metavar="NAME",
+        help="renderer family (default: the tokenizer's own; `bios info` lists them)",
+    )
     add_data_arguments(p)
     p.add_argument("--json", action="store_true", help="one JSON object per conversation instead of the coloured view")
-    p.set_defaults(run=run, fields={"renderer.tokenizer": "--tokenizer", "tokenizer": "--tokenizer",
-                                    "base_model": "--tokenizer", "renderer": "--renderer"})
+    p.set_defaults(
+        run=run,
+        fields={
+            "renderer.tokenizer": "--tokenizer",
+            "tokenizer": "--tokenizer",
+            "base_model": "--tokenizer",
+            "renderer": "--renderer",
+        },
+    )
 
 
 def add_data_arguments(p) -> None:
     """What render and sft share: which tokens are trained, and tools for records without their own."""
-    p.add_argument("--train-on-what", default="last_assistant_message", choices=train_on_what_choices(),
-                   help="which messages carry loss weight (customized: those with \"trainable\": true)")
-    p.add_argument("--tools", default=None, metavar="FILE.json",
-                   help="a JSON list of tools, for records that have no \"tools\" of their own")
+    p.add_argument(
+        "--train-on-what",
+        default="last_assistant_message",
+        choices=train_on_what_choices(),
+        help='which messages carry loss weight (customized: those with "trainable": true)',
+    )
+    p.add_argument(
+        "--tools",
+        default=None,
+        metavar="FILE.json",
+        help='a JSON list of tools, for records that have no "tools" of their own',
+    )
 
 
 def load_renderer(tokenizer_name: str | None, renderer_name: str | None) -> tuple[Any, Any, str]:
@@ -67,22 +89,33 @@ def run(args: Any, console: Console) -> int:
             raise UsageError(f"{args.file}:{record.line}: {exc}") from None
         rendered, weights = example.rendered, example.weights
         if args.json:
-            console.print(json.dumps({"line": record.line, "token_ids": rendered.token_ids, "weights": weights,
-                                      "message_indices": rendered.message_indices,
-                                      "sampled_mask": rendered.sampled_mask, "is_content": rendered.is_content}))
+            console.print(
+                json.dumps(
+                    {
+                        "line": record.line,
+                        "token_ids": rendered.token_ids,
+                        "weights": weights,
+                        "message_indices": rendered.message_indices,
+                        "sampled_mask": rendered.sampled_mask,
+                        "is_content": rendered.is_content,
+                    }
+                )
+            )
             continue
         if n == 0:
             console.print(legend(console) + console.paint(f"   renderer {renderer_name}", "dim"))
         trained = sum(1 for w in weights if w > 0)
-        console.print(console.paint(f"── {args.file}:{record.line} · {len(weights)} tokens · {trained} trained ──",
-                                    "dim"))
+        console.print(
+            console.paint(f"── {args.file}:{record.line} · {len(weights)} tokens · {trained} trained ──", "dim")
+        )
         console.print(colorized(console, rendered.token_ids, weights, tokenizer))
     return 0
 
 
 def legend(console: Console) -> str:
     if console.color:
-        return f"legend: {console.paint('prompt (weight 0)', 'prompt')}  {console.paint('trained (weight > 0)', 'trained')}"
+        prompt, trained = console.paint("prompt (weight 0)", "prompt"), console.paint("trained (weight > 0)", "trained")
+        return f"legend: {prompt}  {trained}"
     return "legend: ⟦trained tokens (weight > 0)⟧, the rest is prompt (weight 0)"
 
 

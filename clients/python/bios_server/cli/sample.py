@@ -23,18 +23,25 @@ def register(command, common) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per reply (message, ok, tokens)")
     p.set_defaults(run=run_sample, fields=FIELDS)
 
-    c = command("chat", "chat with a model, turn after turn",
-                "Chat with a model: each line you type is a user message; the whole conversation so far is the "
-                "prompt.\nCommands: /reset (start over), /tool TEXT (answer the last tool call), /exit (or end of "
-                "input).")
+    c = command(
+        "chat",
+        "chat with a model, turn after turn",
+        "Chat with a model: each line you type is a user message; the whole conversation so far is the "
+        "prompt.\nCommands: /reset (start over), /tool TEXT (answer the last tool call), /exit (or end of "
+        "input).",
+    )
     add_model_arguments(c, temperature=0.7, max_tokens=256)
     c.add_argument("--tools", default=None, metavar="FILE.json", help="a JSON list of tools the model may call")
     c.set_defaults(run=run_chat, fields=FIELDS)
 
 
 def add_model_arguments(p, temperature: float, max_tokens: int) -> None:
-    p.add_argument("--model", required=True, metavar="NAME|bios://...",
-                   help="a base model name, or sampler weights saved by `bios sft` (bios://MODEL/sampler/NAME)")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="NAME|bios://...",
+        help="a base model name, or sampler weights saved by `bios sft` (bios://MODEL/sampler/NAME)",
+    )
     p.add_argument("--renderer", default=None, metavar="NAME", help="renderer family (default: the model's own)")
     p.add_argument("--system", default=None, help="a system message before the conversation")
     p.add_argument("--max-tokens", type=positive_int, default=max_tokens, help="most tokens in a reply")
@@ -48,15 +55,25 @@ class Chat:
     def __init__(self, args: Any):
         self.client = connect(args)
         model = args.model
-        self.sampler = (self.client.create_sampling_client(model_path=model) if model.startswith("bios://")
-                        else self.client.create_sampling_client(base_model=model))
-        self.renderer = self.client.render_client(args.renderer or self.sampler.renderer_name or "",
-                                                  self.sampler.tokenizer_name)
-        self.params = types.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                                           stop=self.renderer.get_stop_sequences())
+        self.sampler = (
+            self.client.create_sampling_client(model_path=model)
+            if model.startswith("bios://")
+            else self.client.create_sampling_client(base_model=model)
+        )
+        self.renderer = self.client.render_client(
+            args.renderer or self.sampler.renderer_name or "", self.sampler.tokenizer_name
+        )
+        self.params = types.SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            stop=self.renderer.get_stop_sequences(),
+        )
         self.system = [{"role": "system", "content": args.system}] if args.system else []
 
-    def replies(self, messages: list[dict], tools: list[dict] | None = None, n: int = 1) -> list[tuple[dict, bool, list]]:
+    def replies(
+        self, messages: list[dict], tools: list[dict] | None = None, n: int = 1
+    ) -> list[tuple[dict, bool, list]]:
         prompt = self.renderer.render([*self.system, *messages], tools=tools, add_generation_prompt=True)
         output = self.sampler.sample(types.ModelInput.from_ints(prompt.token_ids), self.params, num_samples=n).result()
         return [(*self.renderer.parse_response(s.tokens, tools), s.tokens) for s in output.sequences]
@@ -80,8 +97,11 @@ def run_sample(args: Any, console: Console) -> int:
             continue
         console.print(show(message))
         if not ok:
-            console.note(console.paint(f"(the reply reached --max-tokens {args.max_tokens} before its end-of-turn "
-                                       "token)", "warn"))
+            console.note(
+                console.paint(
+                    f"(the reply reached --max-tokens {args.max_tokens} before its end-of-turn token)", "warn"
+                )
+            )
     return 0
 
 

@@ -26,10 +26,12 @@ from bios_server.grpc import (
 from bios_server.metrics import serve_metrics
 from render_service import server as render_server
 
-SERVICES = {"render": "the render service (as python -m render_service)",
-            "train": "the train service (as python -m train_service)",
-            "tinker": "the Tinker-compatible REST gateway, onto a train service (as python -m tinker_gateway)",
-            "all": "render + train + the Tinker gateway, in this one process"}
+SERVICES = {
+    "render": "the render service (as python -m render_service)",
+    "train": "the train service (as python -m train_service)",
+    "tinker": "the Tinker-compatible REST gateway, onto a train service (as python -m tinker_gateway)",
+    "all": "render + train + the Tinker gateway, in this one process",
+}
 
 
 def register(command, common, with_server_flags: bool = True) -> None:
@@ -38,8 +40,9 @@ def register(command, common, with_server_flags: bool = True) -> None:
     p = command("serve", "run the services", __doc__)
     kinds = p.add_subparsers(dest="service", required=True, metavar="SERVICE", parser_class=type(p))
     for name, help in SERVICES.items():
-        sub = kinds.add_parser(name, help=help, description=f"Run {help}.", formatter_class=p.formatter_class,
-                               parents=[common])
+        sub = kinds.add_parser(
+            name, help=help, description=f"Run {help}.", formatter_class=p.formatter_class, parents=[common]
+        )
         if with_server_flags:
             add_server_flags(sub, name)
         sub.set_defaults(run=run)
@@ -94,13 +97,21 @@ async def _start(args: Any, console: Console, stops: list) -> None:
         return getattr(args, f"{prefix}{name}" if several else name)
 
     def listening(what: str, port: int, metrics: int, health: int | None = None) -> None:
-        extra = (f", metrics on :{metrics}" if metrics else ", metrics off") + (f", health on :{health}" if health else "")
+        extra = (f", metrics on :{metrics}" if metrics else ", metrics off") + (
+            f", health on :{health}" if health else ""
+        )
         console.print(f"{what} on {args.host}:{port}{extra}")
 
     if service in ("render", "all"):
         warn_if_open("render service", args.host, keys)
-        render_running = await render_server.start(args.host, flag("port", "render_"), keys, args.workers,
-                                            flag("health_port", "render_") or None, args.allow_local_paths)
+        render_running = await render_server.start(
+            args.host,
+            flag("port", "render_"),
+            keys,
+            args.workers,
+            flag("health_port", "render_") or None,
+            args.allow_local_paths,
+        )
         stops.append(render_running.stop)
         if metrics := flag("metrics_port", "render_"):
             serve_metrics(metrics, service="render" if several else None)
@@ -111,21 +122,36 @@ async def _start(args: Any, console: Console, stops: list) -> None:
 
         warn_if_open("train service", args.host, keys)
         device, limits = train_server.engine_options(args)
-        train_running = await train_server.start(args.host, flag("port", "train_"), args.checkpoint_dir, keys,
-                                           flag("health_port", "train_") or None, args.pod_ordinal, device, limits,
-                                           args.allow_local_paths)
+        train_running = await train_server.start(
+            args.host,
+            flag("port", "train_"),
+            args.checkpoint_dir,
+            keys,
+            flag("health_port", "train_") or None,
+            args.pod_ordinal,
+            device,
+            limits,
+            args.allow_local_paths,
+        )
         stops.append(lambda: train_running.stop(grace=train_server.drain_seconds()))
         if metrics := flag("metrics_port", "train_"):
             serve_metrics(metrics, service="train" if several else None)
-        listening(f"train service ({device.describe()}, {device.dtype_name})", train_running.port, metrics,
-                  train_running.health_port)
+        listening(
+            f"train service ({device.describe()}, {device.dtype_name})",
+            train_running.port,
+            metrics,
+            train_running.health_port,
+        )
         train_address = f"127.0.0.1:{train_running.port}"
     if service in ("tinker", "all"):
         from tinker_gateway import server as tinker_server  # noqa: PLC0415 - loads torch: only for `bios serve`
 
         warn_if_open("tinker gateway", args.host, keys)
-        gateway = await tinker_server.start(args.host, args.tinker_port, train_address or args.train_address, keys,
-                                            args.pod_ordinal)
+        gateway = await tinker_server.start(
+            args.host, args.tinker_port, train_address or args.train_address, keys, args.pod_ordinal
+        )
         stops.insert(0, gateway.stop)  # the gateway stops first: its requests go to the train service
-        console.print(f"tinker gateway on http://{args.host}:{gateway.port} -> train service "
-                      f"{gateway.app.train_address} (TINKER_BASE_URL=http://localhost:{gateway.port})")
+        console.print(
+            f"tinker gateway on http://{args.host}:{gateway.port} -> train service "
+            f"{gateway.app.train_address} (TINKER_BASE_URL=http://localhost:{gateway.port})"
+        )

@@ -34,9 +34,10 @@ STATE_PATH = re.compile(r"^bios://[A-Za-z0-9-]+/state/[A-Za-z0-9][A-Za-z0-9._-]*
 
 def register(command, common) -> None:
     p = command("sft", "supervised fine-tuning on a chat JSONL file", __doc__)
-    p.add_argument("file", metavar="FILE.jsonl", help="chat JSONL: one {\"messages\": [...], \"tools\"?: [...]} a line")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="base model to put the LoRA adapter on (with --resume: the "
-                   "checkpoint's)")
+    p.add_argument("file", metavar="FILE.jsonl", help='chat JSONL: one {"messages": [...], "tools"?: [...]} a line')
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="base model to put the LoRA adapter on (with --resume: the checkpoint's)"
+    )
     p.add_argument("--renderer", default=None, metavar="NAME", help="renderer family (default: the model's own)")
     add_data_arguments(p)
     p.add_argument("--rank", type=positive_int, default=16, help="LoRA rank")
@@ -45,16 +46,38 @@ def register(command, common) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=positive_int, default=1, help="passes over the file")
     length.add_argument("--steps", type=positive_int, default=None, help="optimizer steps in all, instead of --epochs")
-    p.add_argument("--checkpoint-every", type=non_negative_int, default=0, metavar="N",
-                   help="also save a state checkpoint every N steps (0: only at the end)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="also save a state checkpoint every N steps (0: only at the end)",
+    )
     p.add_argument("--name", default="sft", help="checkpoint names are NAME-stepN")
-    p.add_argument("--resume", default=None, metavar="bios://MODEL/state/NAME",
-                   help="continue from this state checkpoint (`bios checkpoints list` shows them)")
-    p.add_argument("--log-every", type=positive_int, default=1, metavar="N",
-                   help="a progress line every N steps when stderr is not a terminal (on one: a live line)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="bios://MODEL/state/NAME",
+        help="continue from this state checkpoint (`bios checkpoints list` shows them)",
+    )
+    p.add_argument(
+        "--log-every",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="a progress line every N steps when stderr is not a terminal (on one: a live line)",
+    )
     p.add_argument("--json", action="store_true", help="JSON lines on stdout: one per step, epoch and checkpoint")
-    p.set_defaults(run=run, fields={"base_model": "--model", "renderer": "--renderer", "renderer.tokenizer": "--model",
-                                    "path": "--resume", "save_state.name": "--name"})
+    p.set_defaults(
+        run=run,
+        fields={
+            "base_model": "--model",
+            "renderer": "--renderer",
+            "renderer.tokenizer": "--model",
+            "path": "--resume",
+            "save_state.name": "--name",
+        },
+    )
 
 
 class Run:
@@ -63,7 +86,7 @@ class Run:
     def __init__(self, args: Any, console: Console, examples: list, first_step: int):
         self.args, self.console = args, console
         data = [to_datum(tokens, weights) for tokens, weights in examples]
-        self.batches = [data[i:i + args.batch_size] for i in range(0, len(data), args.batch_size)]
+        self.batches = [data[i : i + args.batch_size] for i in range(0, len(data), args.batch_size)]
         self.weights = [loss_weight(batch) for batch in self.batches]  # trained tokens of each batch
         self.per_epoch = len(self.batches)
         self.total = args.steps or args.epochs * self.per_epoch
@@ -88,32 +111,60 @@ class Run:
         fields = f"epoch {epoch}/{self.epochs}  loss:mean {mean:.4f}  loss:sum {loss:,.2f}"
         self.progress.update(step, tokens, fields)
         if self.args.json or not self.console.live and (step % self.args.log_every == 0 or step == self.total):
-            self.emit({"event": "step", "step": step, "epoch": epoch, "loss:sum": loss, "loss:mean": mean,
-                       "tokens": tokens, "trained_tokens": round(weight)},
-                      f"step {step}/{self.total}  {fields}  {self.progress.tokens_per_second():,.0f} tok/s")
+            self.emit(
+                {
+                    "event": "step",
+                    "step": step,
+                    "epoch": epoch,
+                    "loss:sum": loss,
+                    "loss:mean": mean,
+                    "tokens": tokens,
+                    "trained_tokens": round(weight),
+                },
+                f"step {step}/{self.total}  {fields}  {self.progress.tokens_per_second():,.0f} tok/s",
+            )
         if step % self.per_epoch == 0 or step == self.total:
             mean_epoch = sums[0] / sums[1] if sums[1] else float("nan")
-            self.emit({"event": "epoch", "epoch": epoch, "loss:mean": mean_epoch, "loss:sum": sums[0],
-                       "trained_tokens": round(sums[1]), "steps": sums[2]},
-                      f"epoch {epoch}/{self.epochs}: loss:mean {mean_epoch:.4f} (loss:sum {sums[0]:,.2f} over "
-                      f"{sums[1]:,.0f} trained tokens, {sums[2]} steps, {time.monotonic() - sums[3]:.1f} s)")
+            self.emit(
+                {
+                    "event": "epoch",
+                    "epoch": epoch,
+                    "loss:mean": mean_epoch,
+                    "loss:sum": sums[0],
+                    "trained_tokens": round(sums[1]),
+                    "steps": sums[2],
+                },
+                f"epoch {epoch}/{self.epochs}: loss:mean {mean_epoch:.4f} (loss:sum {sums[0]:,.2f} over "
+                f"{sums[1]:,.0f} trained tokens, {sums[2]} steps, {time.monotonic() - sums[3]:.1f} s)",
+            )
             self.epoch_sums = [0.0, 0.0, 0, time.monotonic()]
 
     def saved(self, kind: str, checkpoint: Any) -> None:
         directory = embedded.checkpoint_directory(checkpoint.path)
         where = f"on disk: {directory}" if directory else "on the train service's disk, under its --checkpoint-dir"
-        self.emit({"event": "checkpoint", "kind": kind, "path": checkpoint.path, "step": checkpoint.step,
-                   "directory": directory},
-                  f"saved {kind} {checkpoint.path} (step {checkpoint.step}; {where})")
+        self.emit(
+            {
+                "event": "checkpoint",
+                "kind": kind,
+                "path": checkpoint.path,
+                "step": checkpoint.step,
+                "directory": directory,
+            },
+            f"saved {kind} {checkpoint.path} (step {checkpoint.step}; {where})",
+        )
 
 
 def run(args: Any, console: Console) -> int:
     if not CHECKPOINT_NAME.match(args.name) or ".." in args.name:
-        raise UsageError(f"--name: {args.name!r} is not a valid checkpoint name (letters, digits, . _ -; starting "
-                         "with a letter or digit)")
+        raise UsageError(
+            f"--name: {args.name!r} is not a valid checkpoint name (letters, digits, . _ -; starting "
+            "with a letter or digit)"
+        )
     if args.resume is not None and not STATE_PATH.match(args.resume):
-        raise UsageError(f"--resume: {args.resume!r} is not a state checkpoint path (bios://<model_id>/state/<name>; "
-                         "`bios checkpoints list` shows them)")
+        raise UsageError(
+            f"--resume: {args.resume!r} is not a state checkpoint path (bios://<model_id>/state/<name>; "
+            "`bios checkpoints list` shows them)"
+        )
     records = read_records(args.file, read_tools(args.tools))
     client = connect(args)
     first_step, model = 0, args.model
@@ -123,16 +174,21 @@ def run(args: Any, console: Console) -> int:
     examples = _render(client, args, records, model)
     run_ = Run(args, console, examples, first_step)
     if first_step >= run_.total:
-        raise UsageError(f"--resume: {args.resume} is at step {first_step}, and this run ends at step {run_.total} "
-                         f"({run_.per_epoch} steps an epoch); ask for more --epochs or --steps")
+        raise UsageError(
+            f"--resume: {args.resume} is at step {first_step}, and this run ends at step {run_.total} "
+            f"({run_.per_epoch} steps an epoch); ask for more --epochs or --steps"
+        )
     if args.resume:
         training = client.create_training_client_from_state_with_optimizer(args.resume)
-        console.note(f"resumed {args.resume}: step {first_step}, epoch {run_.epoch_of(first_step + 1)} of "
-                     f"{run_.epochs}")
+        console.note(
+            f"resumed {args.resume}: step {first_step}, epoch {run_.epoch_of(first_step + 1)} of {run_.epochs}"
+        )
     else:
         training = client.create_lora_training_client(base_model=model, rank=args.rank)
-    console.note(f"training {training.model_id} on {model}: {len(examples)} conversations, {run_.per_epoch} steps an "
-                 f"epoch, steps {first_step + 1}-{run_.total}")
+    console.note(
+        f"training {training.model_id} on {model}: {len(examples)} conversations, {run_.per_epoch} steps an "
+        f"epoch, steps {first_step + 1}-{run_.total}"
+    )
     _train(training, run_)
     return 0
 
@@ -171,8 +227,13 @@ def _train(training: Any, run: Run) -> None:
         batch = run.batches[(step - 1) % run.per_epoch]
         pending.append(("step", step, training.train_future(batch, learning_rate=args.lr)))
         name = f"{args.name}-step{step}"
-        meta = {"step": step, "epoch": run.epoch_of(step), "file": args.file, "examples": sum(map(len, run.batches)),
-                "batch_size": args.batch_size}
+        meta = {
+            "step": step,
+            "epoch": run.epoch_of(step),
+            "file": args.file,
+            "examples": sum(map(len, run.batches)),
+            "batch_size": args.batch_size,
+        }
         if step == run.total or (args.checkpoint_every and step % args.checkpoint_every == 0):
             pending.append(("state", step, training.save_state(name, metadata=meta)))
         if step == run.total:
