@@ -29,7 +29,10 @@ def to_datum(tokens: Sequence[int], weights: Sequence[float]) -> types.Datum:
     """Next-token shift (seed 004): input = tokens[:-1], target = tokens[1:], weights = weights[1:]."""
     return types.Datum(
         model_input=types.ModelInput.from_ints(list(tokens[:-1])),
-        loss_fn_inputs={"target_tokens": list(tokens[1:]), "weights": list(weights[1:])},
+        loss_fn_inputs={
+            "target_tokens": types.TensorData.coerce(list(tokens[1:])),
+            "weights": types.TensorData.coerce(list(weights[1:])),
+        },
     )
 
 

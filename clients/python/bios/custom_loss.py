@@ -19,7 +19,10 @@ def run_custom_loss(client: Any, data: list[types.Datum], loss_fn: Callable) -> 
     probe = [
         types.Datum(
             model_input=d.model_input,
-            loss_fn_inputs={**d.loss_fn_inputs, "weights": [0.0] * len(d.loss_fn_inputs["target_tokens"].data)},
+            loss_fn_inputs={
+                **d.loss_fn_inputs,
+                "weights": types.TensorData.coerce([0.0] * len(d.loss_fn_inputs["target_tokens"].data)),
+            },
         )
         for d in data
     ]

@@ -46,7 +46,7 @@ class OperationStream:
         self._lock = threading.Lock()
         self._next_seq = 0
         self._pending: dict[int, tuple[train_pb2.OperationRequest, concurrent.futures.Future]] = {}
-        self._outbox: asyncio.Queue | None = None
+        self._outbox: asyncio.Queue = asyncio.Queue()  # binds to the client's loop at first use
         self._task: asyncio.Task | None = None
         self._closing = False
 
@@ -75,8 +75,7 @@ class OperationStream:
 
     def _request_close(self) -> None:
         self._closing = True
-        if self._outbox is not None:
-            self._outbox.put_nowait(_CLOSE)
+        self._outbox.put_nowait(_CLOSE)
 
     def pending(self) -> list[concurrent.futures.Future]:
         with self._lock:
@@ -84,8 +83,6 @@ class OperationStream:
 
     def _enqueue(self, request: train_pb2.OperationRequest) -> None:
         self._closing = False
-        if self._outbox is None:
-            self._outbox = asyncio.Queue()
         self._outbox.put_nowait(request)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._pump())
@@ -137,8 +134,8 @@ class OperationStream:
                 self._resolve(event)
         finally:
             writer.cancel()
-            if writer.done() and not writer.cancelled() and writer.exception():
-                raise writer.exception()
+            if writer.done() and not writer.cancelled() and (failure := writer.exception()) is not None:
+                raise failure
             call.cancel()
 
     def _resolve(self, event: train_pb2.OperationEvent) -> None:

@@ -20,7 +20,9 @@ from bios.v1 import render_pb2
 
 BATCH_CHUNK = 64  # conversations per RenderBatch request
 BATCH_IN_FLIGHT = 3  # requests outstanding at once
-_TRAIN_ON_WHAT = {name.lower(): value for name, value in render_pb2.TrainOnWhat.items() if value}
+_TRAIN_ON_WHAT: dict[str, render_pb2.TrainOnWhat] = {
+    name.lower(): value for name, value in render_pb2.TrainOnWhat.items() if value
+}
 
 
 def datum_from_pb(pb) -> types.Datum:
@@ -183,7 +185,7 @@ class RenderClient:
         return list(self._call("GetStopSequences", render_pb2.GetStopSequencesRequest(renderer=self.spec)).strings)
 
     @staticmethod
-    def _train_on_what(name: str) -> int:
+    def _train_on_what(name: str) -> render_pb2.TrainOnWhat:
         if name not in _TRAIN_ON_WHAT:
             raise InvalidArgumentError(
                 f"train_on_what: unknown value {name!r}; expected one of {', '.join(_TRAIN_ON_WHAT)}"

@@ -38,7 +38,7 @@ def _per_token_field(k: int, doc: str) -> property:
     def set_(self: "RenderedTokens", value: list) -> None:
         lists = list(self._per_token())
         lists[k] = value
-        self._lists = tuple(lists)
+        self._lists = (lists[0], lists[1], lists[2], lists[3])
 
     return property(get, set_, doc=doc)
 
@@ -87,6 +87,7 @@ class RenderedTokens:
 
     def _per_token(self) -> tuple[list, list, list, list]:
         if self._lists is None:
+            assert self._runs is not None  # one of the two forms is always held
             indices: list[int] = []
             roles: list[str | None] = []
             sampled: list[bool] = []
@@ -104,6 +105,7 @@ class RenderedTokens:
         """The attribution as maximal runs of consecutive tokens that share it."""
         if self._runs is not None:
             return list(self._runs)
+        assert self._lists is not None  # one of the two forms is always held
         rows = zip(*self._lists)
         return [AttributionRun(len(list(group)), *key) for key, group in groupby(rows)]
 

@@ -86,11 +86,12 @@ class ServiceClient:
 
     def _address(self, service: str) -> str:
         with self._lock:
-            if self._addresses[service] is None:
+            address = self._addresses[service]
+            if address is None:
                 if self._closed:
                     raise FailedPreconditionError("this ServiceClient is closed; open another one")
-                self._addresses[service] = lifecycle.embedded_address(service, self)
-            return self._addresses[service]
+                address = self._addresses[service] = lifecycle.embedded_address(service, self)
+            return address
 
     def _track(self, future: concurrent.futures.Future) -> concurrent.futures.Future:
         """Remember a submitted call until it is answered, so that close() (and interpreter exit) wait for it."""
@@ -257,7 +258,7 @@ class ServiceClient:
         request = train_pb2.CreateSamplerRequest(session_id=self.session_id)
         if base_model:
             request.base_model = base_model
-        else:
+        elif model_path:  # exactly one of the two is given (checked above)
             request.model_path = model_path
         info = self._unary("CreateSampler", request)
         return SamplingClient(

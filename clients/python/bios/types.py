@@ -95,19 +95,23 @@ class Tokens(list):
         return len(self)
 
 
+DType = Literal["int64", "int32", "float32", "float64", "bool", "float16"]
+
+
 class TensorData(_Base):
     """A flat list of numbers plus dtype and shape (row-major)."""
 
     data: list[float] | list[int] | list[bool]
-    dtype: Literal["int64", "int32", "float32", "float64", "bool", "float16"]
+    dtype: DType
     shape: list[int] | None = None
 
     @classmethod
     def from_numpy(cls, array: np.ndarray) -> "TensorData":
         array = np.asarray(array)
-        dtype = {"i": "int64", "u": "int64", "b": "bool"}.get(array.dtype.kind, "float32")
+        kinds: dict[str, DType] = {"i": "int64", "u": "int64", "b": "bool"}
+        dtype = kinds.get(array.dtype.kind, "float32")
         if array.dtype in (np.float64, np.float16):  # kept: only other float widths become float32
-            dtype = str(array.dtype)
+            dtype = "float64" if array.dtype == np.float64 else "float16"
         return cls(data=array.reshape(-1).tolist(), dtype=dtype, shape=list(array.shape))
 
     @classmethod
@@ -121,7 +125,7 @@ class TensorData(_Base):
             return value
         if hasattr(value, "detach") and hasattr(value, "numpy"):
             return cls.from_torch(value)
-        array = np.asarray(value)
+        array: np.ndarray = np.asarray(value)
         if array.dtype == object:
             raise ValueError("expected a rectangular array of numbers")
         if array.dtype.kind == "f":
@@ -129,7 +133,7 @@ class TensorData(_Base):
         return cls.from_numpy(array)
 
     def to_numpy(self) -> np.ndarray:
-        array = np.asarray(self.data, dtype=_NUMPY_DTYPES[self.dtype])
+        array: np.ndarray = np.asarray(self.data, dtype=_NUMPY_DTYPES[self.dtype])
         return array.reshape(self.shape) if self.shape is not None else array
 
     def to_torch(self):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence  # not typing's: isinstance() against those is slower
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from bios.v1 import render_pb2, train_pb2, types_pb2
 
 # ---- tensors ---------------------------------------------------------------------------------------
 
-_TO_PB_DTYPE = {
+_TO_PB_DTYPE: dict[np.dtype, types_pb2.DType] = {
     np.dtype("float32"): types_pb2.DTYPE_FLOAT32,
     np.dtype("float64"): types_pb2.DTYPE_FLOAT64,
     np.dtype("int32"): types_pb2.DTYPE_INT32,
@@ -26,8 +26,8 @@ _TO_PB_DTYPE = {
     np.dtype("bool"): types_pb2.DTYPE_BOOL,
     np.dtype("float16"): types_pb2.DTYPE_FLOAT16,
 }
-_FROM_PB_DTYPE = {v: k for k, v in _TO_PB_DTYPE.items()}
-_NAMES = {
+_FROM_PB_DTYPE: dict[types_pb2.DType, np.dtype] = {v: k for k, v in _TO_PB_DTYPE.items()}
+_NAMES: dict[types_pb2.DType, types.DType] = {
     types_pb2.DTYPE_FLOAT32: "float32",
     types_pb2.DTYPE_FLOAT64: "float64",
     types_pb2.DTYPE_INT32: "int32",
@@ -123,10 +123,7 @@ def datum_from_pb(pb: types_pb2.Datum) -> types.Datum:
 
 
 def sampling_params_to_pb(params: types.SamplingParams) -> types_pb2.SamplingParams:
-    stop = params.stop
-    if isinstance(stop, str):
-        stop = [stop]
-    stop = list(stop or [])
+    stop: list[str | int] = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
     pb = types_pb2.SamplingParams(
         max_tokens=params.max_tokens if params.max_tokens is not None else 0,
         temperature=params.temperature,
@@ -377,7 +374,10 @@ def checkpoint_from_pb(pb: train_pb2.Checkpoint) -> types.Checkpoint:
     )
 
 
-_STOP_REASONS = {train_pb2.STOP_REASON_STOP: "stop", train_pb2.STOP_REASON_LENGTH: "length"}
+_STOP_REASONS: dict[train_pb2.StopReason, Literal["stop", "length"]] = {
+    train_pb2.STOP_REASON_STOP: "stop",
+    train_pb2.STOP_REASON_LENGTH: "length",
+}
 _TO_PB_STOP_REASONS = {v: k for k, v in _STOP_REASONS.items()}
 
 
