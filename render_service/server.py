@@ -9,45 +9,23 @@ import logging
 import os
 from dataclasses import dataclass
 
-import grpc
-
 from bios_server.auth import ApiKeys
-from bios_server.grpc import (
-    add_allow_local_paths_argument,
-    add_health_port_argument,
-    add_host_argument,
-    add_port,
-    build_server,
-    catch_stop_signals,
-    mark_not_serving,
-    mark_serving,
-    start_health_server,
-    wait_for_signal,
-    warn_if_open,
-)
-from bios_server.metrics import serve_metrics
+from bios_server.grpc import add_allow_local_paths_argument, add_health_port_argument, add_host_argument
+from bios_server.skeleton import GrpcServer, serve_until_signalled, start_grpc
 from render_service import service
 from render_service.workers import RenderWorkers
 
 
 @dataclass
-class RenderServer:
-    server: grpc.aio.Server
-    port: int
-    health: object
-    names: list[str]
+class RenderServer(GrpcServer):
     workers: RenderWorkers | None = None
-    health_server: grpc.aio.Server | None = None
-    health_port: int | None = None
 
     async def stop(self, grace: float | None = 10.0) -> None:
         """Report NOT_SERVING, refuse new RPCs, let in-flight ones finish."""
-        await mark_not_serving(self.health, self.names)
-        await self.server.stop(grace)
+        await self.stop_accepting(grace)
         if self.workers is not None:
             self.workers.shutdown()
-        if self.health_server is not None:
-            await self.health_server.stop(None)
+        await self.stop_health()
 
 
 async def start(
@@ -62,30 +40,17 @@ async def start(
     `health_port` adds a plaintext health-only port (for kubelet probes when the main port uses TLS);
     `allow_local_paths`: may callers name tokenizers by server directory and send their own chat templates?"""
     pool = RenderWorkers(workers) if workers > 1 else None
-    server, health_servicer, names = build_server(
-        "render",
-        [functools.partial(service.add_to_server, render_workers=pool, allow_local_paths=allow_local_paths)],
-        api_keys,
-    )
-    bound = add_port(server, f"{host}:{port}")
-    await server.start()
-    health_server, bound_health = (
-        await start_health_server(health_servicer, host, health_port) if health_port is not None else (None, None)
-    )
-    await mark_serving(health_servicer, names)
-    return RenderServer(server, bound, health_servicer, names, pool, health_server, bound_health)
+    add = functools.partial(service.add_to_server, render_workers=pool, allow_local_paths=allow_local_paths)
+    return RenderServer(**await start_grpc("render", [add], api_keys, host, port, health_port), workers=pool)
 
 
 async def serve(
     host: str, port: int, metrics_port: int, workers: int, health_port: int, allow_local_paths: bool = False
 ) -> None:
-    api_keys, signalled = ApiKeys.from_env(), catch_stop_signals()
-    warn_if_open("render service", host, api_keys)
-    running = await start(host, port, api_keys, workers, health_port or None, allow_local_paths)
-    if metrics_port:
-        serve_metrics(metrics_port)
-    logging.info("render service listening on %s:%d (metrics on :%d)", host, running.port, metrics_port)
-    await wait_for_signal(running.stop, signalled)
+    async def started(api_keys: ApiKeys | None) -> RenderServer:
+        return await start(host, port, api_keys, workers, health_port or None, allow_local_paths)
+
+    await serve_until_signalled("render service", host, metrics_port, started, lambda running: running.stop())
 
 
 def add_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
