@@ -111,14 +111,14 @@ class GatewayApp:
     @contextlib.asynccontextmanager
     async def _lifespan(self, _: Starlette):
         backend = Backend(self.train_address, self.tls_ca)
-        self.gateway = Gateway(backend, **self.options)
-        self._peers = httpx.AsyncClient(timeout=httpx.Timeout(120.0, connect=5.0))
+        gateway = self.gateway = Gateway(backend, **self.options)
+        peers = self._peers = httpx.AsyncClient(timeout=httpx.Timeout(120.0, connect=5.0))
 
         async def reap() -> None:
             while True:
                 await asyncio.sleep(30)
                 try:
-                    await self.gateway.reap()
+                    await gateway.reap()
                 except Exception:  # noqa: BLE001 - housekeeping never stops the gateway
                     log.exception("reaping sessions")
 
@@ -127,7 +127,7 @@ class GatewayApp:
             yield
         finally:
             reaper.cancel()
-            await self._peers.aclose()
+            await peers.aclose()
             await backend.close()
 
     # ---- request handling -----------------------------------------------------------------------
@@ -171,6 +171,8 @@ class GatewayApp:
         return endpoint
 
     async def _forward(self, request: Request, pod: int) -> Response:
+        # Context.owned forwards only with a peer template, and requests arrive once the lifespan has started
+        assert self.peer_template is not None and self._peers is not None
         url = placement.pod_address(self.peer_template, pod).rstrip("/") + request.url.path
         headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_HEADERS}
         headers[FORWARDED] = str(self.pod)
@@ -185,7 +187,9 @@ class GatewayApp:
     # ---- routes: each parses, finds the owner, and hands over to the Gateway ---------------------
 
     def _routes(self) -> list[Route]:
-        g = lambda: self.gateway  # noqa: E731 - set once the app has started
+        def g() -> Gateway:
+            assert self.gateway is not None, "requests arrive once the app has started"
+            return self.gateway
 
         async def client_config(c: Context) -> Any:
             return g().client_config()

@@ -13,10 +13,11 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 from tinker import types as tt
 from tinker.proto import tinker_public_pb2 as tpb
+from tinker.types.try_again_response import TryAgainResponse  # not exported by tinker.types
 
 from bios import types
 from bios import wire as bios_wire
@@ -123,14 +124,18 @@ class Gateway:
         )
         self.sessions[created.session_id] = Session(created.session_id, caller.tenant, caller.api_key)
         supported = ", ".join(SUPPORTED_SDK_VERSIONS)
+        info: str | None = None
+        warning: str | None = None
         if request.sdk_version in SUPPORTED_SDK_VERSIONS:
-            notes = {"info_message": f"bios Tinker gateway; session {created.session_id} (tinker SDK {supported})"}
+            info = f"bios Tinker gateway; session {created.session_id} (tinker SDK {supported})"
         else:
-            notes = {
-                "warning_message": f"bios Tinker gateway supports tinker SDK {supported}; this client is "
+            warning = (
+                f"bios Tinker gateway supports tinker SDK {supported}; this client is "
                 f"{request.sdk_version}, which may use endpoints or fields it lacks"
-            }
-        return tt.CreateSessionResponse(session_id=created.session_id, **notes).model_dump(mode="json")
+            )
+        return tt.CreateSessionResponse(
+            session_id=created.session_id, info_message=info, warning_message=warning
+        ).model_dump(mode="json")
 
     def heartbeat(self, caller: Caller, session_id: str) -> dict[str, Any]:
         session = self.sessions.get(session_id)
@@ -283,7 +288,7 @@ class Gateway:
         model_id: str,
         seq_id: int | None,
         op: dict[str, Any] | None,
-        finish: Callable[[Model, train_pb2.OperationEvent], Reply | Awaitable[Reply]],
+        finish: Callable[[Model, train_pb2.OperationEvent], Reply | Coroutine[Any, Any, Reply]],
         refused: GatewayError | None = None,
     ) -> dict[str, Any]:
         """Queue one operation under the caller's seq_id. `refused`: the request was invalid; its number is
@@ -479,7 +484,7 @@ class Gateway:
             raise _not_found("request_id", request.request_id)
         reply = await self.futures.wait(call, self.poll_seconds)
         if reply is None:
-            return json_reply(tt.TryAgainResponse(request_id=request.request_id, queue_state="active"))
+            return json_reply(TryAgainResponse(request_id=request.request_id, queue_state="active"))
         return reply
 
     # ---- training runs and checkpoints (REST) -----------------------------------------------------

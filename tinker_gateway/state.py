@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, overload
 
 from bios.errors import BiosError
 from bios.operations import OperationStream
@@ -67,8 +67,8 @@ class Futures:
         return call if call is not None and call.tenant == tenant else None  # another tenant's: unknown
 
     def start(self, request_id: str, tenant: str, work: Callable[[], Awaitable[Reply]]) -> Call:
-        if (call := self._calls.get(request_id)) is not None:
-            return call
+        if (existing := self._calls.get(request_id)) is not None:
+            return existing
 
         async def run() -> Reply:
             try:
@@ -130,6 +130,10 @@ class Model:
         default_factory=dict
     )
 
+    @overload
+    def enqueue(self, seq: int, send: Callable[[], concurrent.futures.Future]) -> asyncio.Future: ...
+    @overload
+    def enqueue(self, seq: int, send: None) -> None: ...
     def enqueue(self, seq: int, send: Callable[[], concurrent.futures.Future] | None) -> asyncio.Future | None:
         """Hold `send` until `seq`'s turn, then call it (in sequence order); the returned future resolves to
         the operation's future. `send=None` marks a number whose request was refused, so later ones go on."""

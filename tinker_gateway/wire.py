@@ -8,7 +8,7 @@ tokens and loss inputs are copied, never re-encoded element by element.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import numpy as np
@@ -71,7 +71,7 @@ def category(code: grpc.StatusCode) -> str:
 
 _KINDS = {"weights": layout.STATE, "sampler_weights": layout.SAMPLER}
 _SEGMENTS = {v: k for k, v in _KINDS.items()}
-CHECKPOINT_TYPES = {layout.STATE: "training", layout.SAMPLER: "sampler"}
+CHECKPOINT_TYPES: dict[str, Literal["training", "sampler"]] = {layout.STATE: "training", layout.SAMPLER: "sampler"}
 
 
 def to_bios_path(path: str, field: str = "path") -> str:

@@ -23,8 +23,9 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
@@ -179,7 +180,8 @@ def run_pass(base: Any, parts: list, backward: bool) -> list:
     results = []
     for index, part in enumerate(parts):
         n = part.last - part.first
-        lp, el = [None] * n, [None] * n
+        lp: list[np.ndarray | None] = [None] * n
+        el: list[np.ndarray | None] = [None] * n
         for share in gathered:
             for i, j, row_lp, row_el in share:
                 if i == index:
@@ -188,7 +190,8 @@ def run_pass(base: Any, parts: list, backward: bool) -> list:
         error = None
         if not torch.isfinite(torch.tensor(total)):
             error = InvalidArgumentError("data: the loss is not finite for these inputs (check logprobs/advantages)")
-        results.append(PartResult(lp, el, float(total), error))
+        # every row was scored on one rank, so the gather filled every slot
+        results.append(PartResult(cast(list[np.ndarray], lp), cast(list[np.ndarray], el), float(total), error))
     return results
 
 

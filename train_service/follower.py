@@ -56,7 +56,7 @@ class Follower:
     def _model(self, model_id: str, entry: Any, lora: Any, config: Any) -> None:
         base = self.pool.get(entry)
         adapter = base.new_adapter(model_id, config, lora.seed)
-        self.models[model_id] = TrainingModel(model_id, "", "", entry, base, lora, adapter, None)
+        self.models[model_id] = TrainingModel(model_id, "", "", entry, base, lora, adapter, None)  # no checkpoints
         self.adapters[model_id], self.bases[model_id] = adapter, base
 
     def _load(self, model_id: str, state: dict, saved_optimizer: dict | None) -> None:
@@ -66,6 +66,7 @@ class Follower:
         base = self.pool.get(entry)
         adapter = None
         if config is not None:
+            assert state is not None  # rank 0 sends a config with its adapter's state
             adapter = base.new_adapter(sampler_id, config, field="model_path")
             adapter.load_state_dict(state, "model_path")
             for p in adapter.parameters():
@@ -87,7 +88,7 @@ class Follower:
             work = self.works.get(wid)
             if work is None:
                 loss, _ = get_loss(loss_fn, config)
-                rows = Rows([None] * n_rows, [None] * n_rows, [None] * n_rows)
+                rows = Rows(_unfilled(n_rows), _unfilled(n_rows), _unfilled(n_rows))
                 work = ForwardWork(self.models[model_id], rows, loss, config, backward, _nothing, loss_fn, wid=wid)
                 self.works[wid] = work
             work.rows.ids[first:last], work.rows.targets[first:last], work.rows.inputs[first:last] = (
@@ -133,3 +134,8 @@ def follow(ranks: Ranks, device: Any) -> None:
         Follower(ranks, device).run()
     finally:
         ranks.close()
+
+
+def _unfilled(n: int) -> list[Any]:
+    """n empty rows (None) of a request split over several passes: each pass's part fills its own."""
+    return [None] * n

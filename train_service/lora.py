@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +181,11 @@ def check_supported(config: PeftLoraConfig, field: str) -> None:
         raise InvalidArgumentError(f"{field}: r must be in 1..1024, got {config.r}")
     if not (math.isfinite(config.lora_alpha) and config.lora_alpha > 0):
         raise InvalidArgumentError(f"{field}: lora_alpha must be a finite number > 0, got {config.lora_alpha}")
+
+
+def target_names(config: PeftLoraConfig) -> Iterable[str]:
+    """The module names a config targets: PEFT keeps them as a set, and check_supported refused a regex string."""
+    return cast(Iterable[str], config.target_modules)
 
 
 def scale_of(config: PeftLoraConfig) -> float:

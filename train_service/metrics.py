@@ -96,4 +96,8 @@ def bind(sessions, engine, device) -> None:
         }
     )
     for kind in ("allocated", "peak", "total"):
-        DEVICE_MEMORY_BYTES.labels(kind).set_function(lambda kind=kind: device.memory()[kind])
+
+        def read(kind: str = kind) -> float:
+            return device.memory()[kind]
+
+        DEVICE_MEMORY_BYTES.labels(kind).set_function(read)

@@ -43,7 +43,7 @@ def load_weights(source: str, device: DeviceConfig | None = None) -> torch.nn.Mo
         model = AutoModelForCausalLM.from_pretrained(
             source, local_files_only=True, dtype=device.dtype, attn_implementation="sdpa"
         )
-    return model.to(device=device.device, dtype=device.dtype)
+    return model.to(device=device.device, dtype=device.dtype)  # type: ignore[call-arg]  # typeshed: @wraps and self
 
 
 class BaseModel:
@@ -119,7 +119,7 @@ class BaseModel:
             raise InvalidArgumentError(f"lora.alpha: must be a finite number > 0, got {lora.alpha}")
         return PeftLoraConfig(
             r=lora.rank,
-            lora_alpha=alpha,
+            lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT annotates int; any number works (scale = alpha / r)
             target_modules=self.target_modules(lora, configured),
             lora_dropout=0.0,
             bias="none",
@@ -155,7 +155,7 @@ class BaseModel:
         scale = lora_layers.scale_of(config)
         layers = {
             layer.path: lora_layers.new_weights(layer, config.r, scale, generator)
-            for layer in self._wrap(list(config.target_modules))
+            for layer in self._wrap(list(lora_layers.target_names(config)))
         }
         return lora_layers.Adapter(name, config, layers)
 

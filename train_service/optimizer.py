@@ -66,7 +66,7 @@ def adam_step(optimizer: torch.optim.AdamW, params: list[torch.nn.Parameter], ad
                 lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay
             )
         saved_params = [p.detach().clone() for p in params]
-        saved_state = {
+        saved_state: dict[torch.Tensor, dict[Any, Any]] = {
             p: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
             for p in params
             if p in optimizer.state

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ def head_logprobs(
     head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, adapter: Adapter | None
 ) -> torch.Tensor:
     """(N,) logprobs of `targets` given (N, d) final hidden states, without full-vocabulary logits at once."""
-    vocab = head.weight.shape[0]
+    vocab = cast(torch.Tensor, head.weight).shape[0]
     chunk = max(16, LOGITS_CHUNK_BYTES // (4 * vocab))
     pieces = []
     for start in range(0, targets.shape[0], chunk):
@@ -173,5 +173,5 @@ def run_pass(base: Any, parts: list[Part], backward: bool) -> list[PartResult]:
             scored = score_parts(base, parts, rows, hidden)
         finite = [loss for result, loss in scored if result.error is None]
         if backward and finite and finite[0].requires_grad:
-            sum(finite).backward()
+            cast(torch.Tensor, sum(finite)).backward()  # a sum of one or more tensors
     return [result for result, _ in scored]

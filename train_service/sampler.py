@@ -68,7 +68,7 @@ class SampleRequest:
     adapter: Adapter | None
     tokenizer: Any
     include_prompt_logprobs: bool = False
-    emit: Callable[[list[tuple[int, int, float]]], None] = lambda step: None
+    emit: Callable[[list[tuple[int, int, float]]], object] = lambda step: None  # its value is not used
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -135,11 +135,11 @@ def _choose(logits: torch.Tensor, params: SamplingOptions, generator: torch.Gene
         cdf = probs.cumsum(-1)
         picks = torch.searchsorted(cdf, (uniforms.to(probs.device) * cdf[:, -1])[:, None]).squeeze(-1)
         return picks.clamp(max=probs.shape[-1] - 1)
-    picks = []
+    row_picks = []
     for row, u in zip(probs, uniforms):
         cdf = row.cumsum(0)
-        picks.append(torch.searchsorted(cdf, (u * cdf[-1]).reshape(1)))
-    return torch.cat(picks).clamp(max=probs.shape[-1] - 1)
+        row_picks.append(torch.searchsorted(cdf, (u * cdf[-1]).reshape(1)))
+    return torch.cat(row_picks).clamp(max=probs.shape[-1] - 1)
 
 
 def _ends_with_stop(tokenizer: Any, tokens: list[int], stop_strings: list[str]) -> bool:
@@ -298,16 +298,17 @@ class DecodeGroup:
         return logits[expand]
 
     def _decode(self) -> torch.Tensor:
-        base = self.base
-        self.positions = self.positions + 1
+        base, chosen, positions = self.base, self.chosen, self.positions
+        assert chosen is not None and positions is not None  # set by the prefill step
+        self.positions = positions = positions + 1
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         segments = self._segments([m.request.num_samples for m in self.members])
         with base.router.route(segments):
             hidden = base.decoder(
-                input_ids=self.chosen[:, None],
+                input_ids=chosen[:, None],
                 attention_mask=self.mask,
-                position_ids=self.positions[:, None],
+                position_ids=positions[:, None],
                 past_key_values=self.cache,
                 use_cache=True,
             ).last_hidden_state
@@ -318,7 +319,8 @@ class DecodeGroup:
         done = [m for m, gone in zip(self.members, leaving) if gone]
         if not done:
             return []
-        keep, row = [], 0
+        keep: list[int] = []
+        row = 0
         for member, gone in zip(self.members, leaving):
             n = member.request.num_samples
             if not gone:
@@ -326,9 +328,11 @@ class DecodeGroup:
             row += n
         self.members = [m for m, gone in zip(self.members, leaving) if not gone]
         if self.members:
-            index = torch.tensor(keep, device=self.chosen.device)
-            self.cache.batch_select_indices(index)
-            self.chosen, self.positions = self.chosen[index], self.positions[index]
+            chosen, positions, cache = self.chosen, self.positions, self.cache
+            assert chosen is not None and positions is not None and cache is not None  # set by the prefill step
+            index = torch.tensor(keep, device=chosen.device)
+            cache.batch_select_indices(index)
+            self.chosen, self.positions = chosen[index], positions[index]
             if self.mask is not None:
                 self.mask = self.mask[index]
         else:

@@ -160,15 +160,15 @@ async def serve(
         f", rank 0 of {ranks.world}" if ranks else "",
     )
     if ranks is not None:
-        asyncio.create_task(_exit_when_a_rank_fails(running))
+        asyncio.create_task(_exit_when_a_rank_fails(running, ranks))
     await wait_for_signal(lambda: running.stop(grace=drain_seconds()), signalled)
 
 
-async def _exit_when_a_rank_fails(running: TrainServer) -> None:
+async def _exit_when_a_rank_fails(running: TrainServer, ranks: Ranks) -> None:
     """A dead or stuck rank breaks the group for good: report NOT_SERVING, answer everything queued UNAVAILABLE,
     stop listening and exit, so that torchrun or the LeaderWorkerSet restarts the whole group. The engine thread
     may be stuck in a collective, so this does not wait for it."""
-    while not running.ranks.broken:
+    while not ranks.broken:  # the group `running` serves
         await asyncio.sleep(0.5)
     logging.error("a rank of the train group failed: stopping so that the group restarts")
     await mark_not_serving(running.health, running.names)

@@ -18,6 +18,7 @@ from train_service import metrics
 from train_service import sampler as sampling
 from train_service.checkpoint_layout import NOT_EXPORTED
 from train_service.engine import Engine
+from train_service.lora import Adapter
 from train_service.scheduler import Limits, SampleWork
 from train_service.sessions import SessionManager, TrainingModel
 
@@ -194,6 +195,7 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
 
     async def Sample(self, request, context) -> AsyncIterator[train_pb2.SampleEvent]:
         target, tenant = request.WhichOneof("target"), current_tenant()
+        adapter: Adapter | None  # None: the plain base model
         if target == "model_id":
             model = self.sessions.model(request.model_id, tenant)
             base, adapter, key, entry = model.base, model.adapter, model.model_id, model.entry

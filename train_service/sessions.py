@@ -31,7 +31,7 @@ from train_service import checkpoints, data, optimizer
 from train_service.checkpoint_layout import validate_name
 from train_service.checkpoints import CheckpointStore
 from train_service.engine import Engine
-from train_service.lora import Adapter
+from train_service.lora import Adapter, target_names
 from train_service.losses import get_loss
 from train_service.metrics import CHECKPOINT_BYTES, record_operation
 from train_service.models import BaseModel, BaseModelPool, load_weights
@@ -50,10 +50,10 @@ class TrainingModel:
     base: BaseModel
     lora: types.LoraConfig
     adapter: Adapter
-    store: CheckpointStore
+    store: CheckpointStore | None  # None on the ranks that follow rank 0: they have no checkpoint disk
     step: int = 0
     has_gradient: bool = False  # a forward_backward since the last optim_step
-    optimizer: torch.optim.AdamW | None = None
+    optimizer: torch.optim.AdamW = field(init=False)  # made in __post_init__
     results: OrderedDict[int, Any] = field(default_factory=OrderedDict)  # seq -> asyncio future of the event
     max_seq: int = -1
     mirror: Mirror = field(default_factory=Mirror)  # what this model does, sent to the other ranks
@@ -128,6 +128,10 @@ class TrainingModel:
         self.step += 1
         return train_pb2.OptimStepResponse(metrics={**metrics, "step": float(self.step)}, step=self.step)
 
+    def _store(self) -> CheckpointStore:
+        assert self.store is not None, "only rank 0 reads and writes checkpoints"
+        return self.store
+
     def _meta(self, metadata: dict[str, Any]) -> dict[str, Any]:
         return {"base_model": self.entry.name, "step": self.step, "metadata": metadata, "lora": self.lora.model_dump()}
 
@@ -142,7 +146,7 @@ class TrainingModel:
             self._write_adapter(directory)
             checkpoints.write_optimizer(directory, self.optimizer, self.step)
 
-        checkpoint = self.store.write(
+        checkpoint = self._store().write(
             self.model_id,
             self.tenant,
             layout.STATE,
@@ -161,14 +165,14 @@ class TrainingModel:
             if request.metadata_json
             else {}
         )
-        checkpoint = self.store.write(
+        checkpoint = self._store().write(
             self.model_id, self.tenant, layout.SAMPLER, request.name, self._meta(metadata), self._write_adapter
         )
         CHECKPOINT_BYTES.inc(checkpoint.size_bytes)
         return checkpoint
 
     def load_state(self, path: str, load_optimizer: bool, field_name: str = "load_state.path") -> int:
-        directory, meta = self.store.locate(path, self.tenant, field_name)
+        directory, meta = self._store().locate(path, self.tenant, field_name)
         saved_base = meta.get("base_model")
         if saved_base != self.entry.name and _weights_of(saved_base) != self.base.weights:
             raise FailedPreconditionError(
@@ -177,7 +181,7 @@ class TrainingModel:
         config, state = checkpoints.read_adapter(directory, field_name)
         mine = self.adapter.config
         theirs = (config.r, float(config.lora_alpha), sorted(config.target_modules or []))
-        ours = (mine.r, float(mine.lora_alpha), sorted(mine.target_modules))
+        ours = (mine.r, float(mine.lora_alpha), sorted(target_names(mine)))
         if theirs != ours:
             raise InvalidArgumentError(
                 f"{field_name}: the checkpoint's LoRA (rank {theirs[0]}, alpha {theirs[1]:g}, target modules "
@@ -306,7 +310,7 @@ class SessionManager:
 
     def prepare_model(
         self, session_id: str, tenant: str, base_model: str, lora: types.LoraConfig, from_state: str
-    ) -> tuple[ModelEntry, BaseModel, types.LoraConfig]:
+    ) -> tuple[ModelEntry, BaseModel | None, types.LoraConfig]:
         self.session(session_id, tenant)
         if from_state:
             _, meta = self.store.locate(from_state, tenant, "from_state")
@@ -345,7 +349,7 @@ class SessionManager:
 
     def prepare_sampler(
         self, session_id: str, tenant: str, base_model: str, model_path: str
-    ) -> tuple[ModelEntry, BaseModel, Any]:
+    ) -> tuple[ModelEntry, BaseModel | None, Any]:
         self.session(session_id, tenant)
         saved = None
         if model_path:

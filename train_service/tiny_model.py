@@ -39,7 +39,9 @@ EMBEDDING_STD = 1.0
 
 def tiny_qwen3_config(vocab_size: int = QWEN3_VOCAB_SIZE) -> transformers.Qwen3Config:
     """Config of the tiny stand-in (2 layers, hidden 64, GQA 4/2 heads)."""
-    return transformers.Qwen3Config(
+    # HF configs take extra kwargs such as attn_implementation (strict(accept_kwargs=True)); the dataclass
+    # signature that type checkers see does not list them
+    return transformers.Qwen3Config(  # type: ignore[call-arg]  # see above
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -97,7 +99,7 @@ def build_tiny_qwen3(seed: int = TINY_QWEN3_SEED, dtype: torch.dtype = torch.flo
     model.generation_config.pad_token_id = QWEN3_PAD_ID
     model.generation_config.bos_token_id = None
     # Cast after init so every dtype is the rounding of the same fp32 weights.
-    return model.to(dtype=dtype).eval()
+    return model.to(dtype=dtype).eval()  # type: ignore[call-arg]  # typeshed: a @wraps method does not bind self
 
 
 # A Llama-3-architecture twin for models named with a Llama 3 tokenizer (vocab 128256), e.g. in tests of
@@ -107,7 +109,7 @@ LLAMA3_BOS_ID, LLAMA3_EOT_ID = 128000, 128009
 
 
 def build_tiny_llama3(seed: int = TINY_QWEN3_SEED, dtype: torch.dtype = torch.float32) -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(
+    config = transformers.LlamaConfig(  # type: ignore[call-arg]  # attn_implementation, as in tiny_qwen3_config
         vocab_size=LLAMA3_VOCAB_SIZE,
         hidden_size=64,
         intermediate_size=128,
@@ -128,7 +130,7 @@ def build_tiny_llama3(seed: int = TINY_QWEN3_SEED, dtype: torch.dtype = torch.fl
     with torch.random.fork_rng(devices=[]):
         model = transformers.LlamaForCausalLM(config)
     _init_parameters(model, torch.Generator(device="cpu").manual_seed(seed))
-    return model.to(dtype=dtype).eval()
+    return model.to(dtype=dtype).eval()  # type: ignore[call-arg]  # typeshed: a @wraps method does not bind self
 
 
 TINY_BUILDERS = {"tiny:qwen3": build_tiny_qwen3, "tiny:llama3": build_tiny_llama3}

@@ -9,7 +9,7 @@ request, so a failed operation never changes what the next optim_step applies.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -86,12 +86,14 @@ def run_plan(plan: PassPlan) -> list[ForwardWork]:
         sum(len(w.rows.ids[i]) for w, a, b in plan.parts for i in range(a, b)),
     )
     answered = []
-    for (work, _, last), result, p, old in zip(plan.parts, results, params, before or [None] * len(works)):
+    olds: Sequence[Grads | None] = before or [None] * len(works)
+    for (work, _, last), result, p, saved in zip(plan.parts, results, params, olds):
         if result.error is not None:
             answered.append(_fail(work, result.error))
             continue
         if plan.backward:
-            _merge(p, old)
+            assert saved is not None  # a backward pass saved every work's gradients above
+            _merge(p, saved)
         work.results.append(result)
         work.cursor = last
         if work.done:
