@@ -66,7 +66,7 @@ def template_file(template: str, field: str) -> str:
         return str(bundled)
     root = os.environ.get("BIOS_TEMPLATES_DIR")
     path = Path(root, template).resolve() if root else None  # relative names are relative to the directory
-    if path is None or not path.is_relative_to(Path(root).resolve()) or not path.is_file():
+    if not root or path is None or not path.is_relative_to(Path(root).resolve()) or not path.is_file():
         raise renderers.RenderError(
             f"{field}: {template!r} is not a bundled template, and not under $BIOS_TEMPLATES_DIR"
         )

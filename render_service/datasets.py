@@ -17,7 +17,7 @@ import os
 from itertools import islice
 from typing import IO, Iterable, Iterator, Sequence, TypeVar
 
-from bios.types import Datum, ModelInput
+from bios.types import Datum, ModelInput, TensorData
 from bios.wire import MAX_JSON_DEPTH, WireError, check_depth
 from render_service.renderers.base import TRAIN_ON_WHAT, BaseRenderer, Message, RenderError
 
@@ -33,15 +33,19 @@ def datum_from_conversation(
     content_sft_roles: Iterable[str] = (),
 ) -> Datum:
     """One conversation -> one Datum. `max_length` truncates the rendered tokens (before the shift)."""
-    tokens, weights = renderer.build_supervised_example(messages, train_on_what, tools, content_sft_roles)
-    tokens, weights = list(tokens), list(weights)
+    rendered, rendered_weights = renderer.build_supervised_example(messages, train_on_what, tools, content_sft_roles)
+    tokens: list[int] = list(rendered)
+    weights: list[float] = list(rendered_weights)
     if max_length is not None:
         tokens, weights = tokens[:max_length], weights[:max_length]
     if len(tokens) < 2:
         raise RenderError(f"messages: the conversation renders to {len(tokens)} token(s); need at least 2")
     return Datum(
         model_input=ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [float(w) for w in weights[1:]]},
+        loss_fn_inputs={
+            "target_tokens": TensorData.coerce(tokens[1:]),
+            "weights": TensorData.coerce([float(w) for w in weights[1:]]),
+        },
     )
 
 

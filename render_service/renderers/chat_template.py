@@ -355,17 +355,20 @@ def attribute(
         if i in regions:
             start, limit = max(regions[i][0], prev_end), regions[i][1]
         if ctx.messages[i]["role"] != "assistant":
-            if i not in regions:
-                start = ctx.header_start(prev_end, body_lo)
             overlays += [(s.start, s.end, Segment("", i, is_content=True)) for s in own]
-            prev_end = limit if i in regions else body_hi
-        else:
+            if i in regions:
+                prev_end = limit
+            else:  # anchored by its own spans, so `own` is not empty
+                assert body_lo is not None and body_hi is not None
+                start = ctx.header_start(prev_end, body_lo)
+                prev_end = body_hi
+        else:  # (body_lo and body_hi are None exactly when `own` is empty)
             lo = prev_end if i not in regions else start
-            head, sample, reliable = ctx.assistant_header(i, lo, body_lo if own else limit)
+            head, sample, reliable = ctx.assistant_header(i, lo, body_lo if body_lo is not None else limit)
             if i not in regions:
                 start = head
-            eot = ctx.find_eot(body_hi if own else sample, limit)
-            end = eot if eot is not None else (body_hi if own else sample)
+            eot = ctx.find_eot(body_hi if body_hi is not None else sample, limit)
+            end = eot if eot is not None else (body_hi if body_hi is not None else sample)
             if sample < end and (own or (reliable and eot is not None)):
                 overlays.append((sample, end, Segment("", i, is_content=True, sampled=True)))
                 methods[i] = methods[i] if methods[i] != NONE else PREFIX_DIFF

@@ -70,7 +70,7 @@ class DeclarativeRenderer(BaseRenderer):
     def _token_text(self, component: TemplateComponent) -> str:
         tok = self.tokenizer
         if component.type == "token":
-            name = {"bos_token": tok.bos_token, "eos_token": tok.eos_token}.get(component.content, component.content)
+            name = {"bos_token": tok.bos_token, "eos_token": tok.eos_token}.get(component.text, component.text)
             if not name:
                 raise RenderError(f"template: component {component.content!r}: this tokenizer has none")
             ids = [tok.convert_tokens_to_ids(name)]
@@ -107,11 +107,11 @@ class DeclarativeRenderer(BaseRenderer):
         for comp in formatter.template:
             if comp.type == "string":
                 pos = 0
-                for hit in PLACEHOLDER_RE.finditer(comp.content):
-                    out.append(_Piece(comp.content[pos : hit.start()], False, comp.mask))
+                for hit in PLACEHOLDER_RE.finditer(comp.text):
+                    out.append(_Piece(comp.text[pos : hit.start()], False, comp.mask))
                     out.append(_Piece(values.get(hit.group(1), ""), True, comp.mask))
                     pos = hit.end()
-                out.append(_Piece(comp.content[pos:], False, comp.mask))
+                out.append(_Piece(comp.text[pos:], False, comp.mask))
             elif comp.type == "tools":
                 out.append(_Piece(self._tools_text(tools), False, comp.mask))
             else:
@@ -121,7 +121,7 @@ class DeclarativeRenderer(BaseRenderer):
     def _component_text(self, comp: TemplateComponent | None) -> str:
         if comp is None:
             return ""
-        return comp.content if comp.type == "string" else self._token_text(comp)
+        return comp.text if comp.type == "string" else self._token_text(comp)
 
     def _find_stop_strings(self) -> list[str]:
         if self.template.stop_tokens:
@@ -185,6 +185,7 @@ class DeclarativeRenderer(BaseRenderer):
             raise RenderError(f"tools: template {t.template_name!r} has no tools_formatter")
 
         def tools_block() -> list[Segment]:
+            assert t.tools_formatter is not None  # called only with tools, refused above without a tools_formatter
             pieces = self._pieces(
                 t.tools_formatter,
                 {"content": self._tools_text(tools)},

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -47,6 +47,11 @@ class TemplateComponent(_Model):
     content: Union[str, int, list[int], list[str]] = ""
     mask: bool = True  # in the assistant formatter: part of what the model samples (False: scaffolding)
 
+    @property
+    def text(self) -> str:
+        """The content of a `string` or `token` component: a str (the validator below makes it one)."""
+        return cast(str, self.content)
+
     @model_validator(mode="after")
     def _check(self) -> "TemplateComponent":
         if self.type in ("token", "string") and not isinstance(self.content, str):
@@ -58,7 +63,7 @@ class TemplateComponent(_Model):
             or (isinstance(self.content, list) and self.content and all(isinstance(i, int) for i in self.content))
         ):
             raise ValueError(f"token_id component: content must be an int or a list of ints, got {self.content!r}")
-        if self.type == "string":
+        if self.type == "string" and isinstance(self.content, str):  # (not a str: refused above)
             unknown = set(PLACEHOLDER_RE.findall(self.content)) - set(PLACEHOLDERS)
             if unknown:
                 raise ValueError(f"string component: unknown placeholder(s) {sorted(unknown)}; known: {PLACEHOLDERS}")
@@ -69,7 +74,7 @@ class BaseFormatter(_Model):
     template: list[TemplateComponent] = Field(default_factory=list)
 
     def has_placeholder(self) -> bool:
-        return any(c.type == "string" and PLACEHOLDER_RE.search(c.content) for c in self.template)
+        return any(c.type == "string" and PLACEHOLDER_RE.search(c.text) for c in self.template)
 
 
 class EmptyFormatter(BaseFormatter):

@@ -268,7 +268,7 @@ class GptOssRenderer(BaseRenderer):
         return message, ended
 
 
-def call_function(m: Message, i: int) -> dict:
+def call_function(m: Message, i: int) -> Mapping[str, Any]:
     """The first tool call's function (the only one the template renders), checked."""
     calls = m["tool_calls"]
     if not isinstance(calls, list) or not calls:

@@ -186,7 +186,7 @@ class Qwen25Renderer(BaseRenderer):
     """Qwen2.5-Instruct: ChatML with a default system prompt and Hermes-style JSON tool calls."""
 
     name = "qwen2.5"
-    option_names = ()
+    option_names: tuple[str, ...] = ()
     special_tokens = (IM_START, IM_END)
 
     def segments(

@@ -97,7 +97,7 @@ def functions_namespace(tools: list[dict]) -> str:
         try:
             out += "// " + function["description"] + "\n" + "type " + function["name"] + " = "
             parameters = field(function, "parameters")
-            properties = field(parameters, "properties") if truthy(parameters) else MISSING
+            properties: Any = field(parameters, "properties") if truthy(parameters) else MISSING
             if not truthy(properties):
                 out += "() => any;\n\n"
                 continue

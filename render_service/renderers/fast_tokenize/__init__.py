@@ -14,7 +14,7 @@ import threading
 import weakref
 from contextlib import contextmanager
 from itertools import accumulate
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from render_service.renderers.fast_tokenize.checks import VERIFIED_PATTERNS, Unsupported, byte_to_char
 from render_service.renderers.fast_tokenize.encoder import (
@@ -46,7 +46,7 @@ __all__ = [
     "_PieceCache",
 ]
 
-_ENCODERS: dict[int, tuple[Any, "FastEncoder | None", str]] = {}  # id -> (weakref, encoder, why)
+_ENCODERS: dict[int, tuple[Callable[[], object], "FastEncoder | None", str]] = {}  # id -> (weakref, encoder, why)
 _BUILD_LOCK = threading.Lock()
 _ENABLED = True  # off only inside `fast_path_disabled()` (benchmarks measure the slow path with it)
 
@@ -74,8 +74,13 @@ def get_fast_encoder(tokenizer: Any) -> FastEncoder | None:
         except Exception as exc:  # noqa: BLE001 - anything unexpected while inspecting: stay exact (slow path)
             encoder, reason = None, f"slow path: {type(exc).__name__}: {exc}"
         key = id(tokenizer)
+
+        def drop(_ref: object, key: int = key) -> None:
+            _ENCODERS.pop(key, None)
+
+        ref: Callable[[], object]
         try:  # the entry goes when the tokenizer does (before its id can be reused)
-            ref = weakref.ref(tokenizer, lambda _ref, key=key: _ENCODERS.pop(key, None))
+            ref = weakref.ref(tokenizer, drop)
         except TypeError:  # not weakly referenceable: keep it alive instead
             ref = (lambda kept: lambda: kept)(tokenizer)
         _ENCODERS[key] = (ref, encoder, reason)

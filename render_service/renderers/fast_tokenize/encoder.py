@@ -162,7 +162,9 @@ class FastEncoder:
             self.kind, self.nfc, self.why_not_tiktoken = "HF per piece", False, str(exc)
             self._encode_ordinary = None
 
-        first_pass, second_pass, added_ids = [], [], {}
+        first_pass: list[str] = []
+        second_pass: list[str] = []
+        added_ids: dict[str, int] = {}
         for idx, tok in backend.get_added_tokens_decoder().items():
             if tok.lstrip or tok.rstrip or tok.single_word:
                 raise Unsupported(f"added token {tok.content!r} has lstrip/rstrip/single_word")
@@ -309,8 +311,8 @@ class FastEncoder:
     # ---- public -------------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        if self.whole is not None and (ids := self.whole.encode(text)) is not None:
-            return ids
+        if self.whole is not None and (found := self.whole.encode(text)) is not None:
+            return found
         check_text(text)
         ids: list[int] = []
         special = False
