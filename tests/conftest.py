@@ -34,6 +34,22 @@ SLOW = {  # module: why it takes long
     "test_operate": "SIGTERM and restart of service processes",
     "test_training_semantics": "training runs to convergence on the tiny model",
     "test_tiny_model": "training runs to convergence on the tiny model",
+    "test_train_service": "training and sampling through a train service",
+    "test_coalescing": "many sessions' passes through the engine",
+    "test_isolation": "interleaved sessions and tenants, each against a reference run",
+    "test_engine": "the engine's passes on the tiny model",
+    "test_sampler": "decoding on the tiny model",
+    "test_losses": "every loss against a reference, through the engine",
+    "test_client": "the client against both services, retries and restarts",
+    "test_render_service": "render worker processes",
+    "test_fast_tokenize": "every BMP code point and random corpora, through each fixture tokenizer",
+    "test_bridge": "full renders against the bridge, per family",
+    "test_builtin_tokenizer": "builds the Qwen3 tokenizer from its BPE ranks, fresh and cached",
+    "test_k8s": "kubectl renders every overlay; strict schema validation",
+    "test_placement": "the Node client routing calls by id",
+    "test_bad_inputs": "242 bad requests against live services",
+    "test_typed_errors": "a render worker process killed and replaced",
+    "test_cancel": "cancelled operations against a live train service",
 }
 NETWORK = {"test_node_client": "npm installs the Node client's dependencies"}
 

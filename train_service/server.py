@@ -12,8 +12,6 @@ import logging
 import os
 from dataclasses import dataclass
 
-import grpc
-
 from bios import placement
 from bios.errors import UnavailableError
 from bios_server.auth import ApiKeys
@@ -21,16 +19,9 @@ from bios_server.grpc import (
     add_allow_local_paths_argument,
     add_health_port_argument,
     add_host_argument,
-    add_port,
-    build_server,
-    catch_stop_signals,
     mark_not_serving,
-    mark_serving,
-    start_health_server,
-    wait_for_signal,
-    warn_if_open,
 )
-from bios_server.metrics import serve_metrics
+from bios_server.skeleton import GrpcServer, serve_until_signalled, start_grpc
 from train_service import follower, metrics, service
 from train_service.checkpoints import CheckpointStore
 from train_service.device import DeviceConfig
@@ -48,16 +39,10 @@ def default_checkpoint_dir() -> str:
     return os.environ.get("BIOS_CHECKPOINT_DIR") or os.path.expanduser("~/.cache/bios/checkpoints")
 
 
-@dataclass
-class TrainServer:
-    server: grpc.aio.Server
-    port: int
+@dataclass(kw_only=True)
+class TrainServer(GrpcServer):
     engine: Engine
     sessions: SessionManager
-    health: object
-    names: list[str]
-    health_server: grpc.aio.Server | None = None
-    health_port: int | None = None
     ranks: Ranks | None = None
 
     async def stop(self, grace: float | None = 5.0, checkpoint: bool = True) -> bool:
@@ -65,8 +50,7 @@ class TrainServer:
         every open model (so its session can be recreated from state after a restart; `checkpoint=False`
         when the sessions end with the process, as in the embedded default), stop the engine. False if the
         engine was still running after `grace` seconds."""
-        await mark_not_serving(self.health, self.names)
-        await self.server.stop(grace)
+        await self.stop_accepting(grace)
         if checkpoint:
             saved = await asyncio.wrap_future(self.engine.submit("control", self.sessions.checkpoint_all))
             logging.info("drained: checkpointed %d open models", len(saved))
@@ -81,8 +65,7 @@ class TrainServer:
             stopped = await asyncio.to_thread(self.engine.stop, grace)
         if self.ranks is not None and stopped:
             self.ranks.close()
-        if self.health_server is not None:
-            await self.health_server.stop(None)
+        await self.stop_health()
         return stopped
 
     def abandon_queued(self) -> None:
@@ -120,14 +103,10 @@ async def start(
         mirror=mirror,
     )
     metrics.bind(sessions, engine, device)
-    server, health_servicer, names = build_server("train", [service.add_to_server(sessions, engine)], api_keys)
-    bound = add_port(server, f"{host}:{port}")
-    await server.start()
-    health_server, bound_health = (
-        await start_health_server(health_servicer, host, health_port) if health_port is not None else (None, None)
+    grpc_server = await start_grpc(
+        "train", [service.add_to_server(sessions, engine)], api_keys, host, port, health_port
     )
-    await mark_serving(health_servicer, names)
-    return TrainServer(server, bound, engine, sessions, health_servicer, names, health_server, bound_health, ranks)
+    return TrainServer(**grpc_server, engine=engine, sessions=sessions, ranks=ranks)
 
 
 async def serve(
@@ -142,26 +121,30 @@ async def serve(
     allow_local_paths: bool = False,
     ranks: Ranks | None = None,
 ) -> None:
-    api_keys, signalled = ApiKeys.from_env(), catch_stop_signals()
-    warn_if_open("train service", host, api_keys)
-    running = await start(
-        host, port, checkpoint_dir, api_keys, health_port or None, pod, device, limits, allow_local_paths, ranks
-    )
-    if metrics_port:
-        serve_metrics(metrics_port)
-    logging.info(
-        "train service listening on %s:%d (metrics on :%d, pod ordinal %s, device %s, %s base weights%s)",
+    async def started(api_keys: ApiKeys | None) -> TrainServer:
+        return await start(
+            host, port, checkpoint_dir, api_keys, health_port or None, pod, device, limits, allow_local_paths, ranks
+        )
+
+    def describe(running: TrainServer) -> str:
+        rank = f", rank 0 of {ranks.world}" if ranks else ""
+        return f", pod ordinal {pod}, device {device.describe()}, {device.dtype_name} base weights{rank}"
+
+    watchdogs: list[asyncio.Task] = []  # held: the loop keeps only a weak reference to a task
+
+    def watch(running: TrainServer) -> None:
+        if ranks is not None:
+            watchdogs.append(asyncio.create_task(_exit_when_a_rank_fails(running, ranks)))
+
+    await serve_until_signalled(
+        "train service",
         host,
-        running.port,
         metrics_port,
-        pod,
-        device.describe(),
-        device.dtype_name,
-        f", rank 0 of {ranks.world}" if ranks else "",
+        started,
+        lambda running: running.stop(grace=drain_seconds()),
+        describe,
+        watch,
     )
-    if ranks is not None:
-        asyncio.create_task(_exit_when_a_rank_fails(running, ranks))
-    await wait_for_signal(lambda: running.stop(grace=drain_seconds()), signalled)
 
 
 async def _exit_when_a_rank_fails(running: TrainServer, ranks: Ranks) -> None:
