@@ -31,7 +31,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy -p bios -p bios_server
+	$(VENV)/bin/mypy -p bios -p bios_server -p bios_cookbook -p render_service -p train_service -p tinker_gateway
 	$(VENV)/bin/lint-imports
 
 test: lint
