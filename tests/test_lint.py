@@ -58,3 +58,22 @@ def test_the_client_importing_torch_breaks_the_contract(tmp_path):
     (tmp_path / "bios" / "shortcut.py").write_text("def f():\n    import torch  # even inside a function\n")
     done = lint_imports(tmp_path, tmp_path)
     assert done.returncode != 0 and "bios is not allowed to import torch" in done.stdout, done.stdout[-3000:]
+
+
+def test_one_version_everywhere():
+    """bios/VERSION is the version; the installed package, the Node client and the Kubernetes images follow it."""
+    import json
+    import re
+
+    import bios
+
+    version = (REPO / "clients/python/bios/VERSION").read_text().strip()
+    assert bios.__version__ == version
+    assert json.loads((REPO / "clients/node/package.json").read_text())["version"] == version
+    tags = {
+        tag
+        for path in (REPO / "k8s").rglob("kustomization.yaml")
+        for tag in re.findall(r'(?:newTag|app\.kubernetes\.io/version): "([^"]+)"', path.read_text())
+    }
+    assert tags == {version}, tags
+    assert f"## {version}" in (REPO / "CHANGELOG.md").read_text()

@@ -15,6 +15,7 @@ import threading
 from typing import Any
 
 from bios.futures import LoopThread
+from train_service import checkpoint_layout as layout
 
 log = logging.getLogger("bios")
 STOP_GRACE_SECONDS = 10.0  # for in-flight RPCs and the engine's last work, once every operation is answered
@@ -47,9 +48,9 @@ def checkpoint_directory(path: str) -> str | None:
     None when no embedded train service runs in this process (a remote server's disk is its own)."""
     with _lock:
         running = _servers.get("train")
-    if running is None or not path.startswith("bios://"):
+    if running is None or not path.startswith(layout.SCHEME):
         return None
-    return str(running.sessions.store.root.joinpath(*path.removeprefix("bios://").split("/")))
+    return str(running.sessions.store.root.joinpath(*layout.split(path)))
 
 
 def release(client: Any) -> None:

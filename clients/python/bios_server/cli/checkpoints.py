@@ -20,11 +20,12 @@ from typing import Any
 
 from safetensors import safe_open
 
+from bios.errors import InvalidArgumentError
 from bios_server import embedded
 from bios_server.cli.common import connect
 from bios_server.cli.output import Console, UsageError, size
+from train_service import checkpoint_layout as layout
 
-CHECKPOINT_PATH = re.compile(r"^bios://[A-Za-z0-9-]+/(state|sampler)/[A-Za-z0-9][A-Za-z0-9._-]*$")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_[AB]\.weight$")
 FIELDS = {"path": "CHECKPOINT"}
@@ -61,8 +62,16 @@ def register(command, common) -> None:
     e.set_defaults(run=run_export, fields=FIELDS)
 
 
+def is_checkpoint_path(path: str, kinds: tuple[str, ...]) -> bool:
+    """A path the train service could have issued, of one of `kinds` (the service checks it again)."""
+    try:
+        return layout.parse(path)[1] in kinds
+    except InvalidArgumentError:
+        return False
+
+
 def checked_path(path: str) -> str:
-    if not CHECKPOINT_PATH.match(path):
+    if not is_checkpoint_path(path, layout.KINDS):
         raise UsageError(
             f"CHECKPOINT: {path!r} is not a checkpoint path (bios://<model_id>/state|sampler/<name>; "
             "`bios checkpoints list` shows them)"
@@ -141,7 +150,7 @@ def run_export(args: Any, console: Console) -> int:
 
 
 def _base_model(client: Any, path: str) -> str:
-    model_id = path.removeprefix("bios://").split("/")[0]
+    model_id = layout.split(path)[0]
     found = [c.base_model for c in client.list_checkpoints(model_id) if c.path == path]
     return found[0] if found else "BASE_MODEL"
 
@@ -149,7 +158,7 @@ def _base_model(client: Any, path: str) -> str:
 def check_vllm_adapter(directory: Path) -> int:
     """The adapter's rank, after checking what vLLM's LoRA loader (PEFTHelper, parse_fine_tuned_lora_name) accepts;
     UsageError naming the first thing it would refuse."""
-    config = json.loads((directory / "adapter_config.json").read_text())
+    config = json.loads((directory / layout.ADAPTER_CONFIG).read_text())
     for key in ("r", "lora_alpha", "target_modules"):
         if not config.get(key):
             raise UsageError(f"--format vllm: adapter_config.json has no {key}, which vLLM requires")
@@ -169,7 +178,7 @@ def check_vllm_adapter(directory: Path) -> int:
             "--format vllm: the adapter trains the embeddings / LM head (train_unembed), which current "
             "vLLM LoRA does not load; export --format merged instead"
         )
-    with safe_open(str(directory / "adapter_model.safetensors"), "np") as weights:
+    with safe_open(str(directory / layout.ADAPTER_WEIGHTS), "np") as weights:
         for key in weights.keys():
             match = LORA_KEY.match(key)
             if not match or match.group(1).rsplit(".", 1)[-1] not in targets:

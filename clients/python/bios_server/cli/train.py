@@ -22,14 +22,15 @@ from bios.compose import to_datum
 from bios.errors import BiosError
 from bios.training_client import loss_weight
 from bios_server import embedded
+from bios_server.cli.checkpoints import is_checkpoint_path
 from bios_server.cli.common import connect, non_negative_int, positive_float, positive_int
 from bios_server.cli.output import Console, Progress, UsageError
 from bios_server.cli.records import at_line, read_records, read_tools
 from bios_server.cli.render import DEFAULT_MODEL, add_data_arguments
+from train_service import checkpoint_layout as layout
 
 IN_FLIGHT = 4  # steps submitted ahead of the one being reported: the engine never waits for this process
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")  # the server's rule, with room for -stepN
-STATE_PATH = re.compile(r"^bios://[A-Za-z0-9-]+/state/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def register(command, common) -> None:
@@ -160,7 +161,7 @@ def run(args: Any, console: Console) -> int:
             f"--name: {args.name!r} is not a valid checkpoint name (letters, digits, . _ -; starting "
             "with a letter or digit)"
         )
-    if args.resume is not None and not STATE_PATH.match(args.resume):
+    if args.resume is not None and not is_checkpoint_path(args.resume, (layout.STATE,)):
         raise UsageError(
             f"--resume: {args.resume!r} is not a state checkpoint path (bios://<model_id>/state/<name>; "
             "`bios checkpoints list` shows them)"
@@ -194,7 +195,7 @@ def run(args: Any, console: Console) -> int:
 
 
 def _find_state(client: Any, path: str) -> Any:
-    model_id = path.removeprefix("bios://").split("/")[0]
+    model_id = layout.split(path)[0]
     for checkpoint in client.list_checkpoints(model_id):
         if checkpoint.path == path:
             return checkpoint
