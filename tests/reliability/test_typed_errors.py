@@ -153,6 +153,11 @@ def test_a_dead_render_worker_is_unavailable_and_the_retry_meets_a_new_pool(serv
         expected = remote.build_supervised_examples(convs)
         victim = running.workers.pids()[0]
         os.kill(victim, signal.SIGKILL)
+        # The pool learns of the death from its manager thread; until then a request can still complete on the
+        # surviving worker (no error to see). Wait for it, bounded, so the next request meets the broken pool.
+        deadline = time.monotonic() + 10
+        while not running.workers._pool._broken and time.monotonic() < deadline:
+            time.sleep(0.01)
         unavailable = requests("render", "RenderBatch", "UNAVAILABLE")
         assert remote.build_supervised_examples(convs) == expected  # retried on UNAVAILABLE, a new pool answered
         assert requests("render", "RenderBatch", "UNAVAILABLE", unavailable + 1) - unavailable >= 1
